@@ -1,4 +1,41 @@
-"""sqpoptim: hard-constrained training of neural networks."""
+"""sqpoptim: training neural networks under hard equality constraints.
+
+Optimizers (all ``torch.optim.Optimizer`` subclasses; ``step(closure)`` with the closure returning
+``(loss, c)`` or ``(loss, c, J)``):
+
+* :class:`ProjectedAdamSQP` — projected stochastic Adam SQP (the SQP paper's SQP-Adam(con)).
+* :class:`ProjectedHeavyBallSQP` — projected stochastic heavy-ball SQP (SQP-Heavyball(con)).
+* :class:`StochasticSQP` — stochastic SQP, fixed or adaptive (Berahas et al. 2021) step sizes.
+* Baselines: :class:`ConstrainedAdam` (Adam(con)), :class:`AdamUnc` (Adam(unc)), :class:`PenaltyAdam`,
+  :class:`PrimalDual`.
+
+Output layers that enforce constraints on a network's predictions live in :mod:`sqpoptim.layers`.
+"""
+
+from ._base import ConstrainedOptimizer, RankDeficiencyWarning
+from ._jacobian import JacobianFallbackWarning, PointwiseConstraints
+from .adam import ProjectedAdamSQP, adam_sqp_direction
+from .baselines import AdamUnc, ConstrainedAdam, PenaltyAdam
+from .heavy_ball import ProjectedHeavyBallSQP, heavy_ball_sqp_direction
+from .primal_dual import PrimalDual
+from .sqp import StochasticSQP, adaptive_step_size, sqp_direction
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+
+__all__ = [
+    "AdamUnc",
+    "ConstrainedAdam",
+    "ConstrainedOptimizer",
+    "JacobianFallbackWarning",
+    "PenaltyAdam",
+    "PointwiseConstraints",
+    "PrimalDual",
+    "ProjectedAdamSQP",
+    "ProjectedHeavyBallSQP",
+    "RankDeficiencyWarning",
+    "StochasticSQP",
+    "adam_sqp_direction",
+    "adaptive_step_size",
+    "heavy_ball_sqp_direction",
+    "sqp_direction",
+]

@@ -1,0 +1,429 @@
+"""Machinery shared by the constrained optimizers: the closure contract, validation, the flat parameter layout,
+flat state buffers, per-group hyperparameters, non-finite handling and diagnostics.
+
+The closure contract
+--------------------
+``step(closure)`` calls ``closure()`` with gradients enabled. The closure returns ``(loss, c)`` or
+``(loss, c, J)``: a scalar loss, a 1-D tensor ``c`` of equality-constraint residuals (``None`` or an empty
+tensor when there are none; a :class:`~sqpoptim.PointwiseConstraints` for the ``torch.func`` path), and
+optionally the Jacobian, dense ``[m, n]`` over the flattened parameters or a sequence of per-parameter tensors
+``[m, *p.shape]``. The closure must *not* call ``backward()``: the optimizer forms the gradient of ``loss``
+and the Jacobian of ``c`` itself (one backward pass for g, one batched pass for J), and ``p.grad`` is left
+alone. ``step`` returns the detached ``(loss, c)`` it saw.
+
+Flat layout
+-----------
+Trainable parameters (``requires_grad=True``), param group by param group, are viewed as one vector x of
+length n (complex parameters through their real views). Per-parameter optimizer state (``exp_avg``, ...) is
+stored as views into one flat buffer per state name, so the step works on whole vectors while
+``optimizer.state[p]`` keeps the ``torch.optim`` layout (and ``state_dict`` its format).
+
+Synchronisation
+---------------
+``sync_free=False`` (default on CPU): non-finite inputs raise at once, before anything is changed, and a
+rank-deficient Jacobian switches to a truncated eigendecomposition; both decisions read a flag on the host.
+``sync_free=True`` (default on CUDA): ``step()`` never waits for the device. A step with a non-finite loss,
+gradient, c or J is applied as a no-op on the device (parameters and state bit-identical) and reported by a
+``FloatingPointError`` at a later ``step()`` (as soon as the flag has reached the host, read without waiting)
+or by :meth:`ConstrainedOptimizer.check_finite`; rank deficiency is handled by the shifted factorisation of
+:mod:`sqpoptim._linalg`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._jacobian import PointwiseConstraints, flat_size, jacobian
+from ._linalg import default_rank_tol
+
+__all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
+
+_GLOBAL = "global"  # key of the state that is not tied to one parameter
+_FLAG_NAMES = ("loss", "constraint values c", "gradient", "Jacobian J")
+
+
+class RankDeficiencyWarning(UserWarning):
+    """The constraint Jacobian was rank-deficient or ill-conditioned; the step used its independent part."""
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+@dataclass
+class _Layout:
+    key: tuple
+    params: list[Tensor]
+    views: list[Tensor]  # real views of params
+    sizes: list[int]
+    n: int
+    group_bounds: list[tuple[int, int]]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class StepContext:
+    """Everything a subclass needs to compute one step, all on the parameters' device."""
+
+    layout: _Layout
+    loss: Tensor
+    g: Tensor  # [n] gradient of the loss
+    c: Tensor  # [m]
+    J: Tensor  # [m, n]
+    ok: Tensor | None  # 0-d bool: inputs finite (sync_free mode only; None when already checked on the host)
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ConstrainedOptimizer(Optimizer):
+    """Base class. Subclasses set ``_flat_state_names`` and implement :meth:`_update`."""
+
+    _flat_state_names: ClassVar[tuple[str, ...]] = ()
+    _uses_constraints: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        jacobian: str = "batched",
+        chunk_size: int | None = None,
+        rank_tol: float | None = None,
+        sync_free: bool | None = None,
+    ) -> None:
+        if jacobian not in ("batched", "loop"):
+            raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
+        if rank_tol is not None and not 0.0 < rank_tol < 1.0:
+            raise ValueError(f"Invalid rank_tol: {rank_tol} (expected 0 < rank_tol < 1)")
+        super().__init__(params, defaults)
+        self.jacobian_mode = jacobian
+        self.chunk_size = chunk_size
+        self.rank_tol = rank_tol
+        self.sync_free = sync_free
+        self._layout_cache: _Layout | None = None
+        self._flat: dict[str, Tensor] | None = None
+        self._flat_key: tuple | None = None
+        self._jacobian_warned = [False]
+        self._rank_warned = False
+        self._pending: tuple[Tensor, Any] | None = None
+        self._nonfinite_seen = 0
+
+    # ------------------------------------------------------------------ validation helpers
+    @staticmethod
+    def _check_lr(lr: float, name: str = "learning rate") -> None:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"Invalid {name}: {lr}")
+
+    @staticmethod
+    def _check_beta(beta: float, name: str) -> None:
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid {name}: {beta} (expected 0 <= {name} < 1)")
+
+    # ------------------------------------------------------------------ layout and state
+    def _layout(self) -> _Layout:
+        key = tuple((id(p), p.requires_grad) for g in self.param_groups for p in g["params"])
+        if self._layout_cache is not None and self._layout_cache.key == key:
+            return self._layout_cache
+        params, bounds, off = [], [], 0
+        for group in self.param_groups:
+            start = off
+            for p in group["params"]:
+                if p.requires_grad:
+                    params.append(p)
+                    off += flat_size(p)
+            bounds.append((start, off))
+        if not params:
+            raise ValueError("the optimizer has no parameter with requires_grad=True")
+        dtypes = {_real(p).dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"all trainable parameters must share one dtype; got {sorted(map(str, dtypes))}")
+        if len(devices) > 1:
+            raise ValueError(f"all trainable parameters must be on one device; got {sorted(map(str, devices))}")
+        views = [_real(p) for p in params]
+        self._layout_cache = _Layout(
+            key, params, views, [v.numel() for v in views], off, bounds, dtypes.pop(), devices.pop()
+        )
+        return self._layout_cache
+
+    def _global_state(self) -> dict[str, Any]:
+        return self.state[_GLOBAL]
+
+    def _flat_state(self, layout: _Layout) -> dict[str, Tensor]:
+        """Flat buffers of the per-parameter state; ``self.state[p][name]`` are views into them."""
+        if self._flat is not None and self._flat_key == layout.key:
+            return self._flat
+        flat = {}
+        for name in self._flat_state_names:
+            buf = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
+            off = 0
+            for p, size in zip(layout.params, layout.sizes):
+                old = self.state[p].get(name) if p in self.state else None
+                if old is not None:
+                    if old.numel() != size:
+                        raise ValueError(f"state {name!r} of a parameter has {old.numel()} entries, expected {size}")
+                    buf[off : off + size].copy_(_real(old).reshape(-1))
+                self.state[p][name] = buf[off : off + size].view(_real(p).shape)
+                off += size
+            flat[name] = buf
+        # Parameters that left the layout (requires_grad turned off) keep a private copy of their state.
+        live = {id(p) for p in layout.params}
+        for p, st in self.state.items():
+            if isinstance(p, Tensor) and id(p) not in live:
+                for name in self._flat_state_names:
+                    if name in st:
+                        st[name] = st[name].clone()
+        self._flat, self._flat_key = flat, layout.key
+        return flat
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._layout_cache, self._flat, self._flat_key = None, None, None
+        glob = self.state.get(_GLOBAL)
+        if glob:
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            self.state[_GLOBAL] = _to_device(glob, device)
+
+    def _per_coordinate(self, layout: _Layout, values: Sequence[float]) -> float | Tensor:
+        """A per-group hyperparameter as a scalar when all groups agree, else as a flat ``[n]`` tensor."""
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        out = torch.empty(layout.n, dtype=layout.dtype, device=layout.device)
+        for (start, end), v in zip(layout.group_bounds, values):
+            out[start:end] = v
+        return out
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """One step; see the class docstring for the algorithm and the module docstring for the contract."""
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
+        self._raise_pending_nonfinite(wait=False)
+        layout = self._layout()
+        with torch.enable_grad():
+            out = closure()
+            loss, c, J = self._unpack(out, layout)
+            if not self._uses_constraints:
+                c_used, J_used = c.new_zeros(0), None
+            else:
+                c_used, J_used = c, J
+            if J_used is None:
+                J_used = self._form_jacobian(c_used, layout)
+            g = self._form_gradient(loss, layout)
+        sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
+        ok = self._check_finite_inputs(loss, c_used.detach(), g, J_used, sync_free)
+        ctx = StepContext(layout, loss.detach(), g, c_used.detach(), J_used, ok)
+        delta = self._update(ctx)
+        if ok is not None:
+            delta = torch.where(ok, delta, torch.zeros_like(delta))
+        torch._foreach_add_(layout.views, [d.view_as(v) for d, v in zip(delta.split(layout.sizes), layout.views)])
+        glob = self._global_state()
+        glob["diagnostics"] = ctx.diagnostics
+        return loss.detach(), c.detach()
+
+    def _update(self, ctx: StepContext) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ closure output
+    def _unpack(self, out: Any, layout: _Layout) -> tuple[Tensor, Tensor, Tensor | None]:
+        if isinstance(out, Tensor) and not self._uses_constraints:
+            out = (out, None)
+        if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+            raise TypeError(
+                f"the closure must return (loss, c) or (loss, c, J); got {type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+            )
+        loss, c = out[0], out[1]
+        J_given = out[2] if len(out) == 3 else None
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"the loss must be a scalar tensor; got {shape}")
+        loss = loss.reshape(())
+        J = None
+        if isinstance(c, PointwiseConstraints):
+            if J_given is not None:
+                raise ValueError("give J either through PointwiseConstraints or as the third value, not both")
+            c, J = c.evaluate(layout.params, layout.n) if self._uses_constraints else (c.points.new_zeros(0), None)
+        elif c is None:
+            c = loss.new_zeros(0).detach()
+        elif not isinstance(c, Tensor):
+            raise TypeError(f"c must be a 1-D tensor, None or PointwiseConstraints; got {type(c).__name__}")
+        if c.dim() != 1:
+            raise ValueError(f"c must be a 1-D tensor of constraint residuals; got shape {tuple(c.shape)}")
+        if c.device != layout.device:
+            raise ValueError(f"c is on {c.device} but the parameters are on {layout.device}")
+        if not (c.is_floating_point()):
+            raise ValueError(f"c must be a floating-point tensor; got {c.dtype}")
+        m = c.shape[0]
+        if self._uses_constraints and m > layout.n:
+            raise ValueError(
+                f"more constraints than parameters: m = {m} > n = {layout.n}; the linearised constraints "
+                "J d = -c cannot have full row rank"
+            )
+        if J_given is not None and self._uses_constraints:
+            J = self._dense_jacobian(J_given, m, layout)
+        return loss, c, J
+
+    def _dense_jacobian(self, J: Any, m: int, layout: _Layout) -> Tensor:
+        if isinstance(J, Tensor):
+            if J.shape != (m, layout.n):
+                raise ValueError(f"J must have shape [m, n] = [{m}, {layout.n}]; got {tuple(J.shape)}")
+            blocks = [J]
+        elif isinstance(J, (list, tuple)):
+            if len(J) != len(layout.params):
+                raise ValueError(f"J has {len(J)} blocks but there are {len(layout.params)} trainable parameters")
+            blocks = []
+            for i, (Jp, p) in enumerate(zip(J, layout.params)):
+                if not isinstance(Jp, Tensor) or Jp.shape != (m, *p.shape):
+                    shape = tuple(Jp.shape) if isinstance(Jp, Tensor) else type(Jp).__name__
+                    raise ValueError(f"J block {i} must have shape {(m, *p.shape)}; got {shape}")
+                blocks.append(_real(Jp).reshape(m, -1))
+        else:
+            raise TypeError(f"J must be a tensor or a sequence of tensors; got {type(J).__name__}")
+        for Jp in blocks:
+            if Jp.dtype != layout.dtype:
+                raise ValueError(f"J has dtype {Jp.dtype} but the parameters have {layout.dtype}")
+            if Jp.device != layout.device:
+                raise ValueError(f"J is on {Jp.device} but the parameters are on {layout.device}")
+            if Jp.is_sparse:
+                raise ValueError("sparse Jacobians are not supported; pass a dense tensor")
+        return blocks[0].detach() if len(blocks) == 1 else torch.cat([b.detach() for b in blocks], dim=1)
+
+    def _form_jacobian(self, c: Tensor, layout: _Layout) -> Tensor:
+        return jacobian(
+            c,
+            layout.params,
+            layout.n,
+            mode=self.jacobian_mode,
+            chunk_size=self.chunk_size,
+            warned=self._jacobian_warned,
+        )
+
+    @staticmethod
+    def _form_gradient(loss: Tensor, layout: _Layout) -> Tensor:
+        if not loss.requires_grad:  # e.g. a pure feasibility problem: f is constant
+            return torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
+        grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
+        parts = []
+        for gp, v in zip(grads, layout.views):
+            if gp is None:
+                parts.append(torch.zeros(v.numel(), dtype=v.dtype, device=v.device))
+                continue
+            if gp.is_sparse:
+                raise ValueError("sparse gradients are not supported (use a dense embedding, sparse=False)")
+            parts.append(_real(gp).reshape(-1))
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ non-finite handling
+    def _check_finite_inputs(self, loss: Tensor, c: Tensor, g: Tensor, J: Tensor, sync_free: bool) -> Tensor | None:
+        bad = torch.stack([~loss.isfinite(), ~c.isfinite().all(), ~g.isfinite().all(), ~J.isfinite().all()])
+        if sync_free:
+            glob = self._global_state()
+            count = glob.get("nonfinite_steps")
+            count = torch.zeros((), dtype=torch.long, device=g.device) if count is None else count
+            glob["nonfinite_steps"] = count + bad.any().long()
+            glob["nonfinite_flags"] = bad
+            self._post_pending(torch.cat([glob["nonfinite_steps"].reshape(1), bad.long()]))
+            return ~bad.any()
+        m = c.shape[0]
+        zero_rows = (J == 0).all(dim=1) if m else torch.zeros(0, dtype=torch.bool, device=g.device)
+        flags = torch.cat([bad, zero_rows]).tolist()  # the one host read of this step's checks
+        if any(flags[:4]):
+            raise FloatingPointError(self._nonfinite_message(flags[:4], deferred=False))
+        if any(flags[4:]):
+            rows = [i for i, z in enumerate(flags[4:]) if z][:10]
+            raise ValueError(
+                f"constraint(s) {rows} do not depend on the parameters (all-zero Jacobian rows); "
+                "remove them or check that c is computed from the model"
+            )
+        return None
+
+    @staticmethod
+    def _nonfinite_message(flags: Sequence[bool], *, deferred: bool) -> str:
+        what = ", ".join(name for name, f in zip(_FLAG_NAMES, flags) if f) or "inputs"
+        when = "an earlier step" if deferred else "this step"
+        return (
+            f"non-finite values (NaN or inf) in the {what} at {when}; the step was refused and the parameters "
+            "and optimizer state are unchanged"
+        )
+
+    def _post_pending(self, record: Tensor) -> None:
+        if record.device.type == "cuda":
+            host = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
+            host.copy_(record, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._pending = (record, None)
+
+    def _raise_pending_nonfinite(self, *, wait: bool) -> None:
+        if self._pending is None:
+            return
+        host, event = self._pending
+        if event is not None and not wait and not event.query():
+            return  # not on the host yet; checked at a later step
+        if event is not None:
+            event.synchronize()
+        record = host.tolist()
+        self._pending = None
+        if record[0] > self._nonfinite_seen:
+            self._nonfinite_seen = record[0]
+            raise FloatingPointError(self._nonfinite_message(record[1:], deferred=True))
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a step since the last check was skipped for non-finite inputs
+        (``sync_free`` mode). Waits for the device."""
+        self._raise_pending_nonfinite(wait=True)
+
+    # ------------------------------------------------------------------ shared numerics
+    def _rank_tol(self, layout: _Layout) -> float:
+        return self.rank_tol if self.rank_tol is not None else default_rank_tol(layout.dtype)
+
+    def _warn_if_truncated(self, info: dict[str, Any], m: int) -> None:
+        if info.get("truncated") and not self._rank_warned:
+            self._rank_warned = True
+            warnings.warn(
+                f"the constraint Jacobian is rank-deficient or ill-conditioned (rank used {int(info['rank'])} "
+                f"of {m}); steps use its independent part (see optimizer.diagnostics())",
+                RankDeficiencyWarning,
+                stacklevel=4,
+            )
+
+    def _next_step_count(self, ctx: StepContext) -> Tensor:
+        """Increment and return the global step count k (a device tensor; skipped steps do not count)."""
+        glob = self._global_state()
+        k = glob.get("step")
+        k = torch.zeros((), dtype=torch.float64, device=ctx.g.device) if k is None else k
+        k = k + (1.0 if ctx.ok is None else ctx.ok.to(k.dtype))
+        glob["step"] = k
+        return k
+
+    def diagnostics(self) -> dict[str, float]:
+        """The last step's diagnostics as Python numbers (waits for the device): ``c_inf`` (max |c|),
+        ``v_norm`` (‖v_k‖, the unscaled normal step), ``u_norm`` (‖u_k‖, the tangential displacement taken),
+        ``rank`` (rank of J used; -1 when a deficient J was regularised on the device), ``gram_cond``
+        (estimated condition number of the Gram matrix), plus method-specific entries."""
+        diag = self._global_state().get("diagnostics", {})
+        return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in diag.items()}
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

@@ -1,0 +1,234 @@
+r"""Step decomposition for equality-constrained SQP: small pure tensor functions.
+
+With constraint Jacobian :math:`J \in \mathbb{R}^{m\times n}` (full row rank), residual :math:`c`, and a
+positive diagonal weight :math:`W = \operatorname{diag}(w)` (``w = None`` means :math:`W = I`), every step of
+the package is built from
+
+.. math::
+
+    G_W = J W J^\top \quad (m\times m,\ \text{float64, factored once per step})
+
+    v_W = -W J^\top G_W^{-1} c \qquad\text{(normal step: } J v_W = -c\text{)}
+
+    P_W x = x - W J^\top G_W^{-1} J x \qquad\text{(projector onto Null}(J)\text{: } J P_W x = 0,\ P_W^2 = P_W)
+
+For :math:`W = I` these are the Euclidean least-norm normal step :math:`v = -J^\top(JJ^\top)^{-1}c` and the
+orthogonal projector :math:`P = I - J^\top(JJ^\top)^{-1}J`; :math:`u = -Pg` is the tangential step and
+:math:`v + u` solves :math:`\min_d g^\top d + \tfrac12\|d\|^2` s.t. :math:`c + Jd = 0`. For the diagonal metric
+:math:`H = \operatorname{diag}(h)` take :math:`W = H^{-1}`: the KKT system
+:math:`[[H, J^\top], [J, 0]] [s; \lambda] = -[p; c]` has :math:`s = v_W - P_W W p`
+(see :func:`kkt_reference`, the dense oracle the tests compare against).
+
+Linear algebra. :math:`G_W` is formed in float64 whatever the parameter dtype and factored once with
+``torch.linalg.cholesky_ex`` (no host synchronisation); every right-hand side reuses that factor. A
+rank-deficient or ill-conditioned :math:`J` (duplicate constraint points, saturated units) is detected from the
+Cholesky pivots (:math:`\hat\kappa = \max_i L_{ii}^2 / \min_i L_{ii}^2`, a lower bound on
+:math:`\kappa(G)`) and handled in one of two ways:
+
+* ``sync_free=False`` (exact; the default on CPU, where reading a flag costs nothing): a truncated
+  eigendecomposition keeps the directions with :math:`\sigma_i > \text{rank\_tol}\cdot\sigma_{\max}` (that is
+  :math:`\lambda_i > \text{rank\_tol}^2 \lambda_{\max}` of :math:`G`), which gives the least-norm normal step of
+  the independent part and the exact projector onto the null space of the kept rows (cf. Berahas, Curtis,
+  O'Neill, Robinson, Math. Oper. Res. 2023).
+* ``sync_free=True`` (the default on CUDA): the decision cannot be read on the host without a synchronisation,
+  so the factor is taken of :math:`G + \mu I` with :math:`\mu = 0` when the pivots are healthy and
+  :math:`\mu = \max(\text{rank\_tol}^2, 64\epsilon)\max_i G_{ii}` otherwise, chosen on the device, and every
+  solve applies two steps of iterative refinement. For a healthy :math:`G` this is the Cholesky solve (the
+  refinement only polishes it); for a rank-deficient :math:`G` it is iterated Tikhonov regularisation, a smooth
+  filter (:math:`1 - (\mu/(\lambda_i+\mu))^3`) in place of the hard truncation.
+
+Never ``inv``/``pinv``, never a loop adding :math:`iI` until a solve succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GramFactor",
+    "default_rank_tol",
+    "factor_gram",
+    "gram",
+    "kkt_reference",
+    "normal_step",
+    "project",
+    "scaled_normal_step",
+    "step_info",
+]
+
+# Columns of J processed at once when forming the float64 Gram matrix: bounds the float64 temporary to
+# m * _GRAM_CHUNK_BYTES / 8 elements whatever n is.
+_GRAM_CHUNK_BYTES = 1 << 28
+
+
+def default_rank_tol(dtype: torch.dtype) -> float:
+    """Relative singular-value cutoff used when ``rank_tol`` is not given.
+
+    Rows of a float32 Jacobian carry relative errors near 1e-7, so directions with
+    :math:`\\sigma_i < 10^{-6}\\sigma_{\\max}` are mostly rounding; float64 keeps down to 1e-7 (a Gram
+    condition number of 1e14, where float64 Cholesky is still accurate).
+    """
+    return 1e-7 if dtype in (torch.float64, torch.complex128) else 1e-6
+
+
+def gram(J: Tensor, weight: Tensor | None = None) -> Tensor:
+    r""":math:`J W J^\top` in float64, ``[m, m]``; ``J`` is ``[m, n]``, ``weight`` is ``[n]`` or ``None``.
+
+    Columns are processed in chunks so that the float64 copy of ``J`` never exceeds a fixed budget.
+    """
+    m, n = J.shape
+    if m == 0:
+        return J.new_zeros((0, 0), dtype=torch.float64)
+    if J.dtype == torch.float64 and weight is None:
+        return J @ J.T
+    chunk = max(1, _GRAM_CHUNK_BYTES // (8 * max(m, 1)))
+    out = J.new_zeros((m, m), dtype=torch.float64)
+    for start in range(0, n, chunk):
+        Jc = J[:, start : start + chunk].to(torch.float64)  # [m, k]
+        if weight is None:
+            out.addmm_(Jc, Jc.T)
+        else:
+            out.addmm_(Jc * weight[start : start + chunk].to(torch.float64), Jc.T)
+    return out
+
+
+@dataclass
+class GramFactor:
+    """One factorisation of a Gram matrix, reused for every right-hand side of a step.
+
+    Exactly one of ``chol`` (lower Cholesky factor) and ``eigvecs``/``inv_eigvals`` (truncated
+    eigendecomposition, ``inv_eigvals`` zero on dropped directions) is set. ``rank`` and ``cond`` are 0-d
+    device tensors (no host synchronisation): the numerical rank used and the estimated condition number of
+    :math:`G` (``rank = -1`` when ``sync_free`` regularised a deficient matrix, whose rank it does not know).
+    """
+
+    gram: Tensor
+    chol: Tensor | None
+    eigvecs: Tensor | None
+    inv_eigvals: Tensor | None
+    rank: Tensor
+    cond: Tensor
+    refine: int = 0
+
+    def solve(self, b: Tensor) -> Tensor:
+        r"""Solve :math:`G x = b` (least-norm on the kept directions); ``b`` is ``[m]`` or ``[m, k]``."""
+        vec = b.dim() == 1
+        B = b.to(torch.float64)
+        B = B.unsqueeze(-1) if vec else B
+        if self.chol is not None:
+            X = torch.cholesky_solve(B, self.chol)
+            for _ in range(self.refine):
+                X = X + torch.cholesky_solve(B - self.gram @ X, self.chol)
+        else:
+            assert self.eigvecs is not None and self.inv_eigvals is not None
+            X = self.eigvecs @ (self.inv_eigvals.unsqueeze(-1) * (self.eigvecs.T @ B))
+        return X.squeeze(-1) if vec else X
+
+
+def factor_gram(G: Tensor, rank_tol: float, *, sync_free: bool = False) -> GramFactor:
+    """Factor the float64 Gram matrix ``G`` once (see the module docstring for the two modes)."""
+    m = G.shape[0]
+    if m == 0:
+        z = G.new_zeros(())
+        return GramFactor(G, G.new_zeros((0, 0)), None, None, z.long(), z + 1.0)
+    thresh = rank_tol * rank_tol
+    L, info = torch.linalg.cholesky_ex(G)
+    piv = torch.diagonal(L).square()  # [m] Cholesky pivots (Schur complements)
+    cond = piv.max() / piv.min()
+    healthy = (info == 0) & (cond.isfinite()) & (cond * thresh < 1.0)
+    full = torch.full((), m, dtype=torch.long, device=G.device)
+    if sync_free:
+        shift = max(thresh, 64 * torch.finfo(torch.float64).eps) * torch.diagonal(G).max()
+        mu = torch.where(healthy, torch.zeros_like(shift), shift)
+        L2, _ = torch.linalg.cholesky_ex(G + mu * torch.eye(m, dtype=G.dtype, device=G.device))
+        rank = torch.where(healthy, full, -torch.ones_like(full))
+        cond = torch.where(healthy, cond, torch.full_like(cond, float("inf")))
+        # Refinement residuals use the unshifted G: iterated Tikhonov when mu > 0, plain refinement otherwise.
+        return GramFactor(G, L2, None, None, rank, cond, refine=2)
+    if bool(healthy):  # one host read; free on the CPU
+        return GramFactor(G, L, None, None, full, cond)
+    lam, Q = torch.linalg.eigh(G)
+    lam_max = lam[-1].clamp_min(0.0)
+    keep = lam > thresh * lam_max
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    kept_min = torch.where(keep, lam, torch.full_like(lam, float("inf"))).min()
+    return GramFactor(G, None, Q, inv, keep.sum(), lam_max / kept_min)
+
+
+def normal_step(J: Tensor, c: Tensor, factor: GramFactor, weight: Tensor | None = None) -> Tensor:
+    r"""Normal step :math:`v_W = -W J^\top G_W^{-1} c`, in ``J``'s dtype: :math:`J v_W = -c` (on the kept
+    directions when :math:`J` is rank-deficient), and :math:`v_W` has the least :math:`W^{-1}`-norm among all
+    such steps. ``factor`` must factor :math:`G_W` for the same ``weight``."""
+    if J.shape[0] == 0:
+        return J.new_zeros(J.shape[1])
+    w = factor.solve(-c).to(J.dtype)  # [m]
+    v = J.T @ w  # [n]
+    return v if weight is None else v * weight
+
+
+def scaled_normal_step(
+    J: Tensor,
+    c: Tensor,
+    factor: GramFactor,
+    gamma: float | Tensor,
+    weight: Tensor | None = None,
+    *,
+    rank_tol: float,
+    sync_free: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""``(δ_n, v)``: the normal displacement taken and the unscaled normal step :math:`v_W`.
+
+    With one step size γ (a float), :math:`\delta_n = \gamma v_W`, so :math:`J\delta_n = -\gamma c`. With a
+    per-coordinate γ (a ``[n]`` tensor: param groups with different normal step sizes), scaling :math:`v_W`
+    coordinatewise would break that identity; instead :math:`\delta_n` is the :math:`W\Gamma`-weighted
+    least-norm solution of :math:`J\delta = -\gamma_{\max} c`, so each group moves in proportion to its γ
+    (one extra Gram matrix, only in that case)."""
+    v = normal_step(J, c, factor, weight)
+    if not isinstance(gamma, Tensor):
+        return gamma * v, v
+    if J.shape[0] == 0:
+        return v, v
+    gmax = gamma.max()
+    w = gamma / gmax if weight is None else weight * (gamma / gmax)
+    Fw = factor_gram(gram(J, w), rank_tol, sync_free=sync_free)
+    return gmax * normal_step(J, c, Fw, w), v
+
+
+def project(J: Tensor, x: Tensor, factor: GramFactor, weight: Tensor | None = None) -> Tensor:
+    r"""Projection onto the null space of ``J`` along the range of :math:`WJ^\top`:
+    :math:`P_W x = x - W J^\top G_W^{-1} J x`. :math:`J P_W x = 0`, :math:`P_W^2 = P_W`; for ``weight=None`` it
+    is the orthogonal projector :math:`I - J^\top (JJ^\top)^{-1} J`."""
+    if J.shape[0] == 0:
+        return x
+    y = factor.solve(J @ x).to(J.dtype)  # [m]
+    r = J.T @ y  # [n]
+    return x - (r if weight is None else r * weight)
+
+
+def kkt_reference(J: Tensor, p: Tensor, c: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""Dense solve of :math:`[[H, J^\top], [J, 0]] [s; \lambda] = -[p; c]` with :math:`H = \operatorname{diag}(h)`
+    (identity when ``h`` is ``None``), in float64. The oracle for the decomposition; O((n+m)^3), tests only."""
+    m, n = J.shape
+    J64, p64, c64 = J.to(torch.float64), p.to(torch.float64), c.to(torch.float64)
+    H = torch.eye(n, dtype=torch.float64, device=J.device) if h is None else torch.diag(h.to(torch.float64))
+    K = torch.cat([torch.cat([H, J64.T], 1), torch.cat([J64, J64.new_zeros(m, m)], 1)], 0)
+    sol = torch.linalg.solve(K, -torch.cat([p64, c64]))
+    return sol[:n], sol[n:]
+
+
+def step_info(c: Tensor, factor: GramFactor | None, v: Tensor, u: Tensor) -> dict[str, object]:
+    """Per-step diagnostics as device tensors (no host synchronisation): ``c_inf`` = max|c|, ``v_norm`` =
+    ‖v_k‖, ``u_norm`` = ‖u_k‖, ``rank`` and ``gram_cond`` of the factor; ``truncated`` (a Python bool) says
+    whether the exact mode fell back to the truncated eigendecomposition."""
+    zero = v.new_zeros((), dtype=torch.float64)
+    return {
+        "c_inf": c.abs().max() if c.numel() else c.new_zeros(()),
+        "v_norm": torch.linalg.vector_norm(v),
+        "u_norm": torch.linalg.vector_norm(u),
+        "rank": factor.rank if factor is not None else zero.long(),
+        "gram_cond": factor.cond if factor is not None else zero + 1.0,
+        "truncated": factor is not None and factor.chol is None,
+    }

@@ -1,0 +1,128 @@
+r"""The baselines of the SQP paper under the same closure contract: Adam(con), Adam(unc) and the penalty method.
+
+* :class:`ConstrainedAdam` — Adam(con) of Márquez-Neila, Salzmann, Fua (2017, arXiv:1706.02025): Adam moments
+  of the *raw* gradients and the KKT step with the Adam metric. It is :class:`~sqpoptim.ProjectedAdamSQP`
+  with ``projection="scaled"``, ``bias_correction="standard"`` and ``project_gradients=False``: the one
+  difference from the ICLR-form SQP-Adam is the vector fed to the moments.
+* :class:`AdamUnc` — Adam(unc), the soft-constrained baseline: Adam with ε inside the square root on the
+  objective alone; constraints the closure returns are ignored (and returned for logging).
+* :class:`PenaltyAdam` — Adam(unc) on :math:`f + \tfrac{\rho}{2}\|c\|^2`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from .adam import ProjectedAdamSQP
+
+__all__ = ["AdamUnc", "ConstrainedAdam", "PenaltyAdam"]
+
+
+class ConstrainedAdam(ProjectedAdamSQP):
+    r"""Adam(con) (Márquez-Neila et al. 2017): moments of raw gradients, KKT step in the Adam metric.
+
+    .. math::
+        \begin{aligned}
+        &m_k = \beta_1 m_{k-1} + (1-\beta_1) g_k,\quad w_k = \beta_2 w_{k-1} + (1-\beta_2) g_k^2,\quad
+         \hat m_k = m_k/(1-\beta_1^k),\ \hat w_k = w_k/(1-\beta_2^k) \\
+        &\begin{bmatrix}\operatorname{diag}\sqrt{\hat w_k + \epsilon} & J_k^\top \\ J_k & 0\end{bmatrix}
+         \begin{bmatrix} s_k \\ \lambda_k\end{bmatrix} = -\begin{bmatrix}\hat m_k \\ c_k\end{bmatrix},\qquad
+         x_{k+1} = x_k + \alpha s_k
+        \end{aligned}
+
+    solved by the same decomposition as :class:`~sqpoptim.ProjectedAdamSQP` (``normal_lr`` γ scales the
+    normal part as there; γ = α by default gives exactly :math:`x_k + \alpha s_k`). The moments are not
+    projected, so the tangential step carries momentum from directions that the constraints forbid; that is the
+    difference the SQP paper measures.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        normal_lr: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            normal_lr,
+            projection="scaled",
+            bias_correction="standard",
+            project_gradients=False,
+            **kwargs,
+        )
+
+
+class AdamUnc(ProjectedAdamSQP):
+    r"""Adam(unc): Adam with ε inside the square root, constraints ignored.
+
+    .. math::
+        m_k = \beta_1 m_{k-1} + (1-\beta_1)g_k,\quad w_k = \beta_2 w_{k-1} + (1-\beta_2)g_k^2,\quad
+        x_{k+1} = x_k - \alpha \frac{m_k/(1-\beta_1^k)}{\sqrt{w_k/(1-\beta_2^k) + \epsilon}}
+
+    ``torch.optim.Adam`` puts ε outside the square root (:math:`\sqrt{\hat w} + \epsilon`); the SQP paper's
+    baselines use it inside, with ε = 1e-7. The closure may return ``loss`` or ``(loss, c)``; ``c`` is not
+    used for the step, only returned.
+    """
+
+    _uses_constraints = False
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        *,
+        sync_free: bool | None = None,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, bias_correction="standard", sync_free=sync_free)
+
+
+class PenaltyAdam(AdamUnc):
+    r"""Adam(unc) on the quadratic penalty :math:`f(x) + \tfrac{\rho}{2}\|c(x)\|^2`.
+
+    The soft approach the Lagrangian/SQP methods are compared against: the violation shrinks only like
+    :math:`O(1/\rho)` and large ρ makes the problem ill-conditioned. ``step`` returns the *unpenalised*
+    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        rho: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        *,
+        sync_free: bool | None = None,
+    ) -> None:
+        if not rho >= 0.0:
+            raise ValueError(f"Invalid rho: {rho} (expected rho >= 0)")
+        super().__init__(params, lr, betas, eps, sync_free=sync_free)
+        self.rho = rho
+
+    def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if closure is None:
+            return super().step(closure)
+        seen: dict[str, Tensor] = {}
+
+        def penalised() -> tuple[Tensor, Tensor]:
+            out = closure()
+            if not isinstance(out, (tuple, list)) or len(out) < 2 or not isinstance(out[1], Tensor):
+                raise TypeError("PenaltyAdam's closure must return (loss, c) with c a 1-D tensor")
+            loss, c = out[0], out[1]
+            seen["loss"] = loss
+            return loss + 0.5 * self.rho * c.square().sum(), c
+
+        penalized, c = super().step(penalised)
+        self._global_state()["diagnostics"]["penalized_loss"] = penalized
+        return seen["loss"].detach(), c

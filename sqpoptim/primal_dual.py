@@ -1,0 +1,104 @@
+r"""Primal–dual gradient method on the Lagrangian, one multiplier per constraint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import ConstrainedOptimizer, _real
+
+__all__ = ["PrimalDual"]
+
+
+class PrimalDual(ConstrainedOptimizer):
+    r"""Gradient descent–ascent on :math:`\mathcal L(x, \lambda) = f(x) + \lambda^\top c(x)`.
+
+    .. math::
+        x_{k+1} = \mathrm{inner}\big(x_k,\ \nabla_x f(x_k) + J_k^\top \lambda_k\big),\qquad
+        \lambda_{k+1} = \lambda_k + \eta_\lambda\, c(x_k)
+
+    where ``inner`` is any ``torch.optim`` optimizer (``torch.optim.Adam`` by default) fed the Lagrangian
+    gradient through ``p.grad``; :math:`J_k^\top\lambda_k` comes from the same backward pass as
+    :math:`\nabla f` (no Jacobian is formed). The multipliers live in ``state['global']['multipliers']`` and
+    the number of constraints must stay fixed. This is the "Lagrangian" approach of the article in
+    ``papers/000``; unlike the penalty method it can reach c = 0 with a bounded weight, but it only
+    converges as fast as the multipliers do.
+
+    Non-finite values always raise here (one host read per step): the inner optimizer's state cannot be
+    rolled back on the device.
+
+    Args:
+        params: iterable of parameters or param-group dicts (shared with the inner optimizer).
+        lr: the inner optimizer's learning rate.
+        dual_lr: η_λ ≥ 0.
+        inner: a ``torch.optim.Optimizer`` class.
+        **inner_kwargs: passed to ``inner``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        dual_lr: float = 1e-2,
+        inner: type[torch.optim.Optimizer] = torch.optim.Adam,
+        **inner_kwargs: Any,
+    ) -> None:
+        self._check_lr(lr)
+        self._check_lr(dual_lr, "dual_lr")
+        super().__init__(params, dict(lr=lr, dual_lr=dual_lr), sync_free=False)
+        # The inner optimizer shares the param-group dicts, so schedulers acting on this optimizer reach it.
+        self.inner = inner(self.param_groups, lr=lr, **inner_kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if closure is None:
+            raise RuntimeError("PrimalDual.step() needs a closure returning (loss, c)")
+        layout = self._layout()
+        glob = self._global_state()
+        with torch.enable_grad():
+            loss, c, _ = self._unpack(closure(), layout)
+            m = c.shape[0]
+            lam = glob.get("multipliers")
+            if lam is None:
+                lam = torch.zeros(m, dtype=c.dtype, device=c.device)
+            elif lam.shape[0] != m:
+                raise ValueError(f"the number of constraints changed from {lam.shape[0]} to {m}")
+            if m and not c.requires_grad:
+                raise ValueError("the constraints c do not depend on any parameter (c has no autograd graph)")
+            lagrangian = loss + (lam * c).sum() if m else loss
+            grads = (
+                torch.autograd.grad(lagrangian, layout.params, allow_unused=True)
+                if lagrangian.requires_grad
+                else [None] * len(layout.params)
+            )
+        flat = torch.cat(
+            [_real(gp).reshape(-1) if gp is not None else v.new_zeros(v.numel()) for gp, v in zip(grads, layout.views)]
+        )
+        self._check_finite_inputs(loss, c.detach(), flat, flat.new_zeros(0, layout.n), sync_free=False)
+        for p, gp in zip(layout.params, grads):
+            if gp is not None and gp.is_sparse:
+                raise ValueError("sparse gradients are not supported")
+            p.grad = None if gp is None else gp.detach()
+        self.inner.step()
+        dual_lrs = {g["dual_lr"] for g in self.param_groups}
+        glob["multipliers"] = lam + max(dual_lrs) * c.detach()
+        glob["diagnostics"] = {
+            "c_inf": c.detach().abs().max() if m else c.new_zeros(()),
+            "multiplier_inf": lam.abs().max() if m else c.new_zeros(()),
+        }
+        return loss.detach(), c.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["inner"] = self.inner.state_dict()["state"]
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        inner_state = state_dict.pop("inner", {})
+        super().load_state_dict(state_dict)
+        self.inner.load_state_dict({"state": inner_state, "param_groups": state_dict["param_groups"]})
+        self.inner.param_groups = self.param_groups  # share the group dicts again

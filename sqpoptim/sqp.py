@@ -1,0 +1,274 @@
+r"""Stochastic SQP (Algorithm 1; Berahas, Curtis, Robinson, Zhou, SIAM J. Optim. 31(2), 2021)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import ConstrainedOptimizer, StepContext
+from ._linalg import factor_gram, gram, normal_step, project, scaled_normal_step, step_info
+
+__all__ = ["StochasticSQP", "adaptive_step_size", "sqp_direction"]
+
+
+class StochasticSQP(ConstrainedOptimizer):
+    r"""Stochastic SQP with H = I: the step :math:`d_k = v_k + u_k` solves
+    :math:`\min_d g_k^\top d + \tfrac12\|d\|^2` s.t. :math:`c_k + J_k d = 0`.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{for } k = 1, 2, \dots \\
+        &\quad g_k \approx \nabla f(x_k) \text{ (mini-batch)},\ c_k,\ J_k \text{ (deterministic, in full)} \\
+        &\quad v_k = -J_k^\top(J_kJ_k^\top)^{-1}c_k,\quad u_k = -P_k g_k,\quad d_k = v_k + u_k \\
+        &\quad \text{fixed: } x_{k+1} = x_k + \gamma v_k + \alpha u_k \qquad
+               \text{adaptive: } x_{k+1} = x_k + \alpha_k d_k
+        \end{aligned}
+
+    ``step_rule="fixed"`` (what the SQP paper's experiments use) takes the learning rate α for the tangential
+    part and γ (``normal_lr``, default α) for the normal part. ``step_rule="adaptive"`` is the rule of Berahas et
+    al. (2021), Algorithm 3.1, with merit function :math:`\phi_\tau(x) = \tau f(x) + \|c(x)\|_1`:
+
+    .. math::
+        \begin{aligned}
+        &\tau^{trial}_k = \begin{cases} \frac{(1-\sigma)\|c_k\|_1}{g_k^\top d_k + \|d_k\|^2} &
+            g_k^\top d_k + \|d_k\|^2 > 0 \\ \infty & \text{otherwise}\end{cases},\quad
+         \tau_k = \begin{cases}\tau_{k-1} & \tau_{k-1} \le \tau^{trial}_k \\
+            \min\{(1-\epsilon_\tau)\tau_{k-1}, \tau^{trial}_k\} & \text{otherwise}\end{cases} \\
+        &\Delta l_k = -\tau_k g_k^\top d_k + \|c_k\|_1,\quad
+         \xi^{trial}_k = \frac{\Delta l_k}{\tau_k\|d_k\|^2},\quad
+         \xi_k = \begin{cases}\xi_{k-1} & \xi_{k-1} \le \xi^{trial}_k \\
+            \min\{(1-\epsilon_\xi)\xi_{k-1}, \xi^{trial}_k\} & \text{otherwise}\end{cases} \\
+        &\hat\alpha_k = \frac{\beta_k\xi_k\tau_k}{\tau_k L + \Gamma},\quad
+         \tilde\alpha_k = \hat\alpha_k - \frac{4\|c_k\|_1}{(\tau_k L + \Gamma)\|d_k\|^2},\quad
+         \alpha_k = \begin{cases}\hat\alpha_k & \hat\alpha_k < 1 \\ 1 & \tilde\alpha_k \le 1 \le \hat\alpha_k \\
+            \tilde\alpha_k & \tilde\alpha_k > 1\end{cases}
+        \end{aligned}
+
+    Here the learning rate ``lr`` plays β_k (so schedulers drive the β_k sequence); defaults τ₀ = 0.1, ξ₀ = 1,
+    σ = 0.1, ε_τ = ε_ξ = 0.01. L and Γ (Lipschitz constants of ∇f and c) are given as ``lipschitz=(L, Γ)`` or,
+    when ``None``, estimated once at the first step from ``lipschitz_samples`` re-evaluations of the closure at
+    random points at relative distance 1e-3 (the closure must evaluate the same batch on every call, as
+    ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in ``state['global']`` and in :meth:`diagnostics`.
+    A zero step (d_k = 0) leaves τ and ξ unchanged and does not move.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: α (fixed rule) or β_k (adaptive rule; then all groups must share it).
+        normal_lr: γ for the fixed rule (``None``: γ = lr); ignored by the adaptive rule.
+        step_rule: ``"fixed"`` or ``"adaptive"``.
+        tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
+        lipschitz: ``(L, Γ)`` or ``None`` (estimate).
+        jacobian, chunk_size, rank_tol, sync_free: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        normal_lr: float | None = None,
+        step_rule: str = "fixed",
+        *,
+        tau0: float = 0.1,
+        xi0: float = 1.0,
+        sigma: float = 0.1,
+        eps_tau: float = 0.01,
+        eps_xi: float = 0.01,
+        lipschitz: tuple[float, float] | None = None,
+        lipschitz_samples: int = 3,
+        jacobian: str = "batched",
+        chunk_size: int | None = None,
+        rank_tol: float | None = None,
+        sync_free: bool | None = None,
+    ) -> None:
+        self._check_lr(lr)
+        if normal_lr is not None:
+            self._check_lr(normal_lr, "normal_lr")
+        if step_rule not in ("fixed", "adaptive"):
+            raise ValueError(f"Invalid step_rule {step_rule!r}: expected 'fixed' or 'adaptive'")
+        for name, val in (("tau0", tau0), ("xi0", xi0)):
+            if not val > 0.0:
+                raise ValueError(f"Invalid {name}: {val} (expected > 0)")
+        for name, val in (("sigma", sigma), ("eps_tau", eps_tau), ("eps_xi", eps_xi)):
+            if not 0.0 < val < 1.0:
+                raise ValueError(f"Invalid {name}: {val} (expected 0 < {name} < 1)")
+        if lipschitz is not None and not (len(lipschitz) == 2 and all(x > 0 for x in lipschitz)):
+            raise ValueError(f"Invalid lipschitz: {lipschitz!r} (expected (L, Gamma), both > 0)")
+        if lipschitz_samples < 1:
+            raise ValueError(f"Invalid lipschitz_samples: {lipschitz_samples}")
+        defaults = dict(lr=lr, normal_lr=normal_lr)
+        super().__init__(
+            params, defaults, jacobian=jacobian, chunk_size=chunk_size, rank_tol=rank_tol, sync_free=sync_free
+        )
+        self.step_rule = step_rule
+        self.rule = dict(tau0=tau0, xi0=xi0, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi)
+        self.lipschitz = lipschitz
+        self.lipschitz_samples = lipschitz_samples
+        self._closure: Callable[[], Any] | None = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        self._closure = closure  # the Lipschitz estimate re-evaluates it
+        try:
+            return super().step(closure)
+        finally:
+            self._closure = None
+
+    def _update(self, ctx: StepContext) -> Tensor:
+        layout, groups = ctx.layout, self.param_groups
+        self._next_step_count(ctx)
+        lrs = [g["lr"] for g in groups]
+        if self.step_rule == "fixed":
+            delta, info = sqp_direction(
+                ctx.g,
+                ctx.c,
+                ctx.J,
+                lr=self._per_coordinate(layout, lrs),
+                normal_lr=self._per_coordinate(
+                    layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in groups]
+                ),
+                rank_tol=self._rank_tol(layout),
+                sync_free=ctx.ok is not None,
+            )
+            self._warn_if_truncated(info, ctx.c.shape[0])
+            ctx.diagnostics.update(info)
+            return delta
+        if any(lr != lrs[0] for lr in lrs):
+            raise ValueError("step_rule='adaptive' needs one learning rate (β_k) shared by all param groups")
+        glob = self._global_state()
+        if "lipschitz" not in glob:
+            glob["lipschitz"] = self._lipschitz_constants(ctx)
+        dev = ctx.g.device
+        tau = glob.get("tau", torch.tensor(self.rule["tau0"], dtype=torch.float64, device=dev))
+        xi = glob.get("xi", torch.tensor(self.rule["xi0"], dtype=torch.float64, device=dev))
+        m = ctx.c.shape[0]
+        F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.ok is not None) if m else None
+        v = normal_step(ctx.J, ctx.c, F) if m else torch.zeros_like(ctx.g)
+        u = -project(ctx.J, ctx.g, F) if m else -ctx.g
+        d = v + u
+        L, Gamma = glob["lipschitz"]
+        alpha, tau_new, xi_new = adaptive_step_size(
+            ctx.g,
+            v,
+            u,
+            ctx.c,
+            tau,
+            xi,
+            beta=lrs[0],
+            L=L,
+            Gamma=Gamma,
+            sigma=self.rule["sigma"],
+            eps_tau=self.rule["eps_tau"],
+            eps_xi=self.rule["eps_xi"],
+        )
+        if ctx.ok is not None:  # a refused step keeps τ and ξ
+            tau_new, xi_new = torch.where(ctx.ok, tau_new, tau), torch.where(ctx.ok, xi_new, xi)
+        glob.update(tau=tau_new, xi=xi_new, alpha=alpha)
+        info = step_info(ctx.c, F, v, alpha.to(u.dtype) * u)
+        self._warn_if_truncated(info, m)
+        ctx.diagnostics.update(info, tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
+        return alpha.to(d.dtype) * d
+
+    def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """``(L, Γ)`` as given, or estimated by secants from random nearby points (parameters restored)."""
+        dev = ctx.g.device
+        if self.lipschitz is not None:
+            return tuple(torch.tensor(float(x), dtype=torch.float64, device=dev) for x in self.lipschitz)
+        layout = ctx.layout
+        x0 = torch.cat([v.reshape(-1) for v in layout.views]).clone()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        radius = 1e-3 * max(1.0, float(torch.linalg.vector_norm(x0)))
+        L_est, G_est = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        try:
+            for _ in range(self.lipschitz_samples):
+                e = torch.randn(layout.n, generator=gen, dtype=torch.float64).to(dev, layout.dtype)
+                e = e * (radius / torch.linalg.vector_norm(e))
+                _assign(layout, x0 + e)
+                with torch.enable_grad():
+                    loss, c, J = self._unpack(self._closure(), layout)
+                    J = self._form_jacobian(c, layout) if J is None else J
+                    g = self._form_gradient(loss, layout)
+                dist = torch.linalg.vector_norm(e).double()
+                L_est = torch.maximum(L_est, (torch.linalg.vector_norm(g - ctx.g).double() / dist).cpu())
+                if J.shape[0]:
+                    G_est = torch.maximum(G_est, (torch.linalg.matrix_norm(J - ctx.J).double() / dist).cpu())
+        finally:
+            _assign(layout, x0)
+        tiny = 1e-12
+        return L_est.clamp_min(tiny).to(dev), G_est.clamp_min(tiny).to(dev)
+
+
+def _assign(layout: Any, x: Tensor) -> None:
+    for v, xi in zip(layout.views, x.split(layout.sizes)):
+        v.copy_(xi.view_as(v))
+
+
+def sqp_direction(
+    g: Tensor,
+    c: Tensor,
+    J: Tensor,
+    *,
+    lr: float | Tensor,
+    normal_lr: float | Tensor,
+    rank_tol: float,
+    sync_free: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Functional form of the fixed-step :class:`StochasticSQP` step: ``(γ v + u, diagnostics)`` with
+    :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection)."""
+    m = c.shape[0]
+    if not m:
+        u = -(lr * g)
+        return u, step_info(c, None, torch.zeros_like(u), u)
+    F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
+    u = -project(J, lr * g, F)
+    delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+    return delta_n + u, step_info(c, F, v, u)
+
+
+def adaptive_step_size(
+    g: Tensor,
+    v: Tensor,
+    u: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    xi: Tensor,
+    *,
+    beta: float,
+    L: Tensor,
+    Gamma: Tensor,
+    sigma: float = 0.1,
+    eps_tau: float = 0.01,
+    eps_xi: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(α_k, τ_k, ξ_k)`` of the Berahas et al. (2021) rule for :math:`d = v + u`, :math:`u = -Pg` (see
+    :class:`StochasticSQP`), as float64 device tensors, computed without host synchronisation. A zero direction
+    returns α = 0 and the old τ, ξ.
+
+    The inner products use the identities of the decomposition instead of forming :math:`g^\top d` and
+    :math:`\\|d\\|^2` from d: :math:`g^\top u = -\\|u\\|^2` and :math:`u^\top v = 0`, so
+    :math:`g^\top d + \\|d\\|^2 = g^\top v + \\|v\\|^2`, which is O(‖c‖). Computed from d directly it is the
+    difference of two O(‖u‖²) numbers, and once c reaches rounding level that cancellation alone drives τ to
+    zero. The model reduction is :math:`\\Delta l = -\tau g^\top d + \\|c\\|_1` (J d = -c); with
+    :math:`\tau \\le \tau^{trial}` it is at least :math:`\tau\\|d\\|^2 + \\sigma\\|c\\|_1 > 0`, so ξ stays
+    positive.
+    """
+    gv = torch.dot(g, v).double()
+    vv, uu = torch.dot(v, v).double(), torch.dot(u, u).double()
+    gd, dd = gv - uu, vv + uu
+    c1 = c.abs().sum().double() if c.numel() else gd.new_zeros(())
+    denom = gv + vv  # = g'd + max(d'Hd, 0) with H = I
+    inf = torch.full_like(gd, math.inf)
+    tau_trial = torch.where(denom > 0, (1.0 - sigma) * c1 / torch.where(denom > 0, denom, 1.0), inf)
+    tau_new = torch.where(tau > tau_trial, torch.minimum((1.0 - eps_tau) * tau, tau_trial), tau)
+    dl = -tau_new * gd + c1
+    safe_dd = torch.where(dd > 0, dd, 1.0)
+    xi_trial = dl / (tau_new * safe_dd)
+    xi_new = torch.where(xi > xi_trial, torch.minimum((1.0 - eps_xi) * xi, xi_trial), xi)
+    scale = tau_new * L + Gamma
+    a_hat = beta * xi_new * tau_new / scale
+    a_tilde = a_hat - 4.0 * c1 / (scale * safe_dd)
+    alpha = torch.where(a_hat < 1, a_hat, torch.where(a_tilde > 1, a_tilde, torch.ones_like(a_hat)))
+    moving = dd > 0
+    return torch.where(moving, alpha, 0.0), torch.where(moving, tau_new, tau), torch.where(moving, xi_new, xi)
