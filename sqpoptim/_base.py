@@ -218,9 +218,10 @@ class ConstrainedOptimizer(Optimizer):
                 c_used, J_used = c.new_zeros(0), None
             else:
                 c_used, J_used = c, J
+            # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
+            g = self._form_gradient(loss, layout, retain_graph=J_used is None and c_used.shape[0] > 0)
             if J_used is None:
                 J_used = self._form_jacobian(c_used, layout)
-            g = self._form_gradient(loss, layout)
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         ok = self._check_finite_inputs(loss, c_used.detach(), g, J_used, sync_free)
         ctx = StepContext(layout, loss.detach(), g, c_used.detach(), J_used, ok)
@@ -311,10 +312,10 @@ class ConstrainedOptimizer(Optimizer):
         )
 
     @staticmethod
-    def _form_gradient(loss: Tensor, layout: _Layout) -> Tensor:
+    def _form_gradient(loss: Tensor, layout: _Layout, retain_graph: bool = False) -> Tensor:
         if not loss.requires_grad:  # e.g. a pure feasibility problem: f is constant
             return torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
-        grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
+        grads = torch.autograd.grad(loss, layout.params, allow_unused=True, retain_graph=retain_graph)
         parts = []
         for gp, v in zip(grads, layout.views):
             if gp is None:

@@ -56,6 +56,8 @@ def _fill_rows(J: Tensor, rows: slice, grads: Sequence[Tensor | None], params: S
         block = J[rows, off : off + size]
         if gp is None:
             block.zero_()
+        elif gp.is_sparse:
+            raise ValueError("sparse gradients are not supported (use a dense embedding, sparse=False)")
         else:
             block.copy_(_real(gp).reshape(k, size))
         off += size

@@ -2,6 +2,7 @@ r"""Primal–dual gradient method on the Lagrangian, one multiplier per constrai
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -61,13 +62,13 @@ class PrimalDual(ConstrainedOptimizer):
         with torch.enable_grad():
             loss, c, _ = self._unpack(closure(), layout)
             m = c.shape[0]
+            if m and not c.requires_grad:
+                raise ValueError("the constraints c do not depend on any parameter (c has no autograd graph)")
             lam = glob.get("multipliers")
             if lam is None:
                 lam = torch.zeros(m, dtype=c.dtype, device=c.device)
             elif lam.shape[0] != m:
                 raise ValueError(f"the number of constraints changed from {lam.shape[0]} to {m}")
-            if m and not c.requires_grad:
-                raise ValueError("the constraints c do not depend on any parameter (c has no autograd graph)")
             lagrangian = loss + (lam * c).sum() if m else loss
             grads = (
                 torch.autograd.grad(lagrangian, layout.params, allow_unused=True)
@@ -98,7 +99,9 @@ class PrimalDual(ConstrainedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        inner_state = state_dict.pop("inner", {})
+        # torch's load_state_dict keeps the saved "step" tensors, which the inner optimizer then increments in
+        # place: copy, so that training on never writes into the checkpoint.
+        inner_state = copy.deepcopy(state_dict.pop("inner", {}))
         super().load_state_dict(state_dict)
         self.inner.load_state_dict({"state": inner_state, "param_groups": state_dict["param_groups"]})
         self.inner.param_groups = self.param_groups  # share the group dicts again

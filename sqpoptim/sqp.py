@@ -51,8 +51,9 @@ class StochasticSQP(ConstrainedOptimizer):
     Here the learning rate ``lr`` plays β_k (so schedulers drive the β_k sequence); defaults τ₀ = 0.1, ξ₀ = 1,
     σ = 0.1, ε_τ = ε_ξ = 0.01. L and Γ (Lipschitz constants of ∇f and c) are given as ``lipschitz=(L, Γ)`` or,
     when ``None``, estimated once at the first step from ``lipschitz_samples`` re-evaluations of the closure at
-    random points at relative distance 1e-3 (the closure must evaluate the same batch on every call, as
-    ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in ``state['global']`` and in :meth:`diagnostics`.
+    nearby points (a power iteration; see :meth:`_lipschitz_constants`; the closure must evaluate the same batch
+    on every call, as ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in ``state['global']`` and in
+    :meth:`diagnostics`.
     A zero step (d_k = 0) leaves τ and ξ unchanged and does not move.
 
     Args:
@@ -78,7 +79,7 @@ class StochasticSQP(ConstrainedOptimizer):
         eps_tau: float = 0.01,
         eps_xi: float = 0.01,
         lipschitz: tuple[float, float] | None = None,
-        lipschitz_samples: int = 3,
+        lipschitz_samples: int = 5,
         jacobian: str = "batched",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
@@ -172,7 +173,15 @@ class StochasticSQP(ConstrainedOptimizer):
         return alpha.to(d.dtype) * d
 
     def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        """``(L, Γ)`` as given, or estimated by secants from random nearby points (parameters restored)."""
+        r"""``(L, Γ)`` as given, or estimated from the closure at nearby points (parameters restored exactly).
+
+        L: a power iteration on gradient differences, :math:`e_{j+1} \propto g(x + \delta e_j) - g(x)`, so
+        the secant :math:`\|g(x+\delta e) - g(x)\|/\delta` tends to the largest curvature rather than the
+        average one a random direction sees (a step 1/L from an average-curvature L diverges on stiff problems).
+        Γ bounds the constraints' curvature in the merit function's ℓ1 norm,
+        :math:`\|c(x+s)\|_1 \le \|c + Js\|_1 + \tfrac{\Gamma}{2}\|s\|^2`: the largest
+        :math:`\sum_i \|\nabla c_i(x+\delta e) - \nabla c_i(x)\|/\delta` over the same directions.
+        Runs once, at the first step (one host read per closure call)."""
         dev = ctx.g.device
         if self.lipschitz is not None:
             return tuple(torch.tensor(float(x), dtype=torch.float64, device=dev) for x in self.lipschitz)
@@ -180,24 +189,31 @@ class StochasticSQP(ConstrainedOptimizer):
         x0 = torch.cat([v.reshape(-1) for v in layout.views]).clone()
         gen = torch.Generator(device="cpu").manual_seed(0)
         radius = 1e-3 * max(1.0, float(torch.linalg.vector_norm(x0)))
-        L_est, G_est = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        e = torch.randn(layout.n, generator=gen, dtype=torch.float64).to(dev, layout.dtype)
+        L_est, G_est = 0.0, 0.0
         try:
             for _ in range(self.lipschitz_samples):
-                e = torch.randn(layout.n, generator=gen, dtype=torch.float64).to(dev, layout.dtype)
                 e = e * (radius / torch.linalg.vector_norm(e))
                 _assign(layout, x0 + e)
                 with torch.enable_grad():
                     loss, c, J = self._unpack(self._closure(), layout)
                     J = self._form_jacobian(c, layout) if J is None else J
                     g = self._form_gradient(loss, layout)
-                dist = torch.linalg.vector_norm(e).double()
-                L_est = torch.maximum(L_est, (torch.linalg.vector_norm(g - ctx.g).double() / dist).cpu())
+                dg = g - ctx.g
+                dg_norm = float(torch.linalg.vector_norm(dg))
+                L_est = max(L_est, dg_norm / radius)
                 if J.shape[0]:
-                    G_est = torch.maximum(G_est, (torch.linalg.matrix_norm(J - ctx.J).double() / dist).cpu())
+                    G_est = max(G_est, float(torch.linalg.vector_norm(J - ctx.J, dim=1).sum()) / radius)
+                if dg_norm == 0.0:
+                    break  # f is linear along e: nothing to iterate on
+                e = dg
         finally:
             _assign(layout, x0)
         tiny = 1e-12
-        return L_est.clamp_min(tiny).to(dev), G_est.clamp_min(tiny).to(dev)
+        return (
+            torch.tensor(max(L_est, tiny), dtype=torch.float64, device=dev),
+            torch.tensor(max(G_est, tiny), dtype=torch.float64, device=dev),
+        )
 
 
 def _assign(layout: Any, x: Tensor) -> None:

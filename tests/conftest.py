@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-# Two cores in CI: keep intra-op threading from oversubscribing them.
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+# The test problems are tiny and launch-bound: intra-op threads only add spin-waiting (and thrash when the
+# two CI cores are shared with a second pytest worker or anything else).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
