@@ -11,6 +11,8 @@ Small helpers shared by the point-wise problems (spring, chemistry, manifold toy
   outputs). Both use ``torch.autograd.grad(..., create_graph=True)``: the result keeps a graph to the
   parameters, so a loss or constraint built from it can be differentiated again (also with a batched backward,
   ``is_grads_batched=True``).
+* :func:`with_input_grad` lets a residual built from input derivatives be evaluated under ``torch.no_grad()``
+  (for metrics or a line search): autograd is switched on inside, the result detached on the way out.
 * :func:`batch_indices` validates one index tensor of a mini-batch, so a wrong batch fails with a clear error.
 
 The derivatives assume a point-wise model (sample i's output depends on sample i's input only; no batch
@@ -19,13 +21,17 @@ norm), which is what makes the gradient of a *sum* over samples equal the per-sa
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["batch_indices", "input_derivative", "input_jvp", "make_mlp", "num_parameters"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+__all__ = ["batch_indices", "input_derivative", "input_jvp", "make_mlp", "num_parameters", "with_input_grad"]
 
 
 def make_mlp(
@@ -101,3 +107,22 @@ def batch_indices(
     if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"{problem}: batch[{key!r}] must be non-empty with indices in [0, {n})")
     return idx.to(device)
+
+
+def with_input_grad(fn: _F) -> _F:
+    """Make a residual that differentiates with respect to the inputs work in no-grad mode too.
+
+    Input derivatives need autograd even when the caller wants values only; in that case the returned tensor
+    is detached, so no graph escapes a ``torch.no_grad()`` block.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        grad_enabled = torch.is_grad_enabled()
+        with torch.enable_grad():
+            out = fn(*args, **kwargs)
+        if grad_enabled:
+            return out
+        return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+
+    return wrapper  # type: ignore[return-value]

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ._base import Batch, Problem, ProblemDefaults, Size
 from ._data import cached_arrays
-from ._mlp import batch_indices, input_derivative, input_jvp, make_mlp
+from ._mlp import batch_indices, input_derivative, input_jvp, make_mlp, with_input_grad
 
 __all__ = ["MASS_BALANCE", "RATE_CONSTANTS", "Chemistry", "chemistry_solution", "rate_matrix"]
 
@@ -181,6 +181,7 @@ class Chemistry(Problem):
         return make_mlp(LAYERS, seed, device=self.device, dtype=self.dtype)
 
     # --- training terms ----------------------------------------------------------------------------------
+    @with_input_grad
     def residuals(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """ODE residual u' − A u ([N, 4]) and mass-balance residual w·u' ([N]) at inputs ``x`` ([N, 5])."""
         t = x[:, 4:].detach().clone().requires_grad_(True)  # [N, 1] the leaf we differentiate by
@@ -188,6 +189,7 @@ class Chemistry(Problem):
         du = input_jvp(u, t)  # [N, 4] ∂u/∂t
         return du - u @ self.A.T, du @ self.w
 
+    @with_input_grad
     def mass_balance(self, model: nn.Module, x: Tensor) -> Tensor:
         """w·u' at the inputs ``x`` ([N, 5]); returns [N]."""
         t = x[:, 4:].detach().clone().requires_grad_(True)  # [N, 1]
@@ -224,14 +226,14 @@ class Chemistry(Problem):
 
     # --- evaluation --------------------------------------------------------------------------------------
     def metrics(self, model: nn.Module) -> dict[str, float]:
-        objective = self.objective(model)
-        c = self.constraints(model)
-        with torch.no_grad():
+        with torch.no_grad():  # the residuals switch autograd on for their input derivatives only
+            objective = self.objective(model)
+            c = self.constraints(model)
             test_mse = torch.mean((model(self.x_test) - self.u_test) ** 2)
         return {
-            "objective": float(objective.detach()),
+            "objective": float(objective),
             "test_mse": float(test_mse),
-            "max_abs_c": float(c.detach().abs().max()),
+            "max_abs_c": float(c.abs().max()),
         }
 
     def prediction(self, model: nn.Module) -> dict[str, np.ndarray]:
