@@ -30,7 +30,7 @@ independently and without replacement — 20% of the training points for the two
 fit points for the fit term — so each term's mini-batch mean is an unbiased estimate of its full mean. This is
 our reading; the paper does not say how the fit subset meets the mini-batch. Constraints are never subsampled.
 
-Sizes: "paper" 1000 training / 200 test initial conditions, "small" 100 / 50, "tiny" 20 / 10; the initial
+Sizes: "paper" 1000 training / 200 test initial conditions, "small" 50 / 50, "tiny" 20 / 10; the initial
 conditions of a smaller size are a prefix of the paper's.
 
 :meth:`Chemistry.prediction` keys: ``t`` (a fine grid), ``u_true``/``u_pred`` ([len(t), 4]) and ``u0`` for the
@@ -38,6 +38,8 @@ first test initial condition, and ``t_data`` (the 64 data times).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -59,7 +61,7 @@ WEIGHTS = {"ode": 1e-2, "mass": 1e-2, "fit": 1.0}
 FIT_FRACTION, BATCH_FRACTION = 0.2, 0.2
 NUM_CONSTRAINTS = 10
 TRAIN_SEED, TEST_SEED, SUBSET_SEED = 1000, 1001, 0
-SIZES = {"paper": (1000, 200), "small": (100, 50), "tiny": (20, 10)}  # (train, test) initial conditions
+SIZES = {"paper": (1000, 200), "small": (50, 50), "tiny": (20, 10)}  # (train, test) initial conditions
 NUM_PREDICTION_TIMES = 200
 
 
@@ -121,7 +123,7 @@ class Chemistry(Problem):
         lrs=(5e-4, 1e-4),
         iterations_full=100_000,
         iterations_mini=20_000,
-        quick_iterations=300,
+        quick_iterations=400,
         extra={
             "rate_constants": RATE_CONSTANTS,
             "nominal_u0": NOMINAL_U0,
@@ -143,7 +145,7 @@ class Chemistry(Problem):
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        cache_dir=None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__(size, device=device, dtype=dtype, cache_dir=cache_dir)
         num_train, num_test = SIZES[size]

@@ -36,6 +36,8 @@ Sizes: "paper" and "small" use 256 training samples, "tiny" 64.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -112,7 +114,7 @@ class ManifoldToy(Problem):
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        cache_dir=None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__(size, device=device, dtype=dtype, cache_dir=cache_dir)
         params = {

@@ -33,6 +33,7 @@ data points) and ``t_constraint`` (the constraint points).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ class Spring(Problem):
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        cache_dir=None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__(size, device=device, dtype=dtype, cache_dir=cache_dir)
         params = {

@@ -87,7 +87,7 @@ def test_initial_conditions_and_points(cache):
     np.testing.assert_array_equal(initial_conditions(5, 1000), loop)
     tiny = Chemistry("tiny", dtype=torch.float64, cache_dir=cache)
     small = Chemistry("small", dtype=torch.float64, cache_dir=cache)
-    assert tiny.num_points == 20 * 64 and small.num_points == 100 * 64
+    assert tiny.num_points == 20 * 64 and small.num_points == 50 * 64
     torch.testing.assert_close(small.x_train[: 20 * 64], tiny.x_train, rtol=0, atol=0)  # a prefix
     t = tiny.x_train[:64, 4].numpy()
     np.testing.assert_allclose(t, np.arange(64) * 10 / 64, rtol=0, atol=0)
@@ -229,3 +229,19 @@ def test_runs_in_both_dtypes(cache, dtype):
         64,
     )
     np.testing.assert_allclose(pred["u_true"][0], pred["u0"], rtol=1e-14)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(cache):
+    cpu, gpu = (Chemistry("tiny", device=d, dtype=torch.float64, cache_dir=cache) for d in ("cpu", "cuda"))
+    m_cpu, m_gpu = cpu.make_model(0), gpu.make_model(0)
+    batch = cpu.sample_batch(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gpu.objective(m_gpu, batch).cpu(), cpu.objective(m_cpu, batch))
+    c = gpu.constraints(m_gpu)
+    torch.testing.assert_close(c.cpu(), cpu.constraints(m_cpu))
+    eye = torch.eye(10, dtype=torch.float64, device="cuda")
+    J = torch.autograd.grad(
+        c, list(m_gpu.parameters()), grad_outputs=eye, is_grads_batched=True, allow_unused=True
+    )
+    assert all(j is None or j.device.type == "cuda" for j in J)
+    assert gpu.metrics(m_gpu).keys() == cpu.metrics(m_cpu).keys()
