@@ -30,7 +30,7 @@ independently and without replacement — 20% of the training points for the two
 fit points for the fit term — so each term's mini-batch mean is an unbiased estimate of its full mean. This is
 our reading; the paper does not say how the fit subset meets the mini-batch. Constraints are never subsampled.
 
-Sizes: "paper" 1000 training / 200 test initial conditions, "small" 50 / 50, "tiny" 20 / 10; the initial
+Sizes: "paper" 1000 training / 200 test initial conditions, "small" 32 / 32, "tiny" 20 / 10; the initial
 conditions of a smaller size are a prefix of the paper's.
 
 :meth:`Chemistry.prediction` keys: ``t`` (a fine grid), ``u_true``/``u_pred`` ([len(t), 4]) and ``u0`` for the
@@ -61,7 +61,7 @@ WEIGHTS = {"ode": 1e-2, "mass": 1e-2, "fit": 1.0}
 FIT_FRACTION, BATCH_FRACTION = 0.2, 0.2
 NUM_CONSTRAINTS = 10
 TRAIN_SEED, TEST_SEED, SUBSET_SEED = 1000, 1001, 0
-SIZES = {"paper": (1000, 200), "small": (50, 50), "tiny": (20, 10)}  # (train, test) initial conditions
+SIZES = {"paper": (1000, 200), "small": (32, 32), "tiny": (20, 10)}  # (train, test) initial conditions
 NUM_PREDICTION_TIMES = 200
 
 

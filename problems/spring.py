@@ -88,7 +88,7 @@ class Spring(Problem):
         lrs=(5e-4, 1e-4),
         iterations_full=30_000,
         iterations_mini=30_000,
-        quick_iterations=2_000,
+        quick_iterations=1_500,
         extra={
             "ode": "u'' + 4u' + 400u = 0, u(0)=1, u'(0)=0",
             "layers": LAYERS,

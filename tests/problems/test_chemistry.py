@@ -87,7 +87,7 @@ def test_initial_conditions_and_points(cache):
     np.testing.assert_array_equal(initial_conditions(5, 1000), loop)
     tiny = Chemistry("tiny", dtype=torch.float64, cache_dir=cache)
     small = Chemistry("small", dtype=torch.float64, cache_dir=cache)
-    assert tiny.num_points == 20 * 64 and small.num_points == 50 * 64
+    assert tiny.num_points == 20 * 64 and small.num_points == 32 * 64
     torch.testing.assert_close(small.x_train[: 20 * 64], tiny.x_train, rtol=0, atol=0)  # a prefix
     t = tiny.x_train[:64, 4].numpy()
     np.testing.assert_allclose(t, np.arange(64) * 10 / 64, rtol=0, atol=0)
