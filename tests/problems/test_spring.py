@@ -112,9 +112,9 @@ def test_batched_constraint_jacobian_matches_row_loop(cache, dtype):
         torch.testing.assert_close(b, torch.stack([r[j] for r in rows]), **tol)
 
 
-def test_constraint_gradient_matches_finite_differences():
+def test_constraint_gradient_matches_finite_differences(cache):
     """The parameter gradient through the create_graph input derivatives, against central differences."""
-    p = Spring(dtype=torch.float64)
+    p = Spring(dtype=torch.float64, cache_dir=cache)
     model = p.make_model(0)
     first = next(model.parameters())
     (g,) = torch.autograd.grad(p.constraints(model)[1], first)
