@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def cached_arrays(
                 arrays = {k: f[k] for k in f.files}
             if json.loads(meta.read_text())["sha256"] == _digest(arrays):
                 return arrays
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # JSONDecodeError is a ValueError
             pass  # unreadable or stale entry: regenerate below
     arrays = {k: np.asarray(v) for k, v in generate().items()}
     try:

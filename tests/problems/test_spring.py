@@ -1,7 +1,6 @@
 """A1 spring: the data against the exact solution and scipy, the residual code against the exact solution, and
 the constraint Jacobian paths the optimizers use."""
 
-import zipfile
 
 import numpy as np
 import pytest
@@ -178,11 +177,6 @@ def test_cache_roundtrip_and_corruption(cache):
         np.testing.assert_array_equal(f["u_fit"], first.u_fit.squeeze(-1).numpy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=zipfile.BadZipFile,
-    reason="problems._data.cached_arrays does not catch zipfile.BadZipFile from a truncated .npz (reported)",
-)
 def test_cache_regenerates_a_truncated_file(cache):
     first = Spring(dtype=torch.float64, cache_dir=cache)
     (npz,) = cache.glob("spring-*.npz")
