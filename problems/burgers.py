@@ -24,7 +24,8 @@ Data. Grid ``x_j = j/32`` (j = 0..31) and ``t_a = a/31`` (a = 0..31). The refere
 with rtol 1e-10; max error ≈ 6e-9 against 1024 points). Seeds (``numpy.random.default_rng``): ξ of the
 training initial conditions from ``[0, 0]``, of the test ones from ``[0, 1]``, fit points ``[0, 2]``,
 constraint points ``[0, 3]`` (so smaller sizes take prefixes of the same ξ sequences). Sizes (training / test
-initial conditions): paper 100 / 20, small 5 / 5, tiny 3 / 2.
+initial conditions): paper 100 / 20, small 5 / 5, tiny 3 / 2; the unit-test size "tiny" solves on 128
+points (max error ≈ 5e-5) to keep the tests fast.
 
 Mini-batches (20 %): each *objective* term is subsampled independently, uniformly without replacement, to 20 %
 of its points (residual, periodicity, initial condition, fit); each term stays a mean, so the mini-batch
@@ -63,7 +64,7 @@ __all__ = ["Burgers"]
 _NU = 0.01
 _N_X = 32
 _N_T = 32
-_SOLVER_POINTS = 256
+_SOLVER_POINTS = {"paper": 256, "small": 256, "tiny": 128}  # reference solver resolution per size
 _SOLVER_RTOL, _SOLVER_ATOL = 1e-10, 1e-12
 _FIT_PER_IC = 200
 _NUM_CONSTRAINTS = 10
@@ -85,12 +86,12 @@ def _mlp(sizes: list[int], seed: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _generate(n_train: int, n_test: int) -> dict[str, np.ndarray]:
+def _generate(n_train: int, n_test: int, solver_points: int) -> dict[str, np.ndarray]:
     x = np.arange(_N_X) / _N_X  # truly periodic grid on [0, 1)
     t = np.linspace(0.0, 1.0, _N_T)
     xi_train = np.random.default_rng([_SEED, 0]).uniform(0.0, 0.2, n_train)
     xi_test = np.random.default_rng([_SEED, 1]).uniform(0.0, 0.2, n_test)
-    x_fine = np.arange(_SOLVER_POINTS) / _SOLVER_POINTS
+    x_fine = np.arange(solver_points) / solver_points
     base = solve_burgers(np.sin(2 * np.pi * x_fine), t, _NU, rtol=_SOLVER_RTOL, atol=_SOLVER_ATOL)  # [T, N]
 
     def field(xi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +130,7 @@ class Burgers(Problem):
             "weights": {"pde": _W_PDE, "boundary": _W_BOUNDARY, "fit": _W_FIT},
             "fit_points_per_ic": _FIT_PER_IC,
             "batch_fraction": _BATCH_FRACTION,
-            "solver_points": _SOLVER_POINTS,
+            "solver_points": _SOLVER_POINTS["paper"],
             "data_seed": _SEED,
         },
     )
@@ -137,12 +138,15 @@ class Burgers(Problem):
     def __init__(self, size="paper", *, device="cpu", dtype=torch.float32, cache_dir=None) -> None:
         super().__init__(size, device=device, dtype=dtype, cache_dir=cache_dir)
         self.n_train, self.n_test = _SIZES[size]
+        self.solver_points = _SOLVER_POINTS[size]
         params = {
             "version": 1, "nu": _NU, "n_x": _N_X, "n_t": _N_T, "n_train": self.n_train, "n_test": self.n_test,
-            "seed": _SEED, "xi": [0.0, 0.2], "solver_points": _SOLVER_POINTS, "rtol": _SOLVER_RTOL,
+            "seed": _SEED, "xi": [0.0, 0.2], "solver_points": self.solver_points, "rtol": _SOLVER_RTOL,
             "atol": _SOLVER_ATOL, "dealias": True, "fit_per_ic": _FIT_PER_IC, "m": _NUM_CONSTRAINTS,
         }  # fmt: skip
-        data = cached_arrays("burgers", params, lambda: _generate(self.n_train, self.n_test), cache_dir)
+        data = cached_arrays(
+            "burgers", params, lambda: _generate(self.n_train, self.n_test, self.solver_points), cache_dir
+        )
         self.data = data
         real = {"device": self.device, "dtype": self.dtype}
         index = {"device": self.device, "dtype": torch.long}
