@@ -57,7 +57,7 @@ def gaussian_random_field(
     coef[0, 0] = 0.0  # zero-mean field, as in GRF.m
     xi = rng.standard_normal((n_fields, n_modes, n_modes))
     basis = np.cos(np.pi * np.outer(k, np.linspace(0.0, 1.0, n)))  # [n_modes, n]
-    return np.einsum("bkl,ki,lj->bij", coef * xi, basis, basis)
+    return np.einsum("bkl,ki,lj->bij", coef * xi, basis, basis, optimize=True)
 
 
 def threshold_field(a: np.ndarray, high: float = 12.0, low: float = 3.0) -> np.ndarray:
