@@ -177,6 +177,9 @@ class Burgers(Problem):
         self._n_periodic = self.n_train * _N_T  # (initial condition, time) pairs
         self._n_initial = self.n_train * _N_X  # (initial condition, x) pairs
 
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "solver_points": self.solver_points}
+
     # --- model -------------------------------------------------------------------------------------------
     def make_model(self, seed: int) -> nn.Module:
         return _mlp([2 + _N_X, 64, 64, 64, 1], seed).to(device=self.device, dtype=self.dtype)
