@@ -54,9 +54,11 @@ def test_linear_equality_constrained_qp_converges_to_kkt_point(method):
             opt.step(closure)
         assert (C @ x.detach() - d).abs().max().item() < 1e-12
     worst = 0.0
-    for _ in range(1500):
+    for k in range(4000):  # measured: 60 (heavy ball) to 2130 (Adam(con)) iterations reach 1e-7
         opt.step(closure)
         worst = max(worst, (C @ x.detach() - d).abs().max().item())
+        if k % 10 == 0 and (x.detach() - x_star).norm().item() <= 1e-7:
+            break
     assert worst < 1e-12  # ... and the tangential steps stay in the null space
     assert (x.detach() - x_star).norm().item() <= 1e-6
 
@@ -65,9 +67,14 @@ def test_primal_dual_converges_on_the_qp():
     Q, b, C, d, x_star = random_qp(seed=11)
     x = torch.zeros(50, dtype=f64, requires_grad=True)
     opt = sqpoptim.PrimalDual([x], lr=0.2, dual_lr=0.2, inner=torch.optim.SGD)
-    for _ in range(3000):
+    for k in range(3000):  # measured: 170 iterations to 1e-7
         opt.step(lambda: (0.5 * x @ Q @ x + b @ x, C @ x - d))
+        if k % 10 == 0 and (x.detach() - x_star).norm().item() <= 1e-7:
+            break
     assert (x.detach() - x_star).norm().item() <= 1e-6
+    # the multipliers converge to the KKT multipliers: Q x* + b + C' λ* = 0
+    lam_star = torch.linalg.lstsq(C.T, -(Q @ x_star + b).unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(opt.state["global"]["multipliers"], lam_star, rtol=1e-5, atol=1e-6)
 
 
 def _scipy_solution(case):
@@ -103,19 +110,22 @@ def test_catalogue_solution_agrees_with_scipy(case):
     assert case.error(torch.tensor(_scipy_solution(case), dtype=f64)) < 1e-6
 
 
+# Iterations measured to reach the tolerance on every case (slowest case: hs027, a Rosenbrock valley): fixed
+# SQP 880, heavy ball 870, Adam 960. The budgets leave a margin; runs stop once converged.
 CATALOGUE_METHODS = {
-    "sqp-fixed": (lambda p: sqpoptim.StochasticSQP(p, lr=0.2, normal_lr=1.0), 1500),
-    "sqp-adaptive": (lambda p: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive"), 3000),
-    "sqp-hb": (lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=0.1, momentum=0.5, normal_lr=1.0), 2500),
-    "sqp-adam": (lambda p: sqpoptim.ProjectedAdamSQP(p, lr=3e-3, normal_lr=1.0), 3000),
+    "sqp-fixed": (lambda p: sqpoptim.StochasticSQP(p, lr=0.2, normal_lr=1.0), 2000),
+    "sqp-hb": (lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=0.2, momentum=0.5, normal_lr=1.0), 2000),
+    "sqp-adam": (lambda p: sqpoptim.ProjectedAdamSQP(p, lr=3e-2, normal_lr=1.0), 2500),
 }
 
 
 def _solve(case, factory, iters):
     x = torch.tensor(case.x0, dtype=f64, requires_grad=True)
     opt = factory([x])
-    for _ in range(iters):
+    for k in range(iters):
         opt.step(lambda: (case.f(x), case.c(x)))
+        if k % 10 == 0 and case.error(x.detach()) < 1e-7 and case.c(x.detach()).abs().max() < 1e-11:
+            break
     return x
 
 
@@ -127,6 +137,19 @@ def test_catalogue_solved_full_batch(method):
         x = _solve(case, factory, iters)
         err = case.error(x.detach())
         viol = case.c(x.detach()).abs().max().item()
-        if not (err < 1e-5 and viol < 1e-10):
+        if not (err < 1e-6 and viol < 1e-10):
+            failures.append(f"{case.name}: |x - x*| = {err:.2e}, |c| = {viol:.2e}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_catalogue_solved_by_the_adaptive_rule():
+    """The Berahas et al. step size is conservative (≈ 1/L): a larger budget, slow-marked."""
+    factory = lambda p: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive")  # noqa: E731
+    failures = []
+    for case in CASES:
+        x = _solve(case, factory, 30000)
+        err, viol = case.error(x.detach()), case.c(x.detach()).abs().max().item()
+        if not (err < 1e-6 and viol < 1e-10):
             failures.append(f"{case.name}: |x - x*| = {err:.2e}, |c| = {viol:.2e}")
     assert not failures, "\n".join(failures)

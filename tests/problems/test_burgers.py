@@ -72,9 +72,7 @@ def test_solver_temporal_convergence_against_cole_hopf():
     x = np.arange(n) / n
     exact = cole_hopf(x[None, :], t[:, None])
     rtols = np.array([1e-3, 1e-4, 1e-5, 1e-6])
-    errors = [
-        np.abs(solve_burgers(cole_hopf(x, 0.0), t, NU, rtol=r, atol=r * 1e-2) - exact).max() for r in rtols
-    ]
+    errors = [np.abs(solve_burgers(cole_hopf(x, 0.0), t, NU, rtol=r, atol=r * 1e-2) - exact).max() for r in rtols]
     slope = np.polyfit(np.log10(rtols), np.log10(errors), 1)[0]
     assert 0.7 < slope < 1.3, (errors, slope)  # global error proportional to the tolerance
     assert errors[-1] < 1e-7
@@ -145,9 +143,7 @@ def test_data_layout_and_physics(problem64):
     np.testing.assert_allclose(d["u0_train"], np.sin(2 * np.pi * d["x"] + np.pi * d["xi_train"][:, None]))
     assert np.all((d["xi_train"] >= 0) & (d["xi_train"] < 0.2))
     assert np.abs(d["u_train"]).max() <= 1.0 + 1e-12  # maximum principle
-    assert problem_class("burgers") is Burgers and get_problem(
-        "burgers", size="tiny", cache_dir=problem64.cache_dir
-    )
+    assert problem_class("burgers") is Burgers and get_problem("burgers", size="tiny", cache_dir=problem64.cache_dir)
 
 
 # --- residual and constraints against the exact solution --------------------------------------------------
@@ -238,23 +234,17 @@ def test_mini_batches_are_deterministic_and_a_full_cover_equals_the_full_objecti
         "initial": torch.arange(problem64.n_train * 32), "fit": torch.arange(problem64.n_train * 200),
     }  # fmt: skip
     model = problem64.make_model(0)
-    torch.testing.assert_close(
-        problem64.objective(model, full), problem64.objective(model), rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(problem64.objective(model, full), problem64.objective(model), rtol=1e-12, atol=0)
 
 
 def test_metrics_and_prediction(problem64):
     model = problem64.make_model(0)
     m = problem64.metrics(model)
-    assert {"objective", "test_mse", "max_abs_c"} <= m.keys() and all(
-        isinstance(v, float) for v in m.values()
-    )
+    assert {"objective", "test_mse", "max_abs_c"} <= m.keys() and all(isinstance(v, float) for v in m.values())
     assert m["objective"] == pytest.approx(problem64.objective(model).item(), rel=1e-12)
     assert m["max_abs_c"] == pytest.approx(problem64.constraints(model).abs().max().item(), rel=1e-12)
     pred = problem64.prediction(model)
-    assert pred["u_true"].shape == pred["u_pred"].shape == (32, 32) and pred["x"].shape == pred[
-        "t"
-    ].shape == (32,)
+    assert pred["u_true"].shape == pred["u_pred"].shape == (32, 32) and pred["x"].shape == pred["t"].shape == (32,)
     np.testing.assert_array_equal(pred["u_true"], problem64.data["u_test"][0])
 
 
@@ -274,9 +264,7 @@ def test_cache_hit_and_regeneration(tmp_path, monkeypatch):
     calls = []
     real = burgers_module._generate
     # The cache mechanics do not depend on the solver: a stand-in (u frozen at u0) keeps this test fast.
-    monkeypatch.setattr(
-        burgers_module, "solve_burgers", lambda u0, t, nu, **kw: np.repeat(u0[None], len(t), 0)
-    )
+    monkeypatch.setattr(burgers_module, "solve_burgers", lambda u0, t, nu, **kw: np.repeat(u0[None], len(t), 0))
     monkeypatch.setattr(burgers_module, "_generate", lambda *a: calls.append(a) or real(*a))
     first = Burgers("tiny", cache_dir=tmp_path).data
     second = Burgers("tiny", cache_dir=tmp_path).data

@@ -225,9 +225,7 @@ def test_runs_in_both_dtypes(cache, dtype):
     assert set(metrics) == {"objective", "test_mse", "max_abs_c"}
     assert all(np.isfinite(v) for v in metrics.values())
     pred = p.prediction(model)
-    assert pred["u_pred"].shape == pred["u_true"].shape == (len(pred["t"]), 4) and pred["t_data"].shape == (
-        64,
-    )
+    assert pred["u_pred"].shape == pred["u_true"].shape == (len(pred["t"]), 4) and pred["t_data"].shape == (64,)
     np.testing.assert_allclose(pred["u_true"][0], pred["u0"], rtol=1e-14)
 
 
@@ -240,8 +238,6 @@ def test_cuda_matches_cpu(cache):
     c = gpu.constraints(m_gpu)
     torch.testing.assert_close(c.cpu(), cpu.constraints(m_cpu))
     eye = torch.eye(10, dtype=torch.float64, device="cuda")
-    J = torch.autograd.grad(
-        c, list(m_gpu.parameters()), grad_outputs=eye, is_grads_batched=True, allow_unused=True
-    )
+    J = torch.autograd.grad(c, list(m_gpu.parameters()), grad_outputs=eye, is_grads_batched=True, allow_unused=True)
     assert all(j is None or j.device.type == "cuda" for j in J)
     assert gpu.metrics(m_gpu).keys() == cpu.metrics(m_cpu).keys()

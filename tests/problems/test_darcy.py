@@ -127,16 +127,9 @@ def test_data_selection_and_physics(problem64):
     assert distance[chosen].max() <= np.sort(distance)[len(chosen) - 1]  # the fields closest to the median
     assert set(np.unique(d["nu_train"])) <= {3.0, 12.0}
     u = d["u_train"]
-    assert (
-        np.all(u[:, 0] == 0)
-        and np.all(u[:, -1] == 0)
-        and np.all(u[:, :, 0] == 0)
-        and np.all(u[:, :, -1] == 0)
-    )
+    assert np.all(u[:, 0] == 0) and np.all(u[:, -1] == 0) and np.all(u[:, :, 0] == 0) and np.all(u[:, :, -1] == 0)
     assert np.all(u[:, 1:-1, 1:-1] > 0)  # positive forcing, zero boundary: positive inside
-    assert problem_class("darcy") is Darcy and get_problem(
-        "darcy", size="tiny", cache_dir=problem64.cache_dir
-    )
+    assert problem_class("darcy") is Darcy and get_problem("darcy", size="tiny", cache_dir=problem64.cache_dir)
 
 
 # --- terms and constraints against the exact discrete solution -----------------------------------------
@@ -213,26 +206,18 @@ def test_objective_gradient_matches_finite_differences_through_real_views(proble
 def test_mini_batches_are_deterministic_and_a_full_cover_equals_the_full_objective(problem64):
     b1 = problem64.sample_batch(torch.Generator().manual_seed(3))
     b2 = problem64.sample_batch(torch.Generator().manual_seed(3))
-    assert torch.equal(b1["fields"], b2["fields"]) and len(b1["fields"]) == max(
-        1, round(0.2 * problem64.n_train)
-    )
-    draws = {
-        tuple(problem64.sample_batch(torch.Generator().manual_seed(s))["fields"].tolist()) for s in range(20)
-    }
+    assert torch.equal(b1["fields"], b2["fields"]) and len(b1["fields"]) == max(1, round(0.2 * problem64.n_train))
+    draws = {tuple(problem64.sample_batch(torch.Generator().manual_seed(s))["fields"].tolist()) for s in range(20)}
     assert len(draws) > 1
     model = problem64.make_model(0)
     full = {"fields": torch.arange(problem64.n_train)}
-    torch.testing.assert_close(
-        problem64.objective(model, full), problem64.objective(model), rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(problem64.objective(model, full), problem64.objective(model), rtol=1e-12, atol=0)
 
 
 def test_metrics_and_prediction(problem64):
     model = problem64.make_model(0)
     m = problem64.metrics(model)
-    assert {"objective", "test_mse", "max_abs_c"} <= m.keys() and all(
-        isinstance(v, float) for v in m.values()
-    )
+    assert {"objective", "test_mse", "max_abs_c"} <= m.keys() and all(isinstance(v, float) for v in m.values())
     assert m["objective"] == pytest.approx(problem64.objective(model).item(), rel=1e-12)
     assert m["max_abs_c"] == pytest.approx(problem64.constraints(model).abs().max().item(), rel=1e-12)
     assert problem64.metrics(Oracle())["test_mse"] < 1e-30

@@ -22,9 +22,7 @@ def test_parameter_count_of_the_paper_configuration():
     ("dtype", "complex_dtype"), [(torch.float32, torch.complex64), (torch.float64, torch.complex128)]
 )
 def test_shapes_and_dtypes(dtype, complex_dtype):
-    model = FNO(
-        3, 2, width=4, modes=(16, 16), n_layers=2, lifting_channels=8, projection_channels=8, dtype=dtype
-    )
+    model = FNO(3, 2, width=4, modes=(16, 16), n_layers=2, lifting_channels=8, projection_channels=8, dtype=dtype)
     assert all(s.weight.dtype == complex_dtype and s.weight.is_leaf for s in model.spectral)
     assert all(p.dtype == dtype for n, p in model.named_parameters() if not p.is_complex())
     for shape in [(16, 16), (32, 32), (16, 24)]:  # any grid the modes fit in
@@ -71,9 +69,7 @@ def test_spectral_conv_is_translation_equivariant():
     conv = SpectralConv2d(3, 2, (8, 8), dtype=torch.float64)
     x = torch.randn(2, 16, 16, 3, dtype=torch.float64)
     shifted = conv(torch.roll(x, shifts=(3, -5), dims=(1, 2)))
-    torch.testing.assert_close(
-        shifted, torch.roll(conv(x), shifts=(3, -5), dims=(1, 2)), rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(shifted, torch.roll(conv(x), shifts=(3, -5), dims=(1, 2)), rtol=1e-12, atol=1e-12)
 
 
 def test_spectral_conv_is_discretisation_invariant():

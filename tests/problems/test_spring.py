@@ -1,7 +1,6 @@
 """A1 spring: the data against the exact solution and scipy, the residual code against the exact solution, and
 the constraint Jacobian paths the optimizers use."""
 
-
 import numpy as np
 import pytest
 import scipy.integrate
@@ -141,9 +140,7 @@ def test_mini_batches(cache):
     # A batch subsamples the residual term only: recompute it by hand.
     t_b = p.t_residual[a]
     fit = torch.mean((model(p.t_fit) - p.u_fit) ** 2)
-    torch.testing.assert_close(
-        p.objective(model, {"residual": a}), fit + 1e-4 * p.residual(model, t_b).pow(2).mean()
-    )
+    torch.testing.assert_close(p.objective(model, {"residual": a}), fit + 1e-4 * p.residual(model, t_b).pow(2).mean())
     assert set(CONSTRAINT_INDICES) <= set(range(30))
 
 
