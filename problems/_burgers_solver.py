@@ -95,9 +95,7 @@ def solve_burgers(
     out = np.empty((rows.shape[0], t_eval.size, n))
     # One implicit solve per initial condition: this runs once per data set (cached), not in training.
     for b, row in enumerate(rows):
-        sol = solve_ivp(
-            rhs, (0.0, t_eval[-1]), row, method="Radau", t_eval=t_eval, jac=jac, rtol=rtol, atol=atol
-        )
+        sol = solve_ivp(rhs, (0.0, t_eval[-1]), row, method="Radau", t_eval=t_eval, jac=jac, rtol=rtol, atol=atol)
         if not sol.success:
             raise RuntimeError(f"solve_burgers: solve_ivp failed: {sol.message}")
         out[b] = sol.y.T

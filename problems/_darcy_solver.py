@@ -99,9 +99,7 @@ def _operator(nu: np.ndarray) -> sp.csc_matrix:
         cols.append(idx[:, neighbour[0], neighbour[1]].ravel())
         vals.append((-w[:, node[0], node[1]] / h2).ravel())
     size = b * m * m
-    return sp.csc_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(size, size)
-    )
+    return sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(size, size))
 
 
 def solve_darcy(nu: np.ndarray, f: np.ndarray | float = 1.0) -> np.ndarray:

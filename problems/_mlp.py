@@ -34,9 +34,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 __all__ = ["batch_indices", "input_derivative", "input_jvp", "make_mlp", "num_parameters", "with_input_grad"]
 
 
-def make_mlp(
-    sizes: Sequence[int], seed: int, *, device: torch.device | str, dtype: torch.dtype
-) -> nn.Sequential:
+def make_mlp(sizes: Sequence[int], seed: int, *, device: torch.device | str, dtype: torch.dtype) -> nn.Sequential:
     """``sizes[0] → sizes[1] → … → sizes[-1]`` with tanh after every hidden layer (none after the last)."""
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
         raise ValueError(f"Invalid MLP sizes {tuple(sizes)}: need at least two positive layer widths")
@@ -69,9 +67,7 @@ def input_derivative(y: Tensor, x: Tensor, v: Tensor | None = None) -> Tensor:
     if v is not None:
         y = y @ v  # [N]
     elif y.dim() != 1 and y.shape[-1] != 1:
-        raise ValueError(
-            f"input_derivative needs a scalar output per sample or a contraction v; got {y.shape}"
-        )
+        raise ValueError(f"input_derivative needs a scalar output per sample or a contraction v; got {y.shape}")
     (dydx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     return dydx
 
@@ -93,14 +89,10 @@ def input_jvp(y: Tensor, x: Tensor, tangent: Tensor | None = None) -> Tensor:
     return jvp
 
 
-def batch_indices(
-    batch: Mapping[str, Tensor], key: str, n: int, problem: str, device: torch.device
-) -> Tensor:
+def batch_indices(batch: Mapping[str, Tensor], key: str, n: int, problem: str, device: torch.device) -> Tensor:
     """``batch[key]``: a 1-D integer index tensor into ``n`` points, moved to ``device``."""
     if not isinstance(batch, Mapping) or key not in batch:
-        raise ValueError(
-            f"{problem}: a batch must be a mapping with key {key!r} (from sample_batch); got {batch!r}"
-        )
+        raise ValueError(f"{problem}: a batch must be a mapping with key {key!r} (from sample_batch); got {batch!r}")
     idx = batch[key]
     if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{problem}: batch[{key!r}] must be a 1-D integer tensor, got {idx!r}")

@@ -110,9 +110,7 @@ def _generate(n_train: int, n_test: int, solver_points: int) -> dict[str, np.nda
     u0_test, u_test = field(xi_test)
     rng_fit = np.random.default_rng([_SEED, 2])
     fit = np.argsort(rng_fit.random((n_train, _N_T * _N_X)), axis=1)[:, :_FIT_PER_IC]  # without replacement
-    constraint = np.random.default_rng([_SEED, 3]).choice(
-        n_train * _N_T * _N_X, _NUM_CONSTRAINTS, replace=False
-    )
+    constraint = np.random.default_rng([_SEED, 3]).choice(n_train * _N_T * _N_X, _NUM_CONSTRAINTS, replace=False)
     return {
         "x": x, "t": t, "xi_train": xi_train, "xi_test": xi_test,
         "u0_train": u0_train, "u_train": u_train, "u0_test": u0_test, "u_test": u_test,
@@ -212,9 +210,7 @@ class Burgers(Problem):
             (u_xx,) = torch.autograd.grad(u_x.sum(), x, create_graph=create_graph)
         return u_t + u * u_x - _NU * u_xx
 
-    def terms(
-        self, model: nn.Module, batch: Batch | None = None, *, create_graph: bool = True
-    ) -> dict[str, Tensor]:
+    def terms(self, model: nn.Module, batch: Batch | None = None, *, create_graph: bool = True) -> dict[str, Tensor]:
         """The objective's parts (each a mean over its points, unweighted): pde, periodic, initial, fit."""
         if batch is None:
             pde = torch.arange(self._n_points, device=self.device)
@@ -238,9 +234,7 @@ class Burgers(Problem):
                 self._inputs(self.u0_train, ic_f, self.x[b_f], self.t[a_f]),
             ]
         )
-        u_left, u_right, u_init, u_fit = (
-            model(inputs).squeeze(-1).split([len(edge), len(edge), len(initial), len(fit)])
-        )
+        u_left, u_right, u_init, u_fit = model(inputs).squeeze(-1).split([len(edge), len(edge), len(initial), len(fit)])
         return {
             "pde": r.square().mean(),
             "periodic": (u_left - u_right).square().mean(),
@@ -254,20 +248,14 @@ class Burgers(Problem):
 
     @staticmethod
     def _combine(terms: dict[str, Tensor]) -> Tensor:
-        return (
-            _W_PDE * terms["pde"]
-            + _W_BOUNDARY * (terms["periodic"] + terms["initial"])
-            + _W_FIT * terms["fit"]
-        )
+        return _W_PDE * terms["pde"] + _W_BOUNDARY * (terms["periodic"] + terms["initial"]) + _W_FIT * terms["fit"]
 
     def constraints(self, model: nn.Module) -> Tensor:
         return self.residual(model, self._constraint_points)  # [m]
 
     def sample_batch(self, generator: torch.Generator) -> Batch:
         def draw(n: int) -> Tensor:
-            return torch.randperm(n, generator=generator)[: max(1, round(_BATCH_FRACTION * n))].to(
-                self.device
-            )
+            return torch.randperm(n, generator=generator)[: max(1, round(_BATCH_FRACTION * n))].to(self.device)
 
         return {
             "pde": draw(self._n_points),

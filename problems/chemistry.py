@@ -83,9 +83,7 @@ def rate_matrix(k=RATE_CONSTANTS) -> np.ndarray:
 
 def chemistry_solution(u0: np.ndarray, t: np.ndarray) -> np.ndarray:
     """u(t) = exp(A t) u0 for initial conditions ``u0`` [n, 4] and times ``t`` [T]; returns [n, T, 4]."""
-    expm = scipy.linalg.expm(
-        rate_matrix()[None] * np.asarray(t, dtype=np.float64)[:, None, None]
-    )  # [T, 4, 4]
+    expm = scipy.linalg.expm(rate_matrix()[None] * np.asarray(t, dtype=np.float64)[:, None, None])  # [T, 4, 4]
     return np.einsum("tij,nj->nti", expm, np.asarray(u0, dtype=np.float64))
 
 

@@ -139,9 +139,7 @@ class Darcy(Problem):
             "fit_fraction": _FIT_FRACTION, "m": _NUM_CONSTRAINTS, "forcing": 1.0, "faces": "harmonic",
             "selection": "closest high fraction to median",
         }  # fmt: skip
-        data = cached_arrays(
-            "darcy", params, lambda: _generate(n_generated, self.n_train, self.n_test), cache_dir
-        )
+        data = cached_arrays("darcy", params, lambda: _generate(n_generated, self.n_train, self.n_test), cache_dir)
         self.data = data
         real = {"device": self.device, "dtype": self.dtype}
         index = {"device": self.device, "dtype": torch.long}

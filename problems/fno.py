@@ -89,9 +89,7 @@ class SpectralConv2d(nn.Module):
         c_out = y_kept.shape[-1]
         # Zeros for the modes that are not retained (none on a grid that the modes cover exactly).
         rows = torch.cat([y_kept[:, :half], y_kept.new_zeros(b, h - k1, k2, c_out), y_kept[:, half:]], dim=1)
-        y_hat = torch.cat(
-            [rows, rows.new_zeros(b, h, w // 2 + 1 - k2, c_out)], dim=2
-        )  # [B, H, W//2+1, C_out]
+        y_hat = torch.cat([rows, rows.new_zeros(b, h, w // 2 + 1 - k2, c_out)], dim=2)  # [B, H, W//2+1, C_out]
         return torch.fft.irfft2(y_hat, s=(h, w), dim=(1, 2)) + self.bias
 
 

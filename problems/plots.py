@@ -1,0 +1,222 @@
+"""Figures from saved results (never from training inline): the SQP paper's figure types.
+
+* ``objective``: log10 of the full-batch objective vs iterations, one panel per learning rate; full-batch runs as
+  lines, mini-batch runs as the mean ± std of log10 over their seeds.
+* ``violation``: log10 max |c| at the constraint points vs iterations, same layout.
+* ``test_mse``: final test MSE per method and learning rate (mean ± std over seeds for mini-batch runs).
+* ``prediction``: prediction vs truth for each method (its best run): curves for the spring and the reaction
+  network, fields for Burgers and Darcy, the manifold for the toy problem.
+
+Each figure is written as PNG and PDF under ``<results>/<problem>/figures/``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .runner import load_results
+
+__all__ = ["plot_problem"]
+
+_COLORS = plt.get_cmap("tab10").colors
+
+
+def _label(run: dict[str, Any]) -> str:
+    cfg = run["config"]
+    opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg["options"].items())
+    return cfg["method_label"] + (f" ({opts})" if opts else "")
+
+
+def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        cfg = r["config"]
+        groups[(cfg["method"], cfg["lr"], cfg["batch"])].append(r)
+    return groups
+
+
+def _log10(values: Sequence[float]) -> np.ndarray:
+    a = np.abs(np.asarray(values, dtype=float))
+    return np.log10(np.maximum(a, 1e-300))
+
+
+def _curve_figure(runs, key: str, ylabel: str, title: str):
+    groups = _groups(runs)
+    lrs = sorted({lr for _, lr, _ in groups}, reverse=True)
+    methods = list(dict.fromkeys(m for m, _, _ in groups))
+    fig, axes = plt.subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False, sharey=True)
+    for ax, lr in zip(axes[0], lrs):
+        for i, method in enumerate(methods):
+            color = _COLORS[i % len(_COLORS)]
+            for batch, style in (("full", "-"), ("mini", "--")):
+                group = groups.get((method, lr, batch))
+                if not group:
+                    continue
+                it = np.asarray(group[0]["curves"]["iteration"])
+                ys = np.stack([_log10(r["curves"][key]) for r in group])
+                label = f"{_label(group[0])}, {batch}" + (f" ({len(group)} seeds)" if len(group) > 1 else "")
+                ax.plot(it, ys.mean(0), style, color=color, label=label, lw=1.6)
+                if len(group) > 1:
+                    ax.fill_between(it, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+        ax.set_title(f"lr = {lr:g}")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, -1].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _mse_figure(runs, problem: str):
+    groups = _groups(runs)
+    methods = list(dict.fromkeys(m for m, _, _ in groups))
+    settings = sorted({(lr, b) for _, lr, b in groups}, key=lambda s: (-s[0], s[1]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods) * max(1, len(settings)) / 2), 4.2))
+    width = 0.8 / max(len(settings), 1)
+    for j, (lr, batch) in enumerate(settings):
+        means, errs = [], []
+        for method in methods:
+            vals = [r["final"]["test_mse"] for r in groups.get((method, lr, batch), [])]
+            means.append(np.mean(vals) if vals else np.nan)
+            errs.append(np.std(vals) if len(vals) > 1 else 0.0)
+        x = np.arange(len(methods)) + (j - (len(settings) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=errs, label=f"lr = {lr:g}, {batch}", capsize=3)
+    labels = [_label(next(r for (m, _, _), g in groups.items() if m == method for r in g)) for method in methods]
+    ax.set_xticks(np.arange(len(methods)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("final test MSE")
+    ax.set_title(f"{problem}: test MSE")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _best_runs(runs) -> dict[str, dict[str, Any]]:
+    best: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        m = r["config"]["method"]
+        if m not in best or r["final"]["objective"] < best[m]["final"]["objective"]:
+            best[m] = r
+    return best
+
+
+def _prediction_figure(runs, problem: str):
+    best = _best_runs(runs)
+    preds = {m: dict(np.load(r["prediction_file"])) for m, r in best.items()}
+    labels = {m: _label(r) for m, r in best.items()}
+    any_pred = next(iter(preds.values()))
+    u_true = any_pred.get("u_true")
+    if u_true is not None and u_true.ndim == 2 and ("nu" in any_pred or "x" in any_pred):
+        return _field_figure(preds, labels, problem)
+    if "y_true" in any_pred:
+        return _manifold_figure(preds, labels, problem)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    t = any_pred["t"]
+    truth = np.atleast_2d(u_true.T).T if u_true.ndim == 1 else u_true
+    for k in range(truth.shape[1]):
+        ax.plot(t, truth[:, k], color="black", lw=2.5, alpha=0.6, label="truth" if k == 0 else None)
+    for i, (m, p) in enumerate(preds.items()):
+        up = p["u_pred"].reshape(len(t), -1)
+        for k in range(up.shape[1]):
+            ax.plot(t, up[:, k], "--", color=_COLORS[i % 10], lw=1.4, label=labels[m] if k == 0 else None)
+    if "t_fit" in any_pred:
+        ax.plot(any_pred["t_fit"], any_pred["u_fit"], "o", color="tab:red", ms=5, label="data")
+    if "t_constraint" in any_pred:
+        for tc in any_pred["t_constraint"]:
+            ax.axvline(tc, color="gray", ls=":", lw=1)
+    ax.set_xlabel("t")
+    ax.set_ylabel("u")
+    ax.set_title(f"{problem}: prediction vs truth (best run of each method)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _field_figure(preds, labels, problem):
+    any_pred = next(iter(preds.values()))
+    truth = any_pred["u_true"]
+    cols = 1 + len(preds)
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.0), squeeze=False)
+    vmin, vmax = truth.min(), truth.max()
+    extent = None
+    if "x" in any_pred and "t" in any_pred:
+        extent = (any_pred["x"].min(), any_pred["x"].max(), any_pred["t"].min(), any_pred["t"].max())
+    im = axes[0, 0].imshow(truth, origin="lower", vmin=vmin, vmax=vmax, extent=extent, aspect="auto", cmap="viridis")
+    axes[0, 0].set_title("truth")
+    fig.colorbar(im, ax=axes[0, 0], fraction=0.046)
+    if "nu" in any_pred:
+        im = axes[1, 0].imshow(any_pred["nu"], origin="lower", cmap="gray", aspect="auto")
+        axes[1, 0].set_title("ν")
+        fig.colorbar(im, ax=axes[1, 0], fraction=0.046)
+    else:
+        axes[1, 0].axis("off")
+    err_max = max(np.abs(p["u_pred"].reshape(truth.shape) - truth).max() for p in preds.values())
+    for j, (m, p) in enumerate(preds.items(), start=1):
+        up = p["u_pred"].reshape(truth.shape)
+        im = axes[0, j].imshow(up, origin="lower", vmin=vmin, vmax=vmax, extent=extent, aspect="auto", cmap="viridis")
+        axes[0, j].set_title(labels[m], fontsize=8)
+        im2 = axes[1, j].imshow(
+            np.abs(up - truth), origin="lower", vmin=0, vmax=err_max, extent=extent, aspect="auto", cmap="magma"
+        )
+        axes[1, j].set_title("|error|", fontsize=8)
+    fig.colorbar(im, ax=axes[0, -1], fraction=0.046)
+    fig.colorbar(im2, ax=axes[1, -1], fraction=0.046)
+    if extent is not None:
+        for ax in axes[:, 0]:
+            ax.set_xlabel("x")
+            ax.set_ylabel("t")
+    fig.suptitle(f"{problem}: prediction vs truth (best run of each method)")
+    fig.tight_layout()
+    return fig
+
+
+def _manifold_figure(preds, labels, problem):
+    any_pred = next(iter(preds.values()))
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    theta = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(theta), np.sin(theta), color="black", lw=1, alpha=0.5, label="‖y‖ = 1")
+    ax.plot(any_pred["y_data"][:, 0], any_pred["y_data"][:, 1], ".", color="gray", ms=3, label="data")
+    for i, (m, p) in enumerate(preds.items()):
+        ax.plot(p["y_pred"][:, 0], p["y_pred"][:, 1], "-", color=_COLORS[i % 10], lw=1.5, label=labels[m])
+    ax.set_aspect("equal")
+    ax.set_title(f"{problem}: predictions on the test grid")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_problem(
+    results_dir: str | Path, problem: str, out_dir: str | Path | None = None, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Write every figure for ``problem`` from its saved results; returns the files written."""
+    runs = load_results(results_dir, problem)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs of {problem!r} under {results_dir}")
+    out = Path(out_dir) if out_dir else Path(results_dir) / problem / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "objective": _curve_figure(runs, "objective", "log10 objective (full batch)", f"{problem}: objective"),
+        "violation": _curve_figure(runs, "max_abs_c", "log10 max |c|", f"{problem}: constraint violation"),
+        "test_mse": _mse_figure(runs, problem),
+        "prediction": _prediction_figure(runs, problem),
+    }
+    written = []
+    for name, fig in figures.items():
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            fig.savefig(path, dpi=130)
+            written.append(path)
+        plt.close(fig)
+    return written

@@ -1,0 +1,262 @@
+"""Train any method on any problem; write each run's results atomically; resume interrupted runs and sweeps.
+
+One run = (problem, size, method with options, learning rate, batch mode, batch seed, iterations, device,
+dtype). Its results go to ``<results>/<problem>/<key>.json`` (config, curves, final metrics, timing, package
+versions) and ``<key>.npz`` (the prediction arrays for plots), both written atomically. While it runs, a
+checkpoint ``<key>.ckpt`` (model, optimizer and batch-generator state and the curves so far) is rewritten
+atomically every ``checkpoint_every`` iterations, so an interrupted run resumes where it stopped and gives the
+same iterates; a finished run is never redone.
+
+Conventions: one "epoch" of the papers' budgets is one iteration (as in the authors' code); full-batch runs
+use every objective term, mini-batch runs draw a fresh batch from a generator seeded with the run's seed; the
+model initialisation seed is ``model_seed`` (shared by all runs, so methods start from the same weights).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import sqpoptim
+
+from . import get_problem
+from ._base import Problem
+from ._data import atomic_write_bytes, atomic_write_text
+from .methods import METHODS, parse_method
+
+__all__ = ["RunSpec", "load_results", "run", "run_sweep"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    problem: str
+    method: str  # a method spec, e.g. "penalty:rho=1e4"
+    lr: float
+    batch: str = "full"  # "full" or "mini"
+    seed: int = 0  # batch seed (mini-batch runs)
+    iterations: int = 1000
+    size: str = "paper"
+    device: str = "cpu"
+    dtype: str = "float32"
+    model_seed: int = 0
+    eval_every: int | None = None  # default: iterations // 100
+
+    def key(self) -> str:
+        method = re.sub(r"[^A-Za-z0-9.=_-]+", "_", self.method.replace(":", "_"))
+        return f"{method}__lr{self.lr:g}__{self.batch}__s{self.seed}__it{self.iterations}__{self.size}__{self.dtype}"
+
+    def evaluation_points(self) -> list[int]:
+        every = self.eval_every or max(1, self.iterations // 100)
+        return sorted({*range(0, self.iterations, every), self.iterations})
+
+
+@dataclass
+class _Progress:
+    label: str
+    total: int
+    stream: Any = field(default_factory=lambda: sys.stderr)
+    last: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= (0.5 if self.stream.isatty() else 30.0)
+
+    def update(self, it: int, objective: float, c_inf: float, force: bool = False) -> None:
+        if not (force or self.due()):
+            return
+        now = time.perf_counter()
+        tty = self.stream.isatty()
+        self.last = now
+        frac = it / max(self.total, 1)
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        rate = it / max(now - self.start, 1e-9)
+        line = f"{self.label} [{bar}] {it}/{self.total} objective {objective:.3e} max|c| {c_inf:.2e} {rate:.1f} it/s"
+        self.stream.write(("\r" + line) if tty else (line + "\n"))
+        if tty and force:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+_PROBLEMS: dict[tuple, Problem] = {}
+
+
+def _problem(spec: RunSpec, cache_dir: Path | None) -> Problem:
+    key = (spec.problem, spec.size, spec.device, spec.dtype, str(cache_dir))
+    if key not in _PROBLEMS:
+        _PROBLEMS[key] = get_problem(
+            spec.problem, size=spec.size, device=spec.device, dtype=getattr(torch, spec.dtype), cache_dir=cache_dir
+        )
+    return _PROBLEMS[key]
+
+
+def _versions() -> dict[str, str]:
+    return {"sqpoptim": sqpoptim.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run(
+    spec: RunSpec,
+    results_dir: str | Path = "results",
+    *,
+    cache_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or load) one training run and return its results dictionary.
+
+    ``stop_after`` stops after that many iterations *of this call*, leaving the checkpoint behind (used to
+    test resumption; a real interruption leaves the same state)."""
+    out_dir = Path(results_dir) / spec.problem
+    out_json, out_npz, ckpt = (out_dir / f"{spec.key()}{ext}" for ext in (".json", ".npz", ".ckpt"))
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    if spec.batch not in ("full", "mini"):
+        raise ValueError(f"Invalid batch mode {spec.batch!r}: expected 'full' or 'mini'")
+    name, options = parse_method(spec.method)
+    method = METHODS[name]
+    problem = _problem(spec, Path(cache_dir) if cache_dir else None)
+    torch.manual_seed(spec.model_seed)
+    model = method.prepare(problem, problem.make_model(spec.model_seed), options)
+    opt = method.build(model.parameters(), spec.lr, dict(options))
+    gen = torch.Generator().manual_seed(spec.seed)
+    evals = spec.evaluation_points()
+    n = spec.iterations
+    dev = next(model.parameters()).device
+    train_loss = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+    train_c = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+    curves: dict[str, list[float]] = {"iteration": [], "objective": [], "test_mse": [], "max_abs_c": []}
+    start, step_time = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        if state["spec"] == asdict(spec):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            train_loss[: state["iteration"]] = state["train_loss"].to(dev)
+            train_c[: state["iteration"]] = state["train_c"].to(dev)
+            curves, start, step_time = state["curves"], state["iteration"], state["step_time"]
+    every = checkpoint_every or max(1, n // 10)
+    bar = _Progress(f"{spec.problem}/{spec.method} lr={spec.lr:g} {spec.batch} s{spec.seed}", n)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def evaluate(it: int) -> None:
+        m = problem.metrics(model)
+        curves["iteration"].append(it)
+        for key in ("objective", "test_mse", "max_abs_c"):
+            curves[key].append(float(m[key]))
+        if progress:
+            bar.update(it, m["objective"], m["max_abs_c"], force=it == n)
+
+    if start == 0 and 0 in evals:
+        evaluate(0)
+    # Training time is measured over the segments between evaluations (no synchronisation per step).
+    eval_set = set(evals)
+    sync()
+    t0 = time.perf_counter()
+    for it in range(start, n):
+        batch = None if spec.batch == "full" else problem.sample_batch(gen)
+        loss, c = opt.step(method.closure(method, problem, model, batch))
+        train_loss[it] = loss.detach().double()
+        train_c[it] = c.detach().abs().max().double() if c.numel() else 0.0
+        done = it + 1
+        stopping = stop_after is not None and done - start >= stop_after and done < n
+        if done in eval_set or stopping or (done < n and done % every == 0):
+            sync()
+            step_time += time.perf_counter() - t0
+            if done in eval_set:
+                evaluate(done)
+            if stopping or (done < n and done % every == 0):
+                _save_checkpoint(ckpt, spec, model, opt, gen, train_loss, train_c, curves, done, step_time)
+            if stopping:
+                return {"status": "interrupted", "iteration": done}
+            t0 = time.perf_counter()
+        elif progress and bar.due():
+            bar.update(done, float(train_loss[it]), float(train_c[it]))
+    sync()
+    step_time += time.perf_counter() - t0 if start < n else 0.0
+    final = {k: float(v) for k, v in problem.metrics(model).items()}
+    pred = problem.prediction(model)
+    result = {
+        "status": "complete",
+        "config": {
+            **asdict(spec),
+            "method_name": name,
+            "method_label": METHODS[name].label,
+            "options": options,
+            "problem_settings": problem.describe(),
+            "versions": _versions(),
+        },
+        "curves": {**curves, "train_loss": train_loss.cpu().tolist(), "train_max_abs_c": train_c.cpu().tolist()},
+        "final": final,
+        "timing": {"step_seconds_total": step_time, "ms_per_iteration": 1e3 * step_time / max(n, 1)},
+        "diagnostics": _plain(opt.diagnostics()) if hasattr(opt, "diagnostics") else {},
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in pred.items()})
+    atomic_write_bytes(out_npz, buf.getvalue())
+    text = json.dumps(result, allow_nan=True)
+    atomic_write_text(out_json, text)  # the JSON last: it marks the run done
+    ckpt.unlink(missing_ok=True)
+    return json.loads(text)  # exactly what a later call loads (tuples become lists)
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, (int, float, bool)) else str(v)) for k, v in d.items()}
+
+
+def _save_checkpoint(path, spec, model, opt, gen, train_loss, train_c, curves, it, step_time) -> None:
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "spec": asdict(spec),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "train_loss": train_loss[:it].cpu(),
+            "train_c": train_c[:it].cpu(),
+            "curves": curves,
+            "iteration": it,
+            "step_time": step_time,
+        },
+        buf,
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_sweep(specs: list[RunSpec], results_dir: str | Path = "results", **kwargs: Any) -> list[dict[str, Any]]:
+    """Run every spec in order; finished runs are loaded, interrupted ones resumed."""
+    out = []
+    for i, spec in enumerate(specs):
+        if kwargs.get("progress", True):
+            print(
+                f"[{i + 1}/{len(specs)}] {spec.problem} {spec.method} lr={spec.lr:g} {spec.batch} seed={spec.seed}",
+                file=sys.stderr,
+            )
+        out.append(run(spec, results_dir, **kwargs))
+    return out
+
+
+def load_results(results_dir: str | Path, problem: str) -> list[dict[str, Any]]:
+    """Every finished run of ``problem`` under ``results_dir``."""
+    folder = Path(results_dir) / problem
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("status") == "complete":
+            data["prediction_file"] = str(path.with_suffix(".npz"))
+            runs.append(data)
+    return runs

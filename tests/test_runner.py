@@ -1,0 +1,122 @@
+"""The runner: every method on every problem for a few steps (tiny sizes), atomic results, resumption that
+reproduces an uninterrupted run exactly, no redone work, figures from saved results, and the CLI."""
+
+import json
+import math
+
+import pytest
+
+from problems import problem_names
+from problems.__main__ import main
+from problems.methods import METHODS, parse_method
+from problems.runner import RunSpec, load_results, run
+
+PINN_AND_TOY = ["spring", "chemistry", "burgers", "darcy", "manifold_toy"]
+OPTIMIZER_METHODS = [m for m in METHODS if not METHODS[m].label.startswith("Layer")]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("problem", PINN_AND_TOY)
+def test_every_method_runs_a_few_steps_on_every_problem(problem, tmp_path, cache):
+    assert problem in problem_names()
+    for method in OPTIMIZER_METHODS:
+        spec = RunSpec(problem, method, lr=1e-3, batch="mini", iterations=3, size="tiny", eval_every=1)
+        res = run(spec, tmp_path, cache_dir=cache, progress=False)
+        assert res["status"] == "complete"
+        assert res["curves"]["iteration"] == [0, 1, 2, 3]
+        assert all(math.isfinite(v) for v in res["curves"]["objective"]), method
+        assert set(res["final"]) >= {"objective", "test_mse", "max_abs_c"}
+        assert len(res["curves"]["train_loss"]) == 3
+
+
+def test_constrained_methods_reduce_the_violation_with_a_full_normal_step(tmp_path, cache):
+    spec = RunSpec("spring", "sqp-adam:normal_lr=1", lr=1e-3, iterations=5, size="tiny", eval_every=1)
+    res = run(spec, tmp_path, cache_dir=cache, progress=False)
+    c = res["curves"]["max_abs_c"]
+    assert c[-1] < 1e-3 * c[0]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, cache):
+    spec = RunSpec("spring", "sqp-adam", lr=1e-3, batch="mini", seed=3, iterations=12, size="tiny", eval_every=2)
+    reference = run(spec, tmp_path / "a", cache_dir=cache, progress=False)
+    partial = run(spec, tmp_path / "b", cache_dir=cache, progress=False, checkpoint_every=4, stop_after=7)
+    assert partial == {"status": "interrupted", "iteration": 7}
+    assert (tmp_path / "b" / "spring" / f"{spec.key()}.ckpt").exists()
+    assert not (tmp_path / "b" / "spring" / f"{spec.key()}.json").exists()
+    resumed = run(spec, tmp_path / "b", cache_dir=cache, progress=False)
+    assert resumed["curves"] == reference["curves"]
+    assert resumed["final"] == reference["final"]
+    assert not (tmp_path / "b" / "spring" / f"{spec.key()}.ckpt").exists()
+
+
+def test_finished_run_is_loaded_not_redone(tmp_path, cache, monkeypatch):
+    spec = RunSpec("manifold_toy", "adam-unc", lr=1e-3, iterations=2, size="tiny")
+    first = run(spec, tmp_path, cache_dir=cache, progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr("problems.runner._problem", fail)
+    assert run(spec, tmp_path, cache_dir=cache, progress=False) == first
+    saved = json.loads((tmp_path / "manifold_toy" / f"{spec.key()}.json").read_text())
+    assert saved["config"]["versions"]["sqpoptim"] and saved["config"]["problem_settings"]["problem"] == "manifold_toy"
+
+
+def test_cli_sweep_and_plots(tmp_path, cache, capsys):
+    argv = [
+        "run",
+        "spring",
+        "--methods",
+        "sqp-adam,adam-unc,penalty:rho=10",
+        "--lr",
+        "1e-3,5e-4",
+        "--batch",
+        "full,mini",
+        "--seeds",
+        "0-1",
+        "--iterations",
+        "4",
+        "--size",
+        "tiny",
+        "--results",
+        str(tmp_path),
+        "--cache",
+        str(cache),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "penalty:rho=10" in out and "figures:" in out
+    runs = load_results(tmp_path, "spring")
+    assert len(runs) == 3 * 2 * (1 + 2)  # methods x lrs x (full + 2 mini seeds)
+    for name in ("objective", "violation", "test_mse", "prediction"):
+        for fmt in ("png", "pdf"):
+            assert (tmp_path / "spring" / "figures" / f"{name}.{fmt}").stat().st_size > 1000
+    assert main(["plot", "spring", "--results", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "prediction.png").exists()
+
+
+@pytest.mark.parametrize("problem", ["burgers", "darcy", "chemistry", "manifold_toy"])
+def test_prediction_figures_for_every_problem(problem, tmp_path, cache):
+    for method in ("sqp-adam", "adam-unc"):
+        run(RunSpec(problem, method, lr=1e-3, iterations=1, size="tiny"), tmp_path, cache_dir=cache, progress=False)
+    from problems.plots import plot_problem
+
+    files = plot_problem(tmp_path, problem, formats=("png",))
+    assert len(files) == 4 and all(f.stat().st_size > 1000 for f in files)
+
+
+def test_method_specs():
+    assert parse_method("penalty:rho=1e4") == ("penalty", {"rho": 1e4})
+    assert parse_method("sqp-adam:normal_lr=1:projection=scaled") == (
+        "sqp-adam",
+        {"normal_lr": 1, "projection": "scaled"},
+    )
+    with pytest.raises(ValueError, match="Unknown method"):
+        parse_method("sgd")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("penalty:rho")
