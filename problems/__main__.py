@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", choices=("paper", "small", "tiny"), help="data scale (default paper; --quick: small)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    r.add_argument("--threads", type=int, help="torch intra-op threads (small problems run best on 1)")
     r.add_argument("--model-seed", type=int, default=0)
     r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1% of the budget)")
     r.add_argument("--results", default="results", help="results folder (default ./results)")
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         print("methods:", ", ".join(f"{k} ({m.label})" for k, m in METHODS.items()))
         return 0
     if args.command == "run":
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         specs = _specs(args)
         results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
         print(

@@ -1,0 +1,130 @@
+"""Step time of each optimizer as a ratio to ``torch.optim.Adam``, same model and batch, measured in one run.
+
+One *iteration* is what a training loop pays per step: for ``torch.optim.Adam``, ``zero_grad`` + forward of the
+objective + ``backward`` + ``step``; for the constrained optimizers, ``step(closure)`` with the closure computing
+the objective and the m constraint residuals (the model's output minus a target at m fixed points), which
+includes the gradient, the batched Jacobian, the Gram factorisation and the update. m = 0 measures the pure
+optimizer overhead. Timings use ``torch.utils.benchmark`` (warm-up, device synchronisation, many runs); the
+optimizers are timed in rounds, interleaved with Adam, and the ratio is median(ours) / median(Adam).
+
+    python benchmarks/step_time.py                       # CPU, the default grid (writes a Markdown table)
+    python benchmarks/step_time.py --device cuda --sizes 64x2,1024x4,4096x4 --constraints 0,10,100,1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+import sqpoptim
+
+OPTIMIZERS = {
+    "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-4),
+    "sqp-adam-scaled": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-4, projection="scaled"),
+    "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-4),
+    "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-4),
+    "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-4),
+    "adam-unc": lambda p: sqpoptim.AdamUnc(p, lr=1e-4),
+}
+
+
+def mlp(d_in: int, width: int, depth: int, device: str, dtype: torch.dtype) -> nn.Module:
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Tanh()]
+        d = width
+    layers.append(nn.Linear(d, 1))
+    return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def measure(size: str, m: int, names: list[str], args: argparse.Namespace) -> list[dict]:
+    width, depth = (int(v) for v in size.split("x"))
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(args.batch, args.d_in, generator=gen, dtype=dtype).to(args.device)
+    Y = torch.rand(args.batch, 1, generator=gen, dtype=dtype).to(args.device)
+    Xc = torch.rand(m, args.d_in, generator=gen, dtype=dtype).to(args.device)
+    Yc = torch.rand(m, generator=gen, dtype=dtype).to(args.device)
+    rows = []
+    base = mlp(args.d_in, width, depth, args.device, dtype)
+    n = sum(p.numel() for p in base.parameters())
+    if m > n:
+        return rows
+    adam_model = mlp(args.d_in, width, depth, args.device, dtype)
+    adam_model.load_state_dict(base.state_dict())
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-4)
+
+    def adam_iteration():
+        adam.zero_grad(set_to_none=True)
+        ((adam_model(X) - Y) ** 2).mean().backward()
+        adam.step()
+
+    timers = {"adam": benchmark.Timer("f()", globals={"f": adam_iteration})}
+    for name in names:
+        model = mlp(args.d_in, width, depth, args.device, dtype)
+        model.load_state_dict(base.state_dict())
+        opt = OPTIMIZERS[name](model.parameters())
+
+        def closure(model=model):
+            return ((model(X) - Y) ** 2).mean(), (model(Xc).squeeze(1) - Yc) if m else None
+
+        def iteration(opt=opt, closure=closure):
+            opt.step(closure)
+
+        timers[name] = benchmark.Timer("f()", globals={"f": iteration})
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for t in timers.values():  # warm-up (allocator, autograd caches, lazy init)
+        t.timeit(3)
+    for _ in range(args.rounds):  # interleaved rounds: drift and contention hit every optimizer alike
+        for k, t in timers.items():
+            samples[k].append(t.blocked_autorange(min_run_time=args.min_time).median)
+    adam_ms = 1e3 * statistics.median(samples["adam"])
+    for name in names:
+        ms = 1e3 * statistics.median(samples[name])
+        rows.append(dict(size=size, n=n, m=m, optimizer=name, ms=ms, adam_ms=adam_ms, ratio=ms / adam_ms))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--sizes", default="64x2,256x3,1024x3", help="widthxdepth of the tanh MLPs")
+    parser.add_argument("--constraints", default="0,3,10,50,200")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--d-in", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [s for s in args.optimizers.split(",") if s]
+    rows = []
+    for size in args.sizes.split(","):
+        for m in (int(v) for v in args.constraints.split(",")):
+            rows += measure(size, m, names, args)
+            print(f"done {size} m={m}", flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(
+        f"\n{datetime.date.today()} · torch {torch.__version__} · {args.device} ({device}) · "
+        f"{torch.get_num_threads()} threads · {args.dtype} · batch {args.batch}\n"
+    )
+    print("| model (width×depth) | n | m | " + " | ".join(names) + " | Adam ms/it |")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
+    for size, m in dict.fromkeys((r["size"], r["m"]) for r in rows):
+        sel = {r["optimizer"]: r for r in rows if r["size"] == size and r["m"] == m}
+        first = next(iter(sel.values()))
+        cells = " | ".join(f"{sel[k]['ratio']:.2f}×" for k in names)
+        print(f"| {size} | {first['n']:,} | {m} | {cells} | {first['adam_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
