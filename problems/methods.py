@@ -24,6 +24,10 @@ __all__ = ["METHODS", "Method", "parse_method", "register_method"]
 
 def _default_closure(method: Method, problem: Problem, model: nn.Module, batch: Batch | None) -> Callable[[], Any]:
     if method.constrained:
+        pointwise = getattr(problem, "pointwise_constraints", None) if method.pointwise_jacobian else None
+        if pointwise is not None:  # per-point torch.func Jacobians (see sqpoptim.PointwiseConstraints)
+            residual, points = pointwise()
+            return lambda: (problem.objective(model, batch), sqpoptim.PointwiseConstraints(model, residual, points))
         return lambda: (problem.objective(model, batch), problem.constraints(model))
 
     def closure() -> tuple[Tensor, Tensor]:
@@ -50,6 +54,8 @@ class Method:
     closure: Callable[[Method, Problem, nn.Module, Batch | None], Callable[[], Any]] = _default_closure
     prepare: Callable[[Problem, nn.Module, dict[str, Any]], nn.Module] = lambda problem, model, options: model
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    pointwise_jacobian: bool = True
+    """Whether the method can take J from a problem's ``pointwise_constraints`` (it needs J, not c's graph)."""
 
 
 def _adam_sqp(**fixed: Any) -> Callable[..., torch.optim.Optimizer]:
@@ -82,6 +88,7 @@ METHODS: dict[str, Method] = {
         lambda p, lr, o: sqpoptim.PrimalDual(p, lr=lr, **{"dual_lr": 1e-2, "eps": 1e-7, **o}),
         True,
         defaults={"dual_lr": 1e-2},
+        pointwise_jacobian=False,  # it back-propagates λᵀc through c's graph
     ),
 }
 

@@ -255,7 +255,7 @@ class ConstrainedOptimizer(Optimizer):
         if isinstance(c, PointwiseConstraints):
             if J_given is not None:
                 raise ValueError("give J either through PointwiseConstraints or as the third value, not both")
-            c, J = c.evaluate(layout.params, layout.n) if self._uses_constraints else (c.points.new_zeros(0), None)
+            c, J = c.evaluate(layout.params, layout.n) if self._uses_constraints else (loss.new_zeros(0), None)
         elif c is None:
             c = loss.new_zeros(0).detach()
         elif not isinstance(c, Tensor):

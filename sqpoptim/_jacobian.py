@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "JacobianFallbackWarning",
@@ -130,9 +132,13 @@ def jacobian(
 class PointwiseConstraints:
     r"""Constraints written one point at a time, for the opt-in ``torch.func`` Jacobian path.
 
-    ``residual(f, x)`` returns the scalar residual at one point ``x`` (a row of ``points``), where
-    ``f(z) = model(z[None])[0]`` evaluates the model functionally at a single point; derivatives with respect
-    to the point are taken with ``torch.func`` (``jacfwd``, ``grad``, ``hessian``) on ``f``. The optimizer
+    ``residual(f, x)`` returns the scalar residual at one point ``x`` (a row of ``points``; when ``points`` is
+    a tuple or dict of tensors sharing the leading dimension m, ``x`` is the matching tuple or dict of rows),
+    where ``f(z) = model(z[None])[0]`` evaluates the model functionally on a single input; derivatives with
+    respect to the input are taken with ``torch.func`` (``jacfwd``, ``grad``, ``hessian``) on ``f``. Each
+    constraint's gradient sees only its own input: for models that process many inputs in one batched graph
+    (an operator network over fields) this avoids back-propagating every row through every other row's input,
+    which the batched backward over ``c`` cannot avoid (Darcy, paper size: 0.3 s instead of 18 s per J). The optimizer
     evaluates ``c`` and the per-point parameter gradients (the rows of ``J``) with one
     ``vmap(grad_and_value(...))`` over the points, ``chunk_size`` points at a time if given.
 
@@ -151,17 +157,21 @@ class PointwiseConstraints:
     def __init__(
         self,
         model: nn.Module,
-        residual: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor],
-        points: Tensor,
+        residual: Callable[[Callable[[Tensor], Tensor], Any], Tensor],
+        points: Any,
         *,
         chunk_size: int | None = None,
     ) -> None:
-        if points.dim() < 1:
-            raise ValueError(f"points must have a leading point dimension; got shape {tuple(points.shape)}")
+        leaves = tree_leaves(points)
+        if not leaves or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in leaves):
+            raise ValueError("points must be a tensor, or a tuple/dict of tensors, with a leading point dimension")
+        if len({t.shape[0] for t in leaves}) != 1:
+            raise ValueError(f"all point tensors must share the leading dimension; got {[t.shape[0] for t in leaves]}")
         self.model, self.residual, self.points, self.chunk_size = model, residual, points, chunk_size
+        self._m = leaves[0].shape[0]
 
     def __len__(self) -> int:
-        return self.points.shape[0]
+        return self._m
 
     def evaluate(self, params: Sequence[Tensor], n: int) -> tuple[Tensor, Tensor]:
         """``(c [m], J [m, n])`` at the current parameters (both detached)."""
@@ -172,7 +182,7 @@ class PointwiseConstraints:
         index = {id(p): name for name, p in named.items()}
         pdict = {name: p.detach() for name, p in named.items()}
 
-        def point_residual(pd: dict[str, Tensor], x: Tensor) -> Tensor:
+        def point_residual(pd: dict[str, Tensor], x: Any) -> Tensor:
             def f(z: Tensor) -> Tensor:
                 return functional_call(self.model, (pd, buffers), (z.unsqueeze(0),)).squeeze(0)
 

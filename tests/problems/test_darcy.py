@@ -250,3 +250,20 @@ def test_cache_hit_and_regeneration(tmp_path, monkeypatch):
     np.savez(npz, **{**first, "u_train": first["u_train"] * 1.001})  # an edited entry: must not be trusted
     third = Darcy("tiny", cache_dir=tmp_path).data
     assert len(calls) == 2 and all(np.array_equal(first[k], third[k]) for k in first)
+
+
+def test_pointwise_constraints_match_the_batched_ones(cache):
+    """The per-(field, pixel) residual used for torch.func Jacobians gives the same c and J (float64)."""
+    import sqpoptim
+    from sqpoptim._jacobian import batched_jacobian, flat_size
+
+    p = Darcy("tiny", dtype=torch.float64, cache_dir=cache)
+    model = p.make_model(0)
+    params = list(model.parameters())
+    n = sum(flat_size(q) for q in params)
+    c = p.constraints(model)
+    J_ref = batched_jacobian(c, params, n)
+    residual, points = p.pointwise_constraints()
+    c_pw, J_pw = sqpoptim.PointwiseConstraints(model, residual, points).evaluate(params, n)
+    torch.testing.assert_close(c_pw, c.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(J_pw, J_ref, rtol=1e-9, atol=1e-9)
