@@ -116,6 +116,7 @@ class ConstrainedOptimizer(Optimizer):
         self._jacobian_warned = [False]
         self._rank_warned = False
         self._pending: tuple[Tensor, Any] | None = None
+        self._pending_host: Tensor | None = None
         self._nonfinite_seen = 0
 
     # ------------------------------------------------------------------ validation helpers
@@ -361,7 +362,11 @@ class ConstrainedOptimizer(Optimizer):
 
     def _post_pending(self, record: Tensor) -> None:
         if record.device.type == "cuda":
-            host = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
+            # One pinned buffer, reused: a later record overwrites an unread one, which is fine because the
+            # first entry is the cumulative count of skipped steps.
+            if self._pending_host is None or self._pending_host.shape != record.shape:
+                self._pending_host = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
+            host = self._pending_host
             host.copy_(record, non_blocking=True)
             event = torch.cuda.Event()
             event.record()

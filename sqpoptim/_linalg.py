@@ -54,6 +54,7 @@ __all__ = [
     "factor_gram",
     "gram",
     "kkt_reference",
+    "masked",
     "normal_step",
     "project",
     "scaled_normal_step",
@@ -251,3 +252,11 @@ def step_info(c: Tensor, factor: GramFactor | None, v: Tensor, u: Tensor) -> dic
         "gram_cond": factor.cond if factor is not None else zero + 1.0,
         "truncated": factor is not None and factor.chol is None,
     }
+
+
+def masked(ok: Tensor, value: float | Tensor, fallback: float, like: Tensor) -> Tensor:
+    """``value`` where ``ok`` else ``fallback``, in ``like``'s dtype and device, without a host-to-device copy
+    (a Python scalar becomes a fill, not a copied tensor). Used to turn a refused step into an exact no-op."""
+    if not isinstance(value, Tensor):
+        value = torch.full((), value, dtype=like.dtype, device=like.device)
+    return torch.where(ok, value, fallback)

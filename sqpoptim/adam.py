@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import ConstrainedOptimizer, StepContext
-from ._linalg import factor_gram, gram, project, scaled_normal_step, step_info
+from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
 
 __all__ = ["ProjectedAdamSQP", "adam_sqp_direction"]
 
@@ -183,8 +183,8 @@ def adam_sqp_direction(
     b1, b2 = beta1, beta2
     if ok is not None:  # a refused step leaves the moments bit-identical: β → 1, weights → 0
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
-        b1, b2 = (torch.where(ok, torch.as_tensor(b, dtype=g.dtype, device=g.device), 1.0) for b in (beta1, beta2))
-        w1, w2 = (torch.where(ok, torch.as_tensor(w, dtype=g.dtype, device=g.device), 0.0) for w in (w1, w2))
+        b1, b2 = (masked(ok, b, 1.0, g) for b in (beta1, beta2))
+        w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
     exp_avg.mul_(b1).add_(gbar * w1)
     exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
     k = torch.as_tensor(step, dtype=torch.float64, device=g.device)

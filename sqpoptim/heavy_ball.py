@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import ConstrainedOptimizer, StepContext
-from ._linalg import factor_gram, gram, project, scaled_normal_step, step_info
+from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
 
@@ -129,7 +129,7 @@ def heavy_ball_sqp_direction(
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
-        weight = torch.where(ok, torch.as_tensor(weight, dtype=g.dtype, device=g.device), 0.0)
+        weight = masked(ok, weight, 0.0, g)
     momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
     u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
     if m:

@@ -142,8 +142,10 @@ class StochasticSQP(ConstrainedOptimizer):
         if "lipschitz" not in glob:
             glob["lipschitz"] = self._lipschitz_constants(ctx)
         dev = ctx.g.device
-        tau = glob.get("tau", torch.tensor(self.rule["tau0"], dtype=torch.float64, device=dev))
-        xi = glob.get("xi", torch.tensor(self.rule["xi0"], dtype=torch.float64, device=dev))
+        if "tau" not in glob:  # first step only: later steps never create tensors from host values
+            glob["tau"] = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
+            glob["xi"] = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
+        tau, xi = glob["tau"], glob["xi"]
         m = ctx.c.shape[0]
         F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.ok is not None) if m else None
         v = normal_step(ctx.J, ctx.c, F) if m else torch.zeros_like(ctx.g)
