@@ -22,7 +22,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     .. math::
         \begin{aligned}
         &\textbf{input: } \alpha \text{ (lr)},\ (\beta_1, \beta_2) \text{ (betas)},\ \epsilon \text{ (eps, inside
-            the square root)},\ \gamma \text{ (normal\_lr, default } \alpha),\ m_0 = w_0 = 0 \\
+            the square root)},\ \gamma \text{ (normal\_lr, default 1)},\ m_0 = w_0 = 0 \\
         &\textbf{for } k = 1, 2, \dots \\
         &\quad g_k,\ c_k,\ J_k;\ \text{factor } J_kJ_k^\top;\ v_k = -J_k^\top(J_kJ_k^\top)^{-1}c_k;\
             \bar g_k = P_k g_k \\
@@ -52,8 +52,11 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     ε inside the square root (:class:`~sqpoptim.AdamUnc`).
 
     Defaults: ``projection="euclidean"`` and ``bias_correction="defossez"`` follow the paper's Algorithm 3;
-    ``eps=1e-7`` is the paper's setting. RESULTS.md records the problem-suite comparison of the four
-    combinations behind these defaults.
+    ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the full Gauss–Newton feasibility step; the
+    authors' code scales it by the learning rate (``normal_lr=None``), with which c shrinks only like
+    :math:`(1-\alpha)^k`. That default is a measured deviation from the spec (which marks it [design] with
+    γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
+    comparison of the projection and bias-correction options.
 
     Param groups: each group's ``lr`` (and betas) multiplies its coordinates *before* the projection, so
     :math:`J_k u_k = 0` holds with several groups; the schedulers of ``torch.optim.lr_scheduler`` act on the
@@ -67,7 +70,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         lr: α ≥ 0.
         betas: (β1, β2), each in [0, 1).
         eps: ε > 0, added inside the square root.
-        normal_lr: γ ≥ 0, the normal step size; ``None`` means γ = lr.
+        normal_lr: γ ≥ 0, the normal step size (default 1); ``None`` means γ = lr, as in the authors' code.
         projection: ``"euclidean"`` or ``"scaled"`` (see above).
         bias_correction: ``"defossez"`` or ``"standard"``.
         project_gradients: feed :math:`P_k g_k` (True, the paper) or :math:`g_k` (False: Adam(con)) to the
@@ -83,7 +86,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-7,
-        normal_lr: float | None = None,
+        normal_lr: float | None = 1.0,
         projection: str = "euclidean",
         bias_correction: str = "defossez",
         *,

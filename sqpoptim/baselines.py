@@ -34,7 +34,8 @@ class ConstrainedAdam(ProjectedAdamSQP):
         \end{aligned}
 
     solved by the same decomposition as :class:`~sqpoptim.ProjectedAdamSQP` (``normal_lr`` γ scales the
-    normal part as there; γ = α by default gives exactly :math:`x_k + \alpha s_k`). The moments are not
+    normal part as there: the default γ = 1 takes the full feasibility step like every constrained optimizer
+    here; ``normal_lr=None`` gives exactly the published :math:`x_k + \alpha s_k`). The moments are not
     projected, so the tangential step carries momentum from directions that the constraints forbid; that is the
     difference the SQP paper measures.
     """
@@ -45,7 +46,7 @@ class ConstrainedAdam(ProjectedAdamSQP):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-7,
-        normal_lr: float | None = None,
+        normal_lr: float | None = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(

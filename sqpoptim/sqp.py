@@ -29,8 +29,9 @@ class StochasticSQP(ConstrainedOptimizer):
         \end{aligned}
 
     ``step_rule="fixed"`` (what the SQP paper's experiments use) takes the learning rate α for the tangential
-    part and γ (``normal_lr``, default α) for the normal part. ``step_rule="adaptive"`` is the rule of Berahas et
-    al. (2021), Algorithm 3.1, with merit function :math:`\phi_\tau(x) = \tau f(x) + \|c(x)\|_1`:
+    part and γ (``normal_lr``; default 1, the full feasibility step; ``None`` for γ = α) for the normal part.
+    ``step_rule="adaptive"`` is the rule of Berahas et al. (2021), Algorithm 3.1, with merit function
+    :math:`\phi_\tau(x) = \tau f(x) + \|c(x)\|_1`:
 
     .. math::
         \begin{aligned}
@@ -59,7 +60,7 @@ class StochasticSQP(ConstrainedOptimizer):
     Args:
         params: iterable of parameters or param-group dicts.
         lr: α (fixed rule) or β_k (adaptive rule; then all groups must share it).
-        normal_lr: γ for the fixed rule (``None``: γ = lr); ignored by the adaptive rule.
+        normal_lr: γ for the fixed rule (default 1; ``None``: γ = lr); ignored by the adaptive rule.
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
@@ -70,7 +71,7 @@ class StochasticSQP(ConstrainedOptimizer):
         self,
         params: Any,
         lr: float = 1e-3,
-        normal_lr: float | None = None,
+        normal_lr: float | None = 1.0,
         step_rule: str = "fixed",
         *,
         tau0: float = 0.1,

@@ -156,7 +156,7 @@ def test_param_groups_apply_their_lr_before_the_projection():
     C, d, b = linear_problem(n=12)
     x1 = torch.zeros(6, dtype=f64, requires_grad=True)
     x2 = torch.zeros(6, dtype=f64, requires_grad=True)
-    opt = sqpoptim.ProjectedAdamSQP([{"params": [x1], "lr": 0.05}, {"params": [x2], "lr": 0.2}])
+    opt = sqpoptim.ProjectedAdamSQP([{"params": [x1], "lr": 0.05}, {"params": [x2], "lr": 0.2}], normal_lr=None)
 
     def closure():
         x = torch.cat([x1, x2])
