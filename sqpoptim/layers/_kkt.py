@@ -181,6 +181,21 @@ class _KKTSystem:
         return self.cons.violation(self.x, y)
 
 
+def lu_solve_checked(K: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Solve ``K d = rhs`` (``[B, N, N]``, ``[B, N]``) by LU; flag (near) singular factorisations.
+
+    Partial pivoting leaves a tiny ``U`` pivot when ``K`` is (numerically) singular — duplicated constraints,
+    or the start :math:`\mu = 0` with dependent rows — where LU still returns finite garbage: those samples
+    are flagged when :math:`\min_i |U_{ii}| \le 10^3\,\epsilon_{\text{mach}} \max_i |U_{ii}|`.
+    """
+    LU, pivots, info = torch.linalg.lu_factor_ex(K)
+    d = torch.linalg.lu_solve(LU, pivots, rhs.unsqueeze(-1)).squeeze(-1)
+    u = LU.detach().diagonal(dim1=-2, dim2=-1).abs()  # [B, N]
+    tiny = u.amin(dim=-1) <= 1e3 * torch.finfo(K.dtype).eps * u.amax(dim=-1)
+    bad = (info != 0) | tiny | ~torch.isfinite(d.detach()).all(dim=-1)
+    return torch.where(bad[:, None], 0.0, d), bad
+
+
 def _line_search(
     system: _KKTSystem,
     z: Tensor,
@@ -227,8 +242,7 @@ class _KKTBackward(torch.autograd.Function):
         system, (x, z) = ctx.system, ctx.saved_tensors
         _, K = system.system(z)
         rhs = torch.cat([grad_y, grad_y.new_zeros(grad_y.shape[0], K.shape[-1] - system.n)], dim=-1)  # [B, N]
-        v, info = torch.linalg.solve_ex(K.mT, rhs)
-        bad = (info != 0) | ~torch.isfinite(v).all(dim=-1)
+        v, bad = lu_solve_checked(K.mT, rhs)
         if bool(bad.any()):
             KKt = K @ K.mT
             gamma = ctx.gn_reg * KKt.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)
@@ -318,9 +332,7 @@ class KKTHardNet(ProjectionLayer):
             if not bool(active.any()):
                 break
             phi0 = 0.5 * (Fd**2).sum(dim=-1)  # [B]
-            d, info = torch.linalg.solve_ex(K, -F)  # [B, N]
-            bad = (info != 0) | ~torch.isfinite(d.detach()).all(dim=-1)
-            d = torch.where(bad[:, None], 0.0, d)
+            d, bad = lu_solve_checked(K, -F)  # [B, N]
             # Newton direction: slope of φ = ½‖F‖² along d is Fᵀ K d = -‖F‖².
             alpha, ok = _line_search(system, z.detach(), d.detach(), phi0, -2 * phi0, active & ~bad, **ls)
             fallback = active & ~ok

@@ -13,7 +13,8 @@ F64 = torch.float64
 def quadratic_instance(B: int = 4, n: int = 6, m: int = 3, noise: float = 0.1, seed: int = 0):
     """Issue 4's constraint family at small size: h_i = yᵀA_i y + c_iᵀy + d_i - x_i³ with a feasible y*.
 
-    Returns ``(h, h_jac, x, y_star, y_hat)``; ``h_jac`` is the structure-exploiting pair (h, J).
+    Returns ``(h, h_jac, x, y_star, y_hat)``; ``h_jac`` is the structure-exploiting pair (h, J), and
+    ``h_jac.lagrangian_hessian(x, y, w_h, w_g)`` is Σ w_h,k 2A_k (for constraints with h only).
     """
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(m, n, n, dtype=F64, generator=gen)
@@ -29,6 +30,10 @@ def quadratic_instance(B: int = 4, n: int = 6, m: int = 3, noise: float = 0.1, s
         J = 2 * Ay + c.to(y)
         return (Ay * y[:, None, :]).sum(-1) + y @ c.to(y).T + d.to(y) - x**3, J
 
+    def lagrangian_hessian(x, y, w_h, w_g):
+        return 2 * torch.einsum("bk,kij->bij", w_h, A.to(y))
+
+    h_jac.lagrangian_hessian = lagrangian_hessian  # the structured second derivatives travel with h_jac
     y_star = torch.randn(B, n, dtype=F64, generator=gen)
     x = torch.sign(h(torch.zeros(B, m, dtype=F64), y_star)) * h(
         torch.zeros(B, m, dtype=F64), y_star
