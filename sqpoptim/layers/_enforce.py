@@ -62,6 +62,7 @@ def np_step(y: Tensor, c: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     Guarantees :math:`B y^+ = B y - c` (the linearised constraint holds at :math:`y^+`) and that
     :math:`y^+ - y` lies in the row space of :math:`B` (the least-norm such step).
     """
+    B = B.contiguous()  # a permuted user Jacobian would make both products below copy per call
     G = B @ B.mT  # [B, m, m]
     w, flagged = gram_solve(G, c)  # [B, m]
     return y - torch.einsum("bmn,bm->bn", B, w), flagged

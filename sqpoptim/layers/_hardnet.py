@@ -53,6 +53,7 @@ def parallel_step(y: Tensor, r: Tensor, J: Tensor, eps: float = 0.0) -> tuple[Te
     J^\top` gives the same value with an ``n x n`` solve.
     """
     k, n = J.shape[-2:]
+    J = J.contiguous()  # a permuted user Jacobian would make every product below copy
     if k > n and eps > 0:
         d, flagged = gram_solve(J.mT @ J, torch.einsum("bkn,bk->bn", J, r), shift=eps)  # [B, n]
         return y - d, flagged

@@ -151,28 +151,19 @@ class _KKTSystem:
             w_g, Jg = None, y.new_zeros(B, 0, n)
         W = self.cons.lagrangian_hessian(x, y, mu_e if ev.h is not None else None, w_g)  # [B, n, n]
         phi, rho = self.fb(mu_i, s)
-        eye_n = torch.eye(n, dtype=y.dtype, device=y.device)
         stat = y - self.y_hat + torch.einsum("bmn,bm->bn", Jh, mu_e) + torch.einsum("bpn,bp->bn", Jg, mu_i)
-        F = torch.cat(
-            [stat, *([ev.h] if ev.h is not None else []), (self.g_hat(x, ev.g) + s) if p else s, phi], -1
-        )
-
-        def zeros(r: int, c: int) -> Tensor:
-            return y.new_zeros(B, r, c)
-
-        K = torch.cat(
-            [
-                torch.cat([eye_n + W, Jh.mT, Jg.mT, zeros(n, p)], dim=-1),
-                torch.cat([Jh, zeros(m, m + 2 * p)], dim=-1),
-                torch.cat(
-                    [Jg, zeros(p, m + p), torch.eye(p, dtype=y.dtype, device=y.device).expand(B, p, p)], -1
-                ),
-                torch.cat(
-                    [zeros(p, n + m), torch.diag_embed(1 - mu_i / rho), torch.diag_embed(1 - s / rho)], -1
-                ),
-            ],
-            dim=-2,
-        )  # [B, N, N]
+        feas = self.g_hat(x, ev.g) + s if ev.g is not None else s  # [B, p]
+        F = torch.cat([stat, *([ev.h] if ev.h is not None else []), feas, phi], dim=-1)  # [B, N]
+        # Blocks are written into one preallocated K (no row-block intermediates: K is the memory peak).
+        r1, r2, r3 = n, n + m, n + m + p  # block offsets of μ_E, μ_I, s
+        K = y.new_zeros(B, r3 + p, r3 + p)  # [B, N, N]
+        K[:, :n, :n] = W
+        K[:, :n, :n].diagonal(dim1=-2, dim2=-1).add_(1.0)
+        K[:, :n, r1:r2], K[:, r1:r2, :n] = Jh.mT, Jh
+        K[:, :n, r2:r3], K[:, r2:r3, :n] = Jg.mT, Jg
+        K[:, r2:r3, r3:].diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        K[:, r3:, r2:r3].diagonal(dim1=-2, dim2=-1).copy_(1 - mu_i / rho)
+        K[:, r3:, r3:].diagonal(dim1=-2, dim2=-1).copy_(1 - s / rho)
         return F, K
 
     def violation(self, z: Tensor) -> Tensor:
