@@ -290,7 +290,7 @@ class OutputConstraints:
             ) from None
 
     def residual(self, ev: ConstraintEvaluation, lower: Tensor | None, upper: Tensor | None) -> Tensor:
-        r"""Residual :math:`[h;\ \mathrm{ReLU}(g - b_u) - \mathrm{ReLU}(b_l - g)]` (``[B, m + q]``)
+        r"""The residual :math:`[h;\ \mathrm{ReLU}(g - b_u) - \mathrm{ReLU}(b_l - g)]`, ``[B, m + q]``.
 
         ``lower``/``upper`` are ``None`` when there is no ``g``.
         """

@@ -9,7 +9,7 @@ Lastrucci & Schweidtmann, "ENFORCE: Nonlinear Constrained Learning with Adaptive
     &\textbf{input: } x,\ \hat y,\ c = h(x, \cdot),\ \text{tolerance } \varepsilon_t,\ d_{\max} \\
     &\tilde y \leftarrow \hat y,\ i \leftarrow 0 \\
     &\textbf{while } m(|c(x, \tilde y)|) > \varepsilon_t \textbf{ and } i < d_{\max}: \\
-    &\qquad B = J_y c(x, \tilde y) \hfill [B, m, n] \\
+    &\qquad B = J_y c(x, \tilde y) \\
     &\qquad \tilde y \leftarrow \tilde y - B^\top (B B^\top)^{-1} c(x, \tilde y) \hfill \text{(NP step)} \\
     &\qquad i \leftarrow i + 1
     \end{aligned}
@@ -31,10 +31,13 @@ Notes and deviations
   (second derivatives of :math:`h`). ``"implicit"`` runs the steps without a graph and back-propagates with
   the projector at the converged point, :math:`\bar{\hat y} = (I - B^\top(BB^\top)^{-1}B)\,\bar y` and
   :math:`\bar x = -(\partial_x c)^\top (BB^\top)^{-1}B\,\bar y` (spec formula). This is the exact derivative
-  of AdaNP's output for constraints affine in :math:`y` whose :math:`B` does not depend on :math:`x`; for
-  curved constraints it omits the curvature term :math:`\sum_i \lambda_i \nabla^2 c_i` with
-  :math:`\lambda = (BB^\top)^{-1}B(\hat y - \tilde y)`, an error of order :math:`\|\hat y - \tilde y\|`
-  (tested). Parameters captured inside ``h`` receive no gradient in implicit mode.
+  of AdaNP's output for constraints affine in :math:`y` whose :math:`B` does not depend on :math:`x`. For
+  curved constraints it is not: it drops the curvature term :math:`\sum_i \lambda_i \nabla^2 c_i`
+  (:math:`\lambda = (BB^\top)^{-1}B(\hat y - \tilde y)`) of the exact projection's derivative, and
+  AdaNP's limit is itself not the exact projection; both gaps are of order :math:`\|\hat y - \tilde y\|`
+  (tested: the difference to the unrolled gradient shrinks linearly as :math:`\hat y` approaches the
+  constraint set). The shape notation ``[B, ...]`` elsewhere is the batch, not this :math:`B`. Parameters
+  captured inside ``h`` receive no gradient in implicit mode.
 * Rank-deficient :math:`B`: regularised Cholesky (:mod:`._linalg`), flagged in ``regularized``.
 * :func:`adanp_activation` is the paper's Alg. 2 (use :math:`\hat y` for the batch when one NP step makes
   the task-loss measure worse); it is a function the training loop calls, not state on the layer.

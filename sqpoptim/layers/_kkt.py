@@ -254,8 +254,8 @@ class KKTHardNet(ProjectionLayer):
         max_iter: Newton steps :math:`K`.
         tol: stop when :math:`\|F\|_\infty \le` ``tol`` (``None``: 1e-10 in float64, 1e-5 in float32).
         fb_eps: Fischer–Burmeister smoothing :math:`\epsilon`.
-        gn_reg: :math:`\gamma` of the Gauss–Newton fallback, relative to the mean diagonal of
-            :math:`K^\top K`.
+        gn_reg: Gauss–Newton ridge, :math:`\gamma = \text{gn\_reg}\cdot\max(1, \mathrm{mean\ diag}\,
+            K^\top K)`.
         armijo_c, backtrack, max_backtracks: the Armijo constant, the step shrink factor, the trial count.
         gradient: ``"unrolled"`` or ``"implicit"``.
         solve_dtype, nonconvergence: see :class:`~sqpoptim.layers.EnforceProjection`.
