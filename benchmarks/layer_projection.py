@@ -84,15 +84,17 @@ def make_constraints(A, c, d, path: str, jac_mode: str = "rev") -> OutputConstra
     return OutputConstraints(h=h, h_jac=h_jac, lagrangian_hessian=lagrangian_hessian)
 
 
-def make_layer(name: str, cons: OutputConstraints, tol: float):
+def make_layer(name: str, cons: OutputConstraints, tol: float, gradient: str = "unrolled"):
     if name == "enforce":
-        return EnforceProjection(cons, eval_tol=tol, nonconvergence="ignore").eval()
+        return EnforceProjection(cons, eval_tol=tol, gradient=gradient, nonconvergence="ignore").eval()
     if name == "hardnet_pp":
+        if gradient != "unrolled":
+            raise ValueError("HardNetPP has no implicit gradient")
         return HardNetPP(
             cons, eps=0.3, tol=tol, early_stop=True, check_every=1, nonconvergence="ignore"
         ).eval()
     if name == "kkt":
-        return KKTHardNet(cons, nonconvergence="ignore").eval()
+        return KKTHardNet(cons, gradient=gradient, nonconvergence="ignore").eval()
     raise ValueError(f"unknown layer {name!r}")
 
 
@@ -137,21 +139,27 @@ def run_config(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     A, c, d, x, _, y_hat = make_instance(cfg["batch"], device, cfg["seed"])
     cons = make_constraints(A, c, d, cfg["path"])
-    layer = make_layer(cfg["layer"], cons, cfg["tol"])
+    gradient = cfg.get("gradient")  # None: projection only, without autograd
+    layer = make_layer(cfg["layer"], cons, cfg["tol"], gradient or "unrolled")
+    weights = torch.randn_like(y_hat)
     # CPU: peak RSS during the runs minus the resident set before them (inputs, constants, libraries).
     rss0 = _rss_bytes("VmRSS") if _reset_peak_rss() else _peak_rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         mem0 = torch.cuda.memory_allocated(device)
     times = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(gradient is not None):
         for _ in range(cfg["repeats"] + 1):  # the first run warms up (allocator, kernels)
+            y_in = y_hat.detach().requires_grad_(gradient is not None)
             _sync(device)
             t0 = time.perf_counter()
-            res = layer.project(x, y_hat)
+            res = layer.project(x, y_in)
+            if gradient is not None:  # forward + backward of a linear loss, as in a training step
+                (res.y * weights).sum().backward()
             _sync(device)
             times.append(time.perf_counter() - t0)
-        max_c = float(make_constraints(A, c, d, "generic").violation(x, res.y).max())
+    with torch.no_grad():
+        max_c = float(make_constraints(A, c, d, "generic").violation(x, res.y.detach()).max())
     peak = (
         torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else _peak_rss_bytes() - rss0
     )
@@ -196,6 +204,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jac-modes", action="store_true", help="time one Jacobian per generic mode instead")
+    parser.add_argument(
+        "--gradients",
+        nargs="+",
+        choices=["unrolled", "implicit"],
+        help="time forward + backward in these gradient modes instead of the projection alone",
+    )
     parser.add_argument("--no-isolate", action="store_true", help="CPU: run in-process (peaks then overlap)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -209,15 +223,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
     else:
         rows = []
-        header = (
-            f"{'layer':<11}{'path':<11}{'batch':>6}{'time [s]':>11}{'iters':>7}{'max|c|':>11}{'peak GiB':>10}"
-        )
+        header = f"{'layer':<11}{'path':<11}{'grad':<9}{'batch':>6}{'time [s]':>11}{'iters':>7}{'max|c|':>11}"
+        header += f"{'peak GiB':>10}"
         print(f"device={device} threads={args.threads} torch={torch.__version__}\n{header}", flush=True)
         isolate = device.type == "cpu" and not args.no_isolate
         ctx = mp.get_context("spawn")
         for path in args.paths:
             for batch in args.batch:
-                for layer in args.layers:
+                for layer, gradient in [(a, g) for a in args.layers for g in (args.gradients or [None])]:
+                    if layer == "hardnet_pp" and gradient == "implicit":
+                        continue  # unrolled only
                     cfg = {"layer": layer, "path": path, "batch": batch, "device": str(device)}
                     cfg |= {
                         "tol": args.tol,
@@ -225,6 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "threads": args.threads,
                         "seed": args.seed,
                     }
+                    cfg["gradient"] = gradient
                     if isolate:
                         with ctx.Pool(1) as pool:
                             row = pool.apply(run_config, (cfg,))
@@ -232,7 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row = run_config(cfg)
                     rows.append(row)
                     print(
-                        f"{layer:<11}{path:<11}{batch:>6}{row['time_s']:>11.3f}{row['iterations']:>7}"
+                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}{row['time_s']:>11.3f}"
+                        f"{row['iterations']:>7}"
                         f"{row['max_abs_c']:>11.1e}{row['peak_mem_gib']:>10.2f}",
                         flush=True,
                     )

@@ -53,3 +53,14 @@ def test_public_api():
     }
     for name in layers.__all__:
         assert getattr(layers, name).__doc__
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("make", ITERATIVE, ids=["enforce", "hardnet_pp", "kkt"])
+def test_cuda_matches_cpu(make):
+    h, h_jac, x, _, y_hat = quadratic_instance()
+    cons = OutputConstraints(h=h, h_jac=h_jac)
+    on_cpu = make(cons).eval()(x, y_hat)
+    on_gpu = make(cons).eval()(x.cuda(), y_hat.cuda())
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-9)
