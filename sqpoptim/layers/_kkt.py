@@ -38,6 +38,11 @@ Notes and deviations
 * :math:`W` needs second derivatives of the constraints: ``lagrangian_hessian`` of
   :class:`OutputConstraints` (user-supplied or ``torch.func``). The paper's log-exponential reformulation
   (to simplify these for monomial constraints) is not implemented: the plain KKT system is solved.
+* Globalisation is only the merit line search: on nonconvex constraints with :math:`\hat y` far from the
+  feasible set, Newton/Gauss–Newton from the prescribed start can stall at a stationary point of
+  :math:`\tfrac12\|F\|^2` that is not a KKT point (in a stress test with quadratic equalities and bounds
+  forcing :math:`\|\tilde y - \hat y\| \approx 2`, 12% of samples; HardNet++ found feasible points for
+  98%). Such samples are reported unconverged, never silently returned as feasible.
 * The paper's affine closed form has a sign error; the correct one,
   :math:`\tilde y = \hat y - B^\top(BB^\top)^{-1}(B\hat y - b)`, is :class:`HardNetAffine`.
 * Host synchronisation: one read per iteration (any sample still active), one per Armijo trial while some
