@@ -1,0 +1,55 @@
+r"""Batched linear algebra for the projection layers: one Cholesky per sample, no host synchronisation.
+
+Every layer step solves a small symmetric positive (semi)definite system per sample: the Gram matrix
+:math:`G = J J^\top` (``[B, m, m]``) of ENFORCE's NP step and HardNet's parallel projection, or the damped
+:math:`J J^\top + \varepsilon I` of HardNet++. :func:`gram_solve` factors :math:`G + \delta I` with
+``torch.linalg.cholesky_ex`` where :math:`\delta = 64\,\epsilon_{\text{mach}}\ \mathrm{mean}_i\, G_{ii}`: a
+shift far below any meaningful eigenvalue, so a healthy :math:`G` is solved to working precision, while an
+exactly rank-deficient :math:`G` (duplicate or dependent constraints) stays factorable. For the steps the
+layers take, :math:`J^\top w`, that regularised solve is harmless: the directions it damps are the null space
+of :math:`G`, which is the null space of :math:`J^\top`, so :math:`J^\top w` approaches the least-norm
+(pseudo-inverse) step. A sample is flagged ``regularized`` when the squared smallest Cholesky pivot falls
+below ``rank_tol`` times the squared largest (``rank_tol = 1e-10`` in float64): pivots bound the spectrum from
+above (:math:`\min_i L_{ii}^2 \ge \lambda_{\min}`), so the flag is an estimate, not a certificate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["gram_solve"]
+
+
+def gram_solve(
+    G: Tensor, rhs: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Solve :math:`(G + \text{shift}\,I + \delta I)\, w = \text{rhs}` per sample.
+
+    Args:
+        G: ``[B, k, k]`` symmetric positive semidefinite.
+        rhs: ``[B, k]`` or ``[B, k, r]``.
+        shift: an explicit damping added to the diagonal (HardNet++'s :math:`\varepsilon`).
+        rank_tol: squared pivot ratio :math:`\min_i L_{ii}^2 / \max_i L_{ii}^2` below which a sample is
+            flagged (default ``1e-10`` in float64, ``1e-4`` in float32).
+
+    Returns:
+        ``(w, flagged)``: the solution with ``rhs``'s shape and a ``[B]`` bool mask of samples whose
+        factorisation was dominated by the regularisation (rank deficiency, or a non-finite ``G``).
+    """
+    eps = torch.finfo(G.dtype).eps
+    if rank_tol is None:
+        rank_tol = 1e-10 if G.dtype == torch.float64 else 1e-4
+    k = G.shape[-1]
+    diag = G.diagonal(dim1=-2, dim2=-1)  # [B, k]
+    scale = diag.mean(dim=-1).clamp_min(torch.finfo(G.dtype).tiny)  # [B]
+    delta = 64 * eps * scale + shift  # [B]
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
+    L, info = torch.linalg.cholesky_ex(G + delta[..., None, None] * eye)  # [B, k, k], [B]
+    vector = rhs.dim() == G.dim() - 1
+    w = torch.cholesky_solve(rhs.unsqueeze(-1) if vector else rhs, L)
+    w = w.squeeze(-1) if vector else w
+    pivots = L.diagonal(dim1=-2, dim2=-1).abs()  # [B, k]
+    small = pivots.amin(dim=-1) ** 2 <= rank_tol * pivots.amax(dim=-1) ** 2
+    flagged = (info != 0) | small | ~torch.isfinite(pivots).all(dim=-1)
+    return w, flagged

@@ -1,0 +1,157 @@
+"""KKTHardNet: KKT conditions, scipy projections, both gradient modes, rank deficiency, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from layer_cases import F64, affine_constraints, affine_instance, loop_jacobian, quadratic_instance
+from scipy.optimize import minimize
+
+from sqpoptim.layers import HardNetAffine, KKTHardNet, OutputConstraints, ProjectionWarning
+
+
+def _g(x, y):
+    return torch.stack([y[:, 0] + y[:, 1], y[:, 2] ** 2 + 0.5 * y[:, 3]], -1)
+
+
+def _instance(B=5, n=5, m=2, seed=0, noise=0.15):
+    """Quadratic equalities and nonlinear inequalities g(y) <= u, active for some samples at ŷ."""
+    h, _, x, y_star, y_hat = quadratic_instance(B=B, n=n, m=m, seed=seed, noise=noise)
+    upper = _g(x, y_star) + 0.02  # y* is feasible with a small margin, so ŷ's noise activates bounds
+    return h, _g, x, y_hat, upper
+
+
+def _structured(B=2, n=4, m=1, noise=0.3):
+    """The same instance with analytic Jacobians and Lagrangian Hessian (fast enough for gradcheck)."""
+    h, h_jac, x, y_star, y_hat = quadratic_instance(B=B, n=n, m=m, noise=noise)
+
+    def g_jac(x, y):
+        J = torch.zeros(y.shape[0], 2, y.shape[1], dtype=y.dtype)
+        J[:, 0, :2] = 1.0
+        J[:, 1, 2], J[:, 1, 3] = 2 * y[:, 2], 0.5
+        return _g(x, y), J
+
+    def hessian(x, y, w_h, w_g):
+        H = h_jac.lagrangian_hessian(x, y, w_h, None).clone()
+        H[:, 2, 2] += 2 * w_g[:, 1]  # ∇²(y₂²)
+        return H
+
+    cons = OutputConstraints(
+        h=h, g=_g, upper=_g(x, y_star) + 0.02, h_jac=h_jac, g_jac=g_jac, lagrangian_hessian=hessian
+    )
+    return cons, x, y_hat
+
+
+def test_solution_satisfies_kkt_conditions():
+    h, g, x, y_hat, upper = _instance(B=8)
+    res = KKTHardNet(OutputConstraints(h=h, g=g, upper=upper)).eval().project(x, y_hat)
+    assert bool(res.converged.all()) and float(res.extras["kkt_residual"].max()) <= 1e-10
+    y, mu_e, mu_i = res.y, res.extras["multipliers_eq"], res.extras["multipliers_ineq"]
+    gap = upper - g(x, y)  # only upper bounds: the inequality rows are g - u in g's order
+    stationarity = y - y_hat + torch.einsum("bmn,bm->bn", loop_jacobian(h, x, y), mu_e)
+    stationarity = stationarity + torch.einsum("bqn,bq->bn", loop_jacobian(g, x, y), mu_i)
+    assert float(stationarity.abs().max()) <= 1e-10
+    assert float(h(x, y).abs().max()) <= 1e-10
+    assert float(gap.min()) >= -1e-10 and float(mu_i.min()) >= -1e-10
+    assert float((mu_i * gap).abs().max()) <= 1e-9
+    assert bool((mu_i > 1e-6).any())  # some bound is active, so the test is not vacuous
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_scipy_projection(seed):
+    h, g, x, y_hat, upper = _instance(B=4, seed=seed)
+    res = KKTHardNet(OutputConstraints(h=h, g=g, upper=upper)).eval().project(x, y_hat)
+    assert bool(res.converged.all())
+    for b in range(4):
+        yb = y_hat[b].numpy()
+
+        def eq(y, b=b):
+            return h(x[b : b + 1], torch.tensor(y)[None])[0].numpy()
+
+        def ineq(y, b=b):
+            return (upper[b] - g(x[b : b + 1], torch.tensor(y)[None])[0]).numpy()
+
+        sol = minimize(
+            lambda y, yb=yb: 0.5 * np.sum((y - yb) ** 2),
+            yb,
+            jac=lambda y, yb=yb: y - yb,
+            method="SLSQP",
+            constraints=[{"type": "eq", "fun": eq}, {"type": "ineq", "fun": ineq}],
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
+        assert sol.success
+        np.testing.assert_allclose(res.y[b].numpy(), sol.x, rtol=0, atol=1e-6)
+
+
+def test_two_sided_bounds_with_infinite_sides():
+    h, g, x, y_hat, upper = _instance(B=6)
+    lower = torch.full_like(upper, -torch.inf)
+    lower[:, 1] = -0.2  # one row two-sided, for every sample
+    upper = upper.clone()
+    upper[::2, 0] = torch.inf  # a side switched off for some samples only
+    cons = OutputConstraints(h=h, g=g, lower=lower, upper=upper)
+    res = KKTHardNet(cons).eval().project(x, y_hat)
+    assert bool(res.converged.all()) and float(cons.violation(x, res.y).max()) <= 1e-10
+
+
+def test_affine_equalities_match_closed_form():
+    # Spec: the paper's affine closed form has a sign error; the correct one is HardNet's projection.
+    Bm, M, _, x, y_hat = affine_instance()
+    cons = affine_constraints(Bm, M)
+    res = KKTHardNet(cons).eval().project(x, y_hat)
+    torch.testing.assert_close(res.y, HardNetAffine(cons).eval()(x, y_hat), rtol=0, atol=1e-10)
+    assert res.iterations <= 2  # Newton is exact for a linear KKT system
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_gradcheck_with_active_inequalities(gradient):
+    cons, x, y_hat = _structured()
+    generic = OutputConstraints(h=cons.h, g=cons.g, upper=cons.upper)
+    torch.testing.assert_close(  # the structured callbacks are the generic path's, faster
+        KKTHardNet(cons).eval()(x, y_hat), KKTHardNet(generic).eval()(x, y_hat), rtol=0, atol=1e-12
+    )
+    layer = KKTHardNet(cons, gradient=gradient).eval()
+    assert bool((layer.project(x, y_hat).extras["multipliers_ineq"] > 1e-3).any())
+    assert torch.autograd.gradcheck(layer, (x.clone().requires_grad_(), y_hat.clone().requires_grad_()))
+
+
+def test_implicit_matches_unrolled_at_convergence():
+    h, g, x, y_hat, upper = _instance(B=6)
+    grads = []
+    for gradient in ("unrolled", "implicit"):
+        xr, yr = x.clone().requires_grad_(), y_hat.clone().requires_grad_()
+        layer = KKTHardNet(OutputConstraints(h=h, g=g, upper=upper), gradient=gradient).eval()
+        (layer(xr, yr) * torch.linspace(-1, 2, 5, dtype=F64)).sum().backward()
+        grads.append((xr.grad, yr.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_rank_deficient_equalities_fall_back_to_gauss_newton():
+    h, _, x, _, y_hat = quadratic_instance(B=4, m=2)
+    dup = lambda x, y: torch.cat([h(x, y), h(x, y)[:, :1]], dim=-1)  # noqa: E731
+    res = KKTHardNet(dup).eval().project(x, y_hat)
+    assert bool(res.regularized.all()) and bool(res.converged.all())
+    torch.testing.assert_close(res.y, KKTHardNet(h).eval()(x, y_hat), rtol=0, atol=1e-10)
+
+
+def test_float32_solve_dtype():
+    h, _, x, _, y_hat = quadratic_instance()
+    layer = KKTHardNet(h, solve_dtype=None).eval()
+    res = layer.project(x.float(), y_hat.float())
+    assert res.y.dtype == torch.float32 and bool(res.converged.all())  # tol defaults to 1e-5 in float32
+
+
+def test_infeasible_and_bad_arguments():
+    h = lambda x, y: y[:, :1] ** 2 + 1.0  # noqa: E731
+    y_hat = torch.randn(3, 2, dtype=F64)
+    with pytest.warns(ProjectionWarning):
+        res = KKTHardNet(h, max_iter=10).eval().project(None, y_hat)
+    assert not bool(res.converged.any())
+    with pytest.raises(ValueError, match="lower > upper"):
+        KKTHardNet(OutputConstraints(g=lambda x, y: y, lower=1.0, upper=-1.0))(None, y_hat)
+    with pytest.raises(ValueError, match="gradient"):
+        KKTHardNet(h, gradient="adjoint")
+    with pytest.raises(ValueError, match="line search"):
+        KKTHardNet(h, backtrack=1.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        KKTHardNet(h, max_iter=0)
