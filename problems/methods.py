@@ -56,6 +56,8 @@ class Method:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     pointwise_jacobian: bool = True
     """Whether the method can take J from a problem's ``pointwise_constraints`` (it needs J, not c's graph)."""
+    needs_output_constraints: bool = False
+    """Output-layer methods: only for :class:`~problems._layered.LayerProblem` tasks."""
 
 
 def _adam_sqp(**fixed: Any) -> Callable[..., torch.optim.Optimizer]:
@@ -124,3 +126,6 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"Invalid method option {opt!r} in {spec!r} (expected key=value)")
         options[key] = _value(val)
     return name, options
+
+
+from . import layer_methods  # noqa: E402, F401  (registers the output-layer methods)

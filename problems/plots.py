@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from .runner import load_results
 
 __all__ = ["plot_problem"]
 
-_COLORS = plt.get_cmap("tab10").colors
+# Figures are built as matplotlib.figure.Figure objects and saved directly: no pyplot, no global backend switch
+# (importing this module inside a notebook leaves inline display alone).
+_COLORS = matplotlib.colormaps["tab10"].colors
 
 
 def _label(run: dict[str, Any]) -> str:
@@ -53,7 +53,8 @@ def _curve_figure(runs, key: str, ylabel: str, title: str):
     groups = _groups(runs)
     lrs = sorted({lr for _, lr, _ in groups}, reverse=True)
     methods = list(dict.fromkeys(m for m, _, _ in groups))
-    fig, axes = plt.subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False, sharey=True)
+    fig = Figure(figsize=(5.5 * len(lrs), 4.2))
+    axes = fig.subplots(1, len(lrs), squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], lrs):
         for i, method in enumerate(methods):
             color = _COLORS[i % len(_COLORS)]
@@ -81,7 +82,8 @@ def _mse_figure(runs, problem: str):
     groups = _groups(runs)
     methods = list(dict.fromkeys(m for m, _, _ in groups))
     settings = sorted({(lr, b) for _, lr, b in groups}, key=lambda s: (-s[0], s[1]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods) * max(1, len(settings)) / 2), 4.2))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(methods) * max(1, len(settings)) / 2), 4.2))
+    ax = fig.subplots()
     width = 0.8 / max(len(settings), 1)
     for j, (lr, batch) in enumerate(settings):
         means, errs = [], []
@@ -121,7 +123,8 @@ def _prediction_figure(runs, problem: str):
         return _field_figure(preds, labels, problem)
     if "y_true" in any_pred:
         return _manifold_figure(preds, labels, problem)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     t = any_pred["t"]
     truth = np.atleast_2d(u_true.T).T if u_true.ndim == 1 else u_true
     for k in range(truth.shape[1]):
@@ -148,7 +151,8 @@ def _field_figure(preds, labels, problem):
     any_pred = next(iter(preds.values()))
     truth = any_pred["u_true"]
     cols = 1 + len(preds)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.0), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 6.0))
+    axes = fig.subplots(2, cols, squeeze=False)
     vmin, vmax = truth.min(), truth.max()
     extent = None
     if "x" in any_pred and "t" in any_pred:
@@ -184,7 +188,8 @@ def _field_figure(preds, labels, problem):
 
 def _manifold_figure(preds, labels, problem):
     any_pred = next(iter(preds.values()))
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
     theta = np.linspace(0, 2 * np.pi, 400)
     ax.plot(np.cos(theta), np.sin(theta), color="black", lw=1, alpha=0.5, label="‖y‖ = 1")
     ax.plot(any_pred["y_data"][:, 0], any_pred["y_data"][:, 1], ".", color="gray", ms=3, label="data")
@@ -218,5 +223,4 @@ def plot_problem(
             path = out / f"{name}.{fmt}"
             fig.savefig(path, dpi=130)
             written.append(path)
-        plt.close(fig)
     return written

@@ -154,7 +154,9 @@ def run(
             torch.cuda.synchronize(dev)
 
     def evaluate(it: int) -> None:
+        model.eval()  # output layers switch to their inference tolerances
         m = problem.metrics(model)
+        model.train()
         curves["iteration"].append(it)
         for key in ("objective", "test_mse", "max_abs_c"):
             curves[key].append(float(m[key]))
@@ -188,8 +190,10 @@ def run(
             bar.update(done, float(train_loss[it]), float(train_c[it]))
     sync()
     step_time += time.perf_counter() - t0 if start < n else 0.0
+    model.eval()
     final = {k: float(v) for k, v in problem.metrics(model).items()}
     pred = problem.prediction(model)
+    model.train()
     result = {
         "status": "complete",
         "config": {

@@ -12,7 +12,7 @@ from problems.methods import METHODS, parse_method
 from problems.runner import RunSpec, load_results, run
 
 PINN_AND_TOY = ["spring", "chemistry", "burgers", "darcy", "manifold_toy"]
-OPTIMIZER_METHODS = [m for m in METHODS if not METHODS[m].label.startswith("Layer")]
+OPTIMIZER_METHODS = [m for m in METHODS if not METHODS[m].needs_output_constraints]
 
 
 @pytest.fixture(scope="module")

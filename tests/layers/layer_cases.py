@@ -35,9 +35,7 @@ def quadratic_instance(B: int = 4, n: int = 6, m: int = 3, noise: float = 0.1, s
 
     h_jac.lagrangian_hessian = lagrangian_hessian  # the structured second derivatives travel with h_jac
     y_star = torch.randn(B, n, dtype=F64, generator=gen)
-    x = torch.sign(h(torch.zeros(B, m, dtype=F64), y_star)) * h(
-        torch.zeros(B, m, dtype=F64), y_star
-    ).abs() ** (1 / 3)
+    x = torch.sign(h(torch.zeros(B, m, dtype=F64), y_star)) * h(torch.zeros(B, m, dtype=F64), y_star).abs() ** (1 / 3)
     y_hat = y_star + noise * torch.randn(B, n, dtype=F64, generator=gen)
     return h, h_jac, x, y_star, y_hat
 

@@ -69,9 +69,7 @@ def test_lagrangian_hessian_matches_autograd_hessian():
 
 def test_bounds_and_residual_with_infinite_sides():
     g = lambda x, y: y  # noqa: E731
-    cons = OutputConstraints(
-        g=g, lower=torch.tensor([-1.0, -math.inf, 0.0]), upper=torch.tensor([1.0, 2.0, math.inf])
-    )
+    cons = OutputConstraints(g=g, lower=torch.tensor([-1.0, -math.inf, 0.0]), upper=torch.tensor([1.0, 2.0, math.inf]))
     y = torch.tensor([[2.0, -5.0, -3.0], [0.5, 3.0, 7.0]], dtype=F64)
     ev = cons.evaluate(None, y, jacobian=False)
     r = cons.residual(ev, *cons.bounds(None, ev.g))

@@ -93,9 +93,7 @@ def test_rank_deficient_jacobian_is_regularised_and_converges():
     dup = lambda x, y: torch.cat([h(x, y), h(x, y)[:, :1]], dim=-1)  # noqa: E731
     res = EnforceProjection(dup).eval().project(x, y_hat)
     assert bool(res.regularized.all()) and bool(res.converged.all())
-    torch.testing.assert_close(
-        res.y, EnforceProjection(h, eval_tol=1e-10).eval()(x, y_hat), rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(res.y, EnforceProjection(h, eval_tol=1e-10).eval()(x, y_hat), rtol=0, atol=1e-6)
 
 
 def test_activation_rule():

@@ -38,9 +38,7 @@ def test_equalities_and_inequalities_together():
     C = np.vstack([Bm.numpy(), Am.numpy()])
     Y = y_hat.numpy()
     AY = Y @ Am.numpy().T
-    r = np.hstack(
-        [Y @ Bm.numpy().T - (torch.sin(x) @ M).numpy(), np.maximum(AY - 0.3, 0) - np.maximum(-0.3 - AY, 0)]
-    )
+    r = np.hstack([Y @ Bm.numpy().T - (torch.sin(x) @ M).numpy(), np.maximum(AY - 0.3, 0) - np.maximum(-0.3 - AY, 0)])
     np.testing.assert_allclose(res.y.numpy(), Y - r @ np.linalg.pinv(C).T, rtol=1e-11, atol=1e-11)
     assert float(res.residual.max()) < 1e-12
 

@@ -11,15 +11,10 @@ def test_vanishing_damping_reproduces_enforce_steps():
     h, _, x, _, y_hat = quadratic_instance(B=5, n=7, m=3, noise=0.2)
     cons = OutputConstraints(h=h)
     enforce_2 = adanp(cons, x, y_hat, tol=1e-300, max_depth=2).y  # exactly two NP steps
-    gaps = [
-        float((hardnet_pp(cons, x, y_hat, eps=eps, max_iter=2).y - enforce_2).abs().max())
-        for eps in (1e-5, 1e-6)
-    ]
+    gaps = [float((hardnet_pp(cons, x, y_hat, eps=eps, max_iter=2).y - enforce_2).abs().max()) for eps in (1e-5, 1e-6)]
     assert gaps[1] < 1e-6 and gaps[1] < gaps[0] / 5  # O(ε)
     converged = HardNetPP(cons, eps=1e-9, max_iter=30).eval()(x, y_hat)
-    torch.testing.assert_close(
-        converged, EnforceProjection(cons, eval_tol=1e-12).eval()(x, y_hat), rtol=0, atol=1e-8
-    )
+    torch.testing.assert_close(converged, EnforceProjection(cons, eval_tol=1e-12).eval()(x, y_hat), rtol=0, atol=1e-8)
 
 
 def _bounded_instance(structured=False, **kw):
@@ -47,9 +42,7 @@ def test_equalities_and_two_sided_bounds_converge_with_paper_settings():
 
 def test_more_constraints_than_outputs_uses_the_n_by_n_form():
     # n = 3 outputs; one equality and a box on every coordinate: m + q = 4 > n.
-    cons = OutputConstraints(
-        h=lambda x, y: (y**2).sum(-1, keepdim=True) - 1.0, g=lambda x, y: y, lower=-0.9, upper=0.9
-    )
+    cons = OutputConstraints(h=lambda x, y: (y**2).sum(-1, keepdim=True) - 1.0, g=lambda x, y: y, lower=-0.9, upper=0.9)
     y_hat = torch.tensor([[2.0, 0.1, 0.1], [0.3, -1.5, 0.4]], dtype=F64)
     res = HardNetPP(cons, early_stop=True, tol=1e-9).eval().project(None, y_hat)
     assert bool(res.converged.all()) and res.iterations < 500
