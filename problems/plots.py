@@ -4,6 +4,7 @@
   lines, mini-batch runs as the mean ± std of log10 over their seeds.
 * ``violation``: log10 max |c| at the constraint points vs iterations, same layout.
 * ``test_mse``: final test MSE per method and learning rate (mean ± std over seeds for mini-batch runs).
+* ``overview``: objective and violation side by side at the largest learning rate (a quick look).
 * ``prediction``: prediction vs truth for each method (its best run): curves for the spring and the reaction
   network, fields for Burgers and Darcy, the manifold for the toy problem.
 
@@ -74,6 +75,33 @@ def _curve_figure(runs, key: str, ylabel: str, title: str):
     axes[0, 0].set_ylabel(ylabel)
     axes[0, -1].legend(fontsize=8, loc="best")
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _overview_figure(runs, problem: str):
+    """Objective and violation side by side at the first learning rate: the figure for a quick look."""
+    lr = max(r["config"]["lr"] for r in runs)
+    runs = [r for r in runs if r["config"]["lr"] == lr]
+    fig = Figure(figsize=(11.0, 4.2))
+    axes = fig.subplots(1, 2)
+    groups = _groups(runs)
+    for i, method in enumerate(dict.fromkeys(m for m, _, _ in groups)):
+        for batch, style in (("full", "-"), ("mini", "--")):
+            group = groups.get((method, lr, batch))
+            if not group:
+                continue
+            it = np.asarray(group[0]["curves"]["iteration"])
+            for ax, key in zip(axes, ("objective", "max_abs_c")):
+                ys = np.stack([_log10(r["curves"][key]) for r in group])
+                ax.plot(it, ys.mean(0), style, color=_COLORS[i % 10], lw=1.8, label=f"{_label(group[0])}, {batch}")
+    axes[0].set_ylabel("log10 objective (full batch)")
+    axes[1].set_ylabel("log10 max |c| at the constraint points")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{problem}, lr = {lr:g}: objective and constraint violation")
     fig.tight_layout()
     return fig
 
@@ -212,6 +240,7 @@ def plot_problem(
     out = Path(out_dir) if out_dir else Path(results_dir) / problem / "figures"
     out.mkdir(parents=True, exist_ok=True)
     figures = {
+        "overview": _overview_figure(runs, problem),
         "objective": _curve_figure(runs, "objective", "log10 objective (full batch)", f"{problem}: objective"),
         "violation": _curve_figure(runs, "max_abs_c", "log10 max |c|", f"{problem}: constraint violation"),
         "test_mse": _mse_figure(runs, problem),

@@ -93,7 +93,7 @@ def test_cli_sweep_and_plots(tmp_path, cache, capsys):
     assert "penalty:rho=10" in out and "figures:" in out
     runs = load_results(tmp_path, "spring")
     assert len(runs) == 3 * 2 * (1 + 2)  # methods x lrs x (full + 2 mini seeds)
-    for name in ("objective", "violation", "test_mse", "prediction"):
+    for name in ("overview", "objective", "violation", "test_mse", "prediction"):
         for fmt in ("png", "pdf"):
             assert (tmp_path / "spring" / "figures" / f"{name}.{fmt}").stat().st_size > 1000
     assert main(["plot", "spring", "--results", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
@@ -107,7 +107,7 @@ def test_prediction_figures_for_every_problem(problem, tmp_path, cache):
     from problems.plots import plot_problem
 
     files = plot_problem(tmp_path, problem, formats=("png",))
-    assert len(files) == 4 and all(f.stat().st_size > 1000 for f in files)
+    assert len(files) == 5 and all(f.stat().st_size > 1000 for f in files)
 
 
 def test_method_specs():
