@@ -90,9 +90,7 @@ def make_layer(name: str, cons: OutputConstraints, tol: float, gradient: str = "
     if name == "hardnet_pp":
         if gradient != "unrolled":
             raise ValueError("HardNetPP has no implicit gradient")
-        return HardNetPP(
-            cons, eps=0.3, tol=tol, early_stop=True, check_every=1, nonconvergence="ignore"
-        ).eval()
+        return HardNetPP(cons, eps=0.3, tol=tol, early_stop=True, check_every=1, nonconvergence="ignore").eval()
     if name == "kkt":
         return KKTHardNet(cons, gradient=gradient, nonconvergence="ignore").eval()
     raise ValueError(f"unknown layer {name!r}")
@@ -160,9 +158,7 @@ def run_config(cfg: dict) -> dict:
             times.append(time.perf_counter() - t0)
     with torch.no_grad():
         max_c = float(make_constraints(A, c, d, "generic").violation(x, res.y.detach()).max())
-    peak = (
-        torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else _peak_rss_bytes() - rss0
-    )
+    peak = torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else _peak_rss_bytes() - rss0
     return {
         **cfg,
         "time_s": statistics.median(times[1:]),
@@ -218,9 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.jac_modes:
         rows = [r for b in args.batch for r in time_jacobian_modes(b, device, args.repeats)]
         for r in rows:
-            print(
-                f"jacobian={r['jacobian']:<10} batch={r['batch']:<5} {1e3 * r['time_s']:10.1f} ms", flush=True
-            )
+            print(f"jacobian={r['jacobian']:<10} batch={r['batch']:<5} {1e3 * r['time_s']:10.1f} ms", flush=True)
     else:
         rows = []
         header = f"{'layer':<11}{'path':<11}{'grad':<9}{'batch':>6}{'time [s]':>11}{'iters':>7}{'max|c|':>11}"

@@ -8,13 +8,15 @@ optimizer overhead. Timings use ``torch.utils.benchmark`` (warm-up, device synch
 optimizers are timed in rounds, interleaved with Adam, and the ratio is median(ours) / median(Adam).
 
     python benchmarks/step_time.py                       # CPU, the default grid (writes a Markdown table)
-    python benchmarks/step_time.py --device cuda --sizes 64x2,1024x4,4096x4 --constraints 0,10,100,1000
+    python benchmarks/step_time.py --device cuda --params 1e5,1e6,1e7 --constraints 10,100,1000 \
+        --optimizers sqp-adam --batch 4096           # the scaling sweep of the GPU performance issue
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import statistics
 
@@ -41,6 +43,13 @@ def mlp(d_in: int, width: int, depth: int, device: str, dtype: torch.dtype) -> n
         d = width
     layers.append(nn.Linear(d, 1))
     return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def width_for(n_params: float, depth: int, d_in: int) -> int:
+    """Width of a depth-``depth`` tanh MLP with about ``n_params`` parameters."""
+    # n = (d_in + 1) w + (depth - 1)(w + 1) w + w + 1
+    a, b, c = depth - 1, d_in + 1 + (depth - 1) + 1, 1 - n_params
+    return max(1, round((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)) if a else round(-c / b))
 
 
 def measure(size: str, m: int, names: list[str], args: argparse.Namespace) -> list[dict]:
@@ -79,15 +88,33 @@ def measure(size: str, m: int, names: list[str], args: argparse.Namespace) -> li
 
         timers[name] = benchmark.Timer("f()", globals={"f": iteration})
     samples: dict[str, list[float]] = {k: [] for k in timers}
-    for t in timers.values():  # warm-up (allocator, autograd caches, lazy init)
+    peak: dict[str, float] = {}
+    for k, t in timers.items():  # warm-up (allocator, autograd caches, lazy init) and peak device memory
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t.timeit(3)
+        if args.device.startswith("cuda"):
+            peak[k] = torch.cuda.max_memory_allocated() / 2**30
     for _ in range(args.rounds):  # interleaved rounds: drift and contention hit every optimizer alike
         for k, t in timers.items():
             samples[k].append(t.blocked_autorange(min_run_time=args.min_time).median)
     adam_ms = 1e3 * statistics.median(samples["adam"])
     for name in names:
         ms = 1e3 * statistics.median(samples[name])
-        rows.append(dict(size=size, n=n, m=m, optimizer=name, ms=ms, adam_ms=adam_ms, ratio=ms / adam_ms))
+        rows.append(
+            dict(
+                size=size,
+                n=n,
+                m=m,
+                optimizer=name,
+                ms=ms,
+                adam_ms=adam_ms,
+                ratio=ms / adam_ms,
+                peak_gib=peak.get(name),
+                adam_peak_gib=peak.get("adam"),
+            )
+        )
     return rows
 
 
@@ -96,6 +123,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--sizes", default="64x2,256x3,1024x3", help="widthxdepth of the tanh MLPs")
+    parser.add_argument("--params", help="instead of --sizes: parameter counts, e.g. 1e5,1e6,1e7 (depth-3 MLPs)")
     parser.add_argument("--constraints", default="0,3,10,50,200")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--batch", type=int, default=1024)
@@ -108,7 +136,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     names = [s for s in args.optimizers.split(",") if s]
     rows = []
-    for size in args.sizes.split(","):
+    sizes = args.sizes.split(",")
+    if args.params:
+        sizes = [f"{width_for(float(n), 3, args.d_in)}x3" for n in args.params.split(",")]
+    for size in sizes:
         for m in (int(v) for v in args.constraints.split(",")):
             rows += measure(size, m, names, args)
             print(f"done {size} m={m}", flush=True)
@@ -117,13 +148,16 @@ def main() -> None:
         f"\n{datetime.date.today()} · torch {torch.__version__} · {args.device} ({device}) · "
         f"{torch.get_num_threads()} threads · {args.dtype} · batch {args.batch}\n"
     )
-    print("| model (width×depth) | n | m | " + " | ".join(names) + " | Adam ms/it |")
-    print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
+    mem = args.device.startswith("cuda")
+    head = "| model (width×depth) | n | m | " + " | ".join(names) + " | Adam ms/it |"
+    print(head + (" peak GiB (ours / Adam) |" if mem else ""))
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|" + ("---:|" if mem else ""))
     for size, m in dict.fromkeys((r["size"], r["m"]) for r in rows):
         sel = {r["optimizer"]: r for r in rows if r["size"] == size and r["m"] == m}
         first = next(iter(sel.values()))
         cells = " | ".join(f"{sel[k]['ratio']:.2f}×" for k in names)
-        print(f"| {size} | {first['n']:,} | {m} | {cells} | {first['adam_ms']:.2f} |")
+        peak = f" {max(r['peak_gib'] for r in sel.values()):.1f} / {first['adam_peak_gib']:.1f} |" if mem else ""
+        print(f"| {size} | {first['n']:,} | {m} | {cells} | {first['adam_ms']:.2f} |{peak}")
 
 
 if __name__ == "__main__":
