@@ -135,6 +135,7 @@ def run(
     dev = next(model.parameters()).device
     train_loss = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
     train_c = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+    train_g = torch.full((n,), math.nan, dtype=torch.float64, device=dev)  # ‖g‖ the optimizer saw
     curves: dict[str, list[float]] = {"iteration": [], "objective": [], "test_mse": [], "max_abs_c": []}
     start, step_time = 0, 0.0
     if ckpt.exists():
@@ -145,6 +146,7 @@ def run(
             gen.set_state(state["generator"])
             train_loss[: state["iteration"]] = state["train_loss"].to(dev)
             train_c[: state["iteration"]] = state["train_c"].to(dev)
+            train_g[: state["iteration"]] = state["train_g"].to(dev)
             curves, start, step_time = state["curves"], state["iteration"], state["step_time"]
     every = checkpoint_every or max(1, n // 10)
     bar = _Progress(f"{spec.problem}/{spec.method} lr={spec.lr:g} {spec.batch} s{spec.seed}", n)
@@ -174,6 +176,9 @@ def run(
         loss, c = opt.step(method.closure(method, problem, model, batch))
         train_loss[it] = loss.detach().double()
         train_c[it] = c.detach().abs().max().double() if c.numel() else 0.0
+        g_norm = opt.state.get("global", {}).get("diagnostics", {}).get("g_norm")
+        if g_norm is not None:
+            train_g[it] = g_norm.double()
         done = it + 1
         stopping = stop_after is not None and done - start >= stop_after and done < n
         if done in eval_set or stopping or (done < n and done % every == 0):
@@ -182,7 +187,7 @@ def run(
             if done in eval_set:
                 evaluate(done)
             if stopping or (done < n and done % every == 0):
-                _save_checkpoint(ckpt, spec, model, opt, gen, train_loss, train_c, curves, done, step_time)
+                _save_checkpoint(ckpt, spec, model, opt, gen, (train_loss, train_c, train_g), curves, done, step_time)
             if stopping:
                 return {"status": "interrupted", "iteration": done}
             t0 = time.perf_counter()
@@ -204,7 +209,12 @@ def run(
             "problem_settings": problem.describe(),
             "versions": _versions(),
         },
-        "curves": {**curves, "train_loss": train_loss.cpu().tolist(), "train_max_abs_c": train_c.cpu().tolist()},
+        "curves": {
+            **curves,
+            "train_loss": train_loss.cpu().tolist(),
+            "train_max_abs_c": train_c.cpu().tolist(),
+            "train_grad_norm": train_g.cpu().tolist(),
+        },
         "final": final,
         "timing": {"step_seconds_total": step_time, "ms_per_iteration": 1e3 * step_time / max(n, 1)},
         "diagnostics": _plain(opt.diagnostics()) if hasattr(opt, "diagnostics") else {},
@@ -222,7 +232,8 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, (int, float, bool)) else str(v)) for k, v in d.items()}
 
 
-def _save_checkpoint(path, spec, model, opt, gen, train_loss, train_c, curves, it, step_time) -> None:
+def _save_checkpoint(path, spec, model, opt, gen, logs, curves, it, step_time) -> None:
+    train_loss, train_c, train_g = logs
     buf = io.BytesIO()
     torch.save(
         {
@@ -232,6 +243,7 @@ def _save_checkpoint(path, spec, model, opt, gen, train_loss, train_c, curves, i
             "generator": gen.get_state(),
             "train_loss": train_loss[:it].cpu(),
             "train_c": train_c[:it].cpu(),
+            "train_g": train_g[:it].cpu(),
             "curves": curves,
             "iteration": it,
             "step_time": step_time,

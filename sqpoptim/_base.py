@@ -231,6 +231,7 @@ class ConstrainedOptimizer(Optimizer):
             delta = torch.where(ok, delta, torch.zeros_like(delta))
         torch._foreach_add_(layout.views, [d.view_as(v) for d, v in zip(delta.split(layout.sizes), layout.views)])
         glob = self._global_state()
+        ctx.diagnostics["g_norm"] = torch.linalg.vector_norm(g)
         glob["diagnostics"] = ctx.diagnostics
         return loss.detach(), c.detach()
 
@@ -420,7 +421,8 @@ class ConstrainedOptimizer(Optimizer):
         """The last step's diagnostics as Python numbers (waits for the device): ``c_inf`` (max |c|),
         ``v_norm`` (‖v_k‖, the unscaled normal step), ``u_norm`` (‖u_k‖, the tangential displacement taken),
         ``rank`` (rank of J used; -1 when a deficient J was regularised on the device), ``gram_cond``
-        (estimated condition number of the Gram matrix), plus method-specific entries."""
+        (estimated condition number of the Gram matrix), ``g_norm`` (‖g_k‖, the objective gradient the closure
+        produced), plus method-specific entries."""
         diag = self._global_state().get("diagnostics", {})
         return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in diag.items()}
 

@@ -98,6 +98,7 @@ class PrimalDual(ConstrainedOptimizer):
         glob["diagnostics"] = {
             "c_inf": c.detach().abs().max() if m else c.new_zeros(()),
             "multiplier_inf": lam.abs().max() if m else c.new_zeros(()),
+            "g_norm": torch.linalg.vector_norm(flat),  # the Lagrangian gradient given to the inner optimizer
         }
         return loss.detach(), c.detach()
 

@@ -59,9 +59,7 @@ def as_constraints(constraints: OutputConstraints | Callable) -> OutputConstrain
         return constraints
     if callable(constraints):
         return OutputConstraints(h=constraints)
-    raise TypeError(
-        f"constraints must be OutputConstraints or a callable h(x, y), got {type(constraints).__name__}"
-    )
+    raise TypeError(f"constraints must be OutputConstraints or a callable h(x, y), got {type(constraints).__name__}")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -83,9 +81,7 @@ class ProjectionLayer(nn.Module):
         super().__init__()
         self.constraints = as_constraints(constraints)
         if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"Invalid solve_dtype {solve_dtype}: expected torch.float32, torch.float64 or None"
-            )
+            raise ValueError(f"Invalid solve_dtype {solve_dtype}: expected torch.float32, torch.float64 or None")
         self.solve_dtype = solve_dtype
         self.nonconvergence = check_choice("nonconvergence", nonconvergence, _POLICIES)
 
@@ -158,6 +154,4 @@ def check_bounds(lower: Tensor, upper: Tensor) -> None:
 def finite_or_raise(value: Tensor, what: str) -> None:
     """Raise when constraint values at the raw output are not finite (outside the constraints' domain)."""
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(
-            f"{what} is not finite at the raw output (NaN/inf): outside the constraints' domain?"
-        )
+        raise ValueError(f"{what} is not finite at the raw output (NaN/inf): outside the constraints' domain?")

@@ -77,9 +77,7 @@ def _check_block(value: Tensor, name: str, batch: int, y: Tensor) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}(x, y) must return a Tensor, got {type(value).__name__}")
     if value.dim() != 2 or value.shape[0] != batch:
-        raise ValueError(
-            f"{name}(x, y) must return shape [B, rows] = [{batch}, rows]; got {list(value.shape)}"
-        )
+        raise ValueError(f"{name}(x, y) must return shape [B, rows] = [{batch}, rows]; got {list(value.shape)}")
     if not value.is_floating_point() or torch.finfo(value.dtype).eps > torch.finfo(y.dtype).eps:
         raise TypeError(
             f"{name}(x, y) returned {value.dtype} for y of {y.dtype}: build the constraint from the input's "
@@ -193,9 +191,7 @@ class OutputConstraints:
             return value, jac
         return self._func_jacobian(fn, name, x, y)
 
-    def _func_jacobian(
-        self, fn: ConstraintFn, name: str, x: Tensor | None, y: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def _func_jacobian(self, fn: ConstraintFn, name: str, x: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
         # Check the shape inside too: under vmap a wrong shape would otherwise fail with a cryptic error.
         def single(xi: Tensor | None, yi: Tensor) -> tuple[Tensor, Tensor]:
             out = fn(None if xi is None else xi.unsqueeze(0), yi.unsqueeze(0))
@@ -243,18 +239,14 @@ class OutputConstraints:
         g = values[-1] if self.g is not None else None
         return h, g, jty
 
-    def lagrangian_hessian(
-        self, x: Tensor | None, y: Tensor, w_h: Tensor | None, w_g: Tensor | None
-    ) -> Tensor:
+    def lagrangian_hessian(self, x: Tensor | None, y: Tensor, w_h: Tensor | None, w_g: Tensor | None) -> Tensor:
         r""":math:`\sum_i w_{h,i} \nabla^2_{yy} h_i + \sum_j w_{g,j} \nabla^2_{yy} g_j`, ``[B, n, n]``."""
         n = y.shape[-1]
         if self._lagrangian_hessian is not None:
             hess = self._lagrangian_hessian(x, y, w_h, w_g)
             if not isinstance(hess, Tensor) or tuple(hess.shape) != (y.shape[0], n, n):
                 got = list(hess.shape) if isinstance(hess, Tensor) else type(hess).__name__
-                raise ValueError(
-                    f"lagrangian_hessian must return [B, n, n] = {[y.shape[0], n, n]}; got {got}"
-                )
+                raise ValueError(f"lagrangian_hessian must return [B, n, n] = {[y.shape[0], n, n]}; got {got}")
             return hess
 
         def weighted(xi: Tensor | None, yi: Tensor, whi: Tensor | None, wgi: Tensor | None) -> Tensor:
@@ -272,9 +264,7 @@ class OutputConstraints:
     # ------------------------------------------------------------------ bounds and residuals
     def bounds(self, x: Tensor | None, g: Tensor) -> tuple[Tensor, Tensor]:
         """Lower and upper bounds as ``[B, q]`` tensors in ``g``'s dtype and device."""
-        return self._bound(self.lower, x, g, -torch.inf, "lower"), self._bound(
-            self.upper, x, g, torch.inf, "upper"
-        )
+        return self._bound(self.lower, x, g, -torch.inf, "lower"), self._bound(self.upper, x, g, torch.inf, "upper")
 
     @staticmethod
     def _bound(spec: Bound, x: Tensor | None, g: Tensor, default: float, name: str) -> Tensor:

@@ -105,8 +105,6 @@ class HardNetAffine(ProjectionLayer):
         ev = self.constraints.evaluate(x, y, jacobian=True)
         r, bounds = stacked_residual(self.constraints, x, ev, None)
         y_new, regularized = parallel_step(y, r, ev.c_jac)
-        r_new, _ = stacked_residual(
-            self.constraints, x, self.constraints.evaluate(x, y_new, jacobian=False), bounds
-        )
+        r_new, _ = stacked_residual(self.constraints, x, self.constraints.evaluate(x, y_new, jacobian=False), bounds)
         residual = r_new.detach().abs().amax(dim=-1)
         return ProjectionResult(y_new, 1, residual, residual <= self.tol, regularized)

@@ -113,9 +113,7 @@ class _KKTSystem:
 
     def g_hat_jac(self, x: Tensor | None, g: Tensor, Jg: Tensor) -> Tensor:
         _, _, fu, fl = self._sides(x, g)
-        return torch.cat(
-            [Jg[:, self.iu] * fu[..., None], -Jg[:, self.il] * fl[..., None]], dim=-2
-        )  # [B, p, n]
+        return torch.cat([Jg[:, self.iu] * fu[..., None], -Jg[:, self.il] * fl[..., None]], dim=-2)  # [B, p, n]
 
     # ---------------------------------------------------------------- F and K
     def split(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -289,9 +287,7 @@ class KKTHardNet(ProjectionLayer):
         if not fb_eps >= 0 or not gn_reg > 0:
             raise ValueError(f"Invalid fb_eps={fb_eps} or gn_reg={gn_reg}")
         if not 0 < armijo_c < 0.5 or not 0 < backtrack < 1 or max_backtracks < 1:
-            raise ValueError(
-                f"Invalid line search: armijo_c={armijo_c}, backtrack={backtrack}, {max_backtracks=}"
-            )
+            raise ValueError(f"Invalid line search: armijo_c={armijo_c}, backtrack={backtrack}, {max_backtracks=}")
         self.max_iter, self.tol, self.fb_eps, self.gn_reg = int(max_iter), tol, float(fb_eps), float(gn_reg)
         self.armijo_c, self.backtrack, self.max_backtracks = (
             float(armijo_c),
@@ -308,9 +304,7 @@ class KKTHardNet(ProjectionLayer):
         with torch.no_grad():
             res = self._newton(system)
         y_out = _KKTBackward.apply(system, self.gn_reg, x, y, res.extras["z"])
-        return ProjectionResult(
-            y_out, res.iterations, res.residual, res.converged, res.regularized, res.extras
-        )
+        return ProjectionResult(y_out, res.iterations, res.residual, res.converged, res.regularized, res.extras)
 
     def _newton(self, system: _KKTSystem) -> ProjectionResult:
         z = system.start()  # [B, N]
