@@ -3,7 +3,8 @@
 * ``objective``: log10 of the full-batch objective vs iterations, one panel per learning rate; full-batch runs as
   lines, mini-batch runs as the mean ± std of log10 over their seeds.
 * ``violation``: log10 max |c| at the constraint points vs iterations, same layout.
-* ``test_mse``: final test MSE per method and learning rate (mean ± std over seeds for mini-batch runs).
+* ``final_metrics``: final test MSE and max |c| per method and learning rate (mean ± std over seeds for
+  mini-batch runs).
 * ``overview``: objective and violation side by side at the largest learning rate (a quick look).
 * ``prediction``: prediction vs truth for each method (its best run): curves for the spring and the reaction
   network, fields for Burgers and Darcy, the manifold for the toy problem.
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 
 from .runner import load_results
 
-__all__ = ["plot_problem"]
+__all__ = ["make_figures", "plot_problem"]
 
 # Figures are built as matplotlib.figure.Figure objects and saved directly: no pyplot, no global backend switch
 # (importing this module inside a notebook leaves inline display alone).
@@ -106,28 +107,30 @@ def _overview_figure(runs, problem: str):
     return fig
 
 
-def _mse_figure(runs, problem: str):
+def _final_figure(runs, problem: str):
+    """Final test MSE and max |c| per method and setting (mean ± std over seeds for mini-batch runs)."""
     groups = _groups(runs)
     methods = list(dict.fromkeys(m for m, _, _ in groups))
     settings = sorted({(lr, b) for _, lr, b in groups}, key=lambda s: (-s[0], s[1]))
-    fig = Figure(figsize=(max(6.0, 1.3 * len(methods) * max(1, len(settings)) / 2), 4.2))
-    ax = fig.subplots()
+    fig = Figure(figsize=(max(9.0, 1.6 * len(methods) * max(1, len(settings)) / 2), 4.4))
+    axes = fig.subplots(1, 2)
     width = 0.8 / max(len(settings), 1)
-    for j, (lr, batch) in enumerate(settings):
-        means, errs = [], []
-        for method in methods:
-            vals = [r["final"]["test_mse"] for r in groups.get((method, lr, batch), [])]
-            means.append(np.mean(vals) if vals else np.nan)
-            errs.append(np.std(vals) if len(vals) > 1 else 0.0)
-        x = np.arange(len(methods)) + (j - (len(settings) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=errs, label=f"lr = {lr:g}, {batch}", capsize=3)
     labels = [_label(next(r for (m, _, _), g in groups.items() if m == method for r in g)) for method in methods]
-    ax.set_xticks(np.arange(len(methods)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("final test MSE")
-    ax.set_title(f"{problem}: test MSE")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    for ax, key, title in zip(axes, ("test_mse", "max_abs_c"), ("final test MSE", "final max |c|")):
+        for j, (lr, batch) in enumerate(settings):
+            means, errs = [], []
+            for method in methods:
+                vals = [r["final"][key] for r in groups.get((method, lr, batch), [])]
+                means.append(np.mean(vals) if vals else np.nan)
+                errs.append(np.std(vals) if len(vals) > 1 else 0.0)
+            x = np.arange(len(methods)) + (j - (len(settings) - 1) / 2) * width
+            ax.bar(x, means, width, yerr=errs, label=f"lr = {lr:g}, {batch}", capsize=3)
+        ax.set_xticks(np.arange(len(methods)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{problem}: final metrics")
     fig.tight_layout()
     return fig
 
@@ -141,9 +144,15 @@ def _best_runs(runs) -> dict[str, dict[str, Any]]:
     return best
 
 
+def _prediction(run: dict[str, Any]) -> dict[str, np.ndarray]:
+    if "prediction" in run:  # embedded (compact exports, see paper_figures/)
+        return {k: np.asarray(v) for k, v in run["prediction"].items()}
+    return dict(np.load(run["prediction_file"]))
+
+
 def _prediction_figure(runs, problem: str):
     best = _best_runs(runs)
-    preds = {m: dict(np.load(r["prediction_file"])) for m, r in best.items()}
+    preds = {m: _prediction(r) for m, r in best.items()}
     labels = {m: _label(r) for m, r in best.items()}
     any_pred = next(iter(preds.values()))
     u_true = any_pred.get("u_true")
@@ -230,6 +239,18 @@ def _manifold_figure(preds, labels, problem):
     return fig
 
 
+def make_figures(runs: list[dict[str, Any]], problem: str) -> dict[str, Figure]:
+    """Every figure type for a list of finished runs (as :func:`problems.runner.load_results` returns them, or
+    compact exports with embedded predictions)."""
+    return {
+        "overview": _overview_figure(runs, problem),
+        "objective": _curve_figure(runs, "objective", "log10 objective (full batch)", f"{problem}: objective"),
+        "violation": _curve_figure(runs, "max_abs_c", "log10 max |c|", f"{problem}: constraint violation"),
+        "final_metrics": _final_figure(runs, problem),
+        "prediction": _prediction_figure(runs, problem),
+    }
+
+
 def plot_problem(
     results_dir: str | Path, problem: str, out_dir: str | Path | None = None, formats: Sequence[str] = ("png", "pdf")
 ) -> list[Path]:
@@ -239,13 +260,7 @@ def plot_problem(
         raise FileNotFoundError(f"no finished runs of {problem!r} under {results_dir}")
     out = Path(out_dir) if out_dir else Path(results_dir) / problem / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "overview": _overview_figure(runs, problem),
-        "objective": _curve_figure(runs, "objective", "log10 objective (full batch)", f"{problem}: objective"),
-        "violation": _curve_figure(runs, "max_abs_c", "log10 max |c|", f"{problem}: constraint violation"),
-        "test_mse": _mse_figure(runs, problem),
-        "prediction": _prediction_figure(runs, problem),
-    }
+    figures = make_figures(runs, problem)
     written = []
     for name, fig in figures.items():
         for fmt in formats:

@@ -95,7 +95,7 @@ def _check_pinn_suite(nb: nbformat.NotebookNode, tmp_path: Path) -> None:
     rows = _table(_text(_cell(nb, "sweep")), methods, 5)  # objective, test MSE, max|c| at 0, max|c|, ms/it
     c0, c_end = rows["sqp-adam:normal_lr=1"][2], rows["sqp-adam:normal_lr=1"][3]
     assert c_end < 1e-3 * c0  # the full normal step (see test_runner for the same oracle)
-    assert _images(_cell(nb, "plots")) == 4  # objective, violation, test MSE, prediction
+    assert _images(_cell(nb, "plots")) == 5  # overview, objective, violation, final metrics, prediction
     assert "finished runs found by load_results: 4" in _text(_cell(nb, "files"))
     assert _images(_cell(nb, "curves")) == 1
     resume = _text(_cell(nb, "resume"))

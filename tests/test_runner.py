@@ -93,7 +93,7 @@ def test_cli_sweep_and_plots(tmp_path, cache, capsys):
     assert "penalty:rho=10" in out and "figures:" in out
     runs = load_results(tmp_path, "spring")
     assert len(runs) == 3 * 2 * (1 + 2)  # methods x lrs x (full + 2 mini seeds)
-    for name in ("overview", "objective", "violation", "test_mse", "prediction"):
+    for name in ("overview", "objective", "violation", "final_metrics", "prediction"):
         for fmt in ("png", "pdf"):
             assert (tmp_path / "spring" / "figures" / f"{name}.{fmt}").stat().st_size > 1000
     assert main(["plot", "spring", "--results", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
