@@ -398,6 +398,18 @@ class ConstrainedOptimizer(Optimizer):
     def _rank_tol(self, layout: _Layout) -> float:
         return self.rank_tol if self.rank_tol is not None else default_rank_tol(layout.dtype)
 
+    def _normal_step_sizes(self, layout: _Layout) -> float | Tensor:
+        """γ per group: ``normal_lr``, or the group's ``lr`` where it is ``None``."""
+        return self._per_coordinate(
+            layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in self.param_groups]
+        )
+
+    def _finish(self, ctx: StepContext, delta: Tensor, info: dict[str, Any]) -> Tensor:
+        """Record the step's diagnostics (warning once about a truncated Jacobian) and pass ``delta`` on."""
+        self._warn_if_truncated(info, ctx.c.shape[0])
+        ctx.diagnostics.update(info)
+        return delta
+
     def _warn_if_truncated(self, info: dict[str, Any], m: int) -> None:
         if info.get("truncated") and not self._rank_warned:
             self._rank_warned = True

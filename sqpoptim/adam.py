@@ -132,9 +132,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             beta1=self._per_coordinate(layout, [g["betas"][0] for g in groups]),
             beta2=self._per_coordinate(layout, [g["betas"][1] for g in groups]),
             eps=self._per_coordinate(layout, [g["eps"] for g in groups]),
-            normal_lr=self._per_coordinate(
-                layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in groups]
-            ),
+            normal_lr=self._normal_step_sizes(layout),
             projection=self.projection,
             bias_correction=self.bias_correction,
             project_gradients=self.project_gradients,
@@ -142,9 +140,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             sync_free=ctx.ok is not None,
             ok=ctx.ok,
         )
-        self._warn_if_truncated(info, ctx.c.shape[0])
-        ctx.diagnostics.update(info)
-        return delta
+        return self._finish(ctx, delta, info)
 
 
 def adam_sqp_direction(

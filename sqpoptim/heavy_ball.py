@@ -99,16 +99,12 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             flat["momentum_buffer"],
             lr=self._per_coordinate(layout, [g["lr"] for g in groups]),
             momentum=self._per_coordinate(layout, [g["momentum"] for g in groups]),
-            normal_lr=self._per_coordinate(
-                layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in groups]
-            ),
+            normal_lr=self._normal_step_sizes(layout),
             rank_tol=self._rank_tol(layout),
             sync_free=ctx.ok is not None,
             ok=ctx.ok,
         )
-        self._warn_if_truncated(info, ctx.c.shape[0])
-        ctx.diagnostics.update(info)
-        return delta
+        return self._finish(ctx, delta, info)
 
 
 def heavy_ball_sqp_direction(

@@ -120,25 +120,21 @@ class StochasticSQP(ConstrainedOptimizer):
 
     def _update(self, ctx: StepContext) -> Tensor:
         layout, groups = ctx.layout, self.param_groups
-        self._next_step_count(ctx)
         lrs = [g["lr"] for g in groups]
+        if self.step_rule == "adaptive" and any(lr != lrs[0] for lr in lrs):  # before any state changes
+            raise ValueError("step_rule='adaptive' needs one learning rate (β_k) shared by all param groups")
+        self._next_step_count(ctx)
         if self.step_rule == "fixed":
             delta, info = sqp_direction(
                 ctx.g,
                 ctx.c,
                 ctx.J,
                 lr=self._per_coordinate(layout, lrs),
-                normal_lr=self._per_coordinate(
-                    layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in groups]
-                ),
+                normal_lr=self._normal_step_sizes(layout),
                 rank_tol=self._rank_tol(layout),
                 sync_free=ctx.ok is not None,
             )
-            self._warn_if_truncated(info, ctx.c.shape[0])
-            ctx.diagnostics.update(info)
-            return delta
-        if any(lr != lrs[0] for lr in lrs):
-            raise ValueError("step_rule='adaptive' needs one learning rate (β_k) shared by all param groups")
+            return self._finish(ctx, delta, info)
         glob = self._global_state()
         if "lipschitz" not in glob:
             glob["lipschitz"] = self._lipschitz_constants(ctx)
@@ -171,9 +167,8 @@ class StochasticSQP(ConstrainedOptimizer):
             tau_new, xi_new = torch.where(ctx.ok, tau_new, tau), torch.where(ctx.ok, xi_new, xi)
         glob.update(tau=tau_new, xi=xi_new, alpha=alpha)
         info = step_info(ctx.c, F, v, alpha.to(u.dtype) * u)
-        self._warn_if_truncated(info, m)
-        ctx.diagnostics.update(info, tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
-        return alpha.to(d.dtype) * d
+        info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
+        return self._finish(ctx, alpha.to(d.dtype) * d, info)
 
     def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         r"""``(L, Γ)`` as given, or estimated from the closure at nearby points (parameters restored exactly).

@@ -250,3 +250,12 @@ def test_check_finite_reports_a_skipped_step():
     opt.step(lambda: (objective(model) * math.inf, burgers_residual(model, PTS)))
     with pytest.raises(FloatingPointError, match="loss"):
         opt.check_finite()
+
+
+def test_adaptive_rule_with_different_group_learning_rates_is_refused_without_changing_state():
+    x = torch.ones(4, dtype=f64, requires_grad=True)
+    y = torch.ones(3, dtype=f64, requires_grad=True)
+    opt = sqpoptim.StochasticSQP([{"params": [x], "lr": 1.0}, {"params": [y], "lr": 0.5}], step_rule="adaptive")
+    with pytest.raises(ValueError, match="one learning rate"):
+        opt.step(lambda: ((x**2).sum() + (y**2).sum(), (x[:1] + y[:1] - 1)))
+    assert torch.equal(x, torch.ones(4, dtype=f64)) and "step" not in opt.state.get("global", {})
