@@ -191,9 +191,13 @@ class ConstrainedOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._layout_cache, self._flat, self._flat_key = None, None, None
         glob = self.state.get(_GLOBAL)
+        self._pending = None
+        self._nonfinite_seen = 0
         if glob:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            self.state[_GLOBAL] = _to_device(glob, device)
+            self.state[_GLOBAL] = glob = _to_device(glob, device)
+            if "nonfinite_steps" in glob:  # skips recorded before the checkpoint were reported then
+                self._nonfinite_seen = int(glob["nonfinite_steps"])
 
     def _per_coordinate(self, layout: _Layout, values: Sequence[float]) -> float | Tensor:
         """A per-group hyperparameter as a scalar when all groups agree, else as a flat ``[n]`` tensor."""

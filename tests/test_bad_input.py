@@ -259,3 +259,19 @@ def test_adaptive_rule_with_different_group_learning_rates_is_refused_without_ch
     with pytest.raises(ValueError, match="one learning rate"):
         opt.step(lambda: ((x**2).sum() + (y**2).sum(), (x[:1] + y[:1] - 1)))
     assert torch.equal(x, torch.ones(4, dtype=f64)) and "step" not in opt.state.get("global", {})
+
+
+def test_skipped_steps_recorded_in_a_checkpoint_are_not_reported_again_after_loading():
+    model = TinyPINN(seed=5)
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, sync_free=True)
+    opt.step(lambda: good(model))
+    opt.step(lambda: (objective(model) * math.nan, burgers_residual(model, PTS)))
+    with pytest.raises(FloatingPointError):
+        opt.check_finite()
+    saved = copy.deepcopy(opt.state_dict())
+    opt2 = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, sync_free=True)
+    opt2.load_state_dict(saved)
+    for _ in range(3):
+        opt2.step(lambda: good(model))
+    opt2.check_finite()
+    assert opt2.state["global"]["nonfinite_steps"].item() == 1
