@@ -12,6 +12,7 @@ Optimizers (all ``torch.optim.Optimizer`` subclasses; ``step(closure)`` with the
 Output layers that enforce constraints on a network's predictions live in :mod:`sqpoptim.layers`.
 """
 
+from . import layers
 from ._base import ConstrainedOptimizer, RankDeficiencyWarning
 from ._jacobian import JacobianFallbackWarning, PointwiseConstraints
 from .adam import ProjectedAdamSQP, adam_sqp_direction
@@ -37,5 +38,6 @@ __all__ = [
     "adam_sqp_direction",
     "adaptive_step_size",
     "heavy_ball_sqp_direction",
+    "layers",
     "sqp_direction",
 ]
