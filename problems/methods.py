@@ -87,7 +87,9 @@ METHODS: dict[str, Method] = {
     ),
     "primal-dual": Method(
         "Primal-dual",
-        lambda p, lr, o: sqpoptim.PrimalDual(p, lr=lr, **{"dual_lr": 1e-2, "eps": 1e-7, **o}),
+        lambda p, lr, o: sqpoptim.PrimalDual(
+            p, lr=lr, **{"dual_lr": 1e-2, **({} if o.get("inner", "Adam") != "Adam" else {"eps": 1e-7}), **o}
+        ),
         True,
         defaults={"dual_lr": 1e-2},
         pointwise_jacobian=False,  # it back-propagates λᵀc through c's graph

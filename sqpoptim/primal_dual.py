@@ -42,7 +42,7 @@ class PrimalDual(ConstrainedOptimizer):
         params: iterable of parameters or param-group dicts (shared with the inner optimizer).
         lr: the inner optimizer's learning rate.
         dual_lr: η_λ ≥ 0.
-        inner: a ``torch.optim.Optimizer`` class.
+        inner: a ``torch.optim.Optimizer`` class, or its name in ``torch.optim`` (``"SGD"``).
         **inner_kwargs: passed to ``inner``.
     """
 
@@ -51,11 +51,16 @@ class PrimalDual(ConstrainedOptimizer):
         params: Any,
         lr: float = 1e-3,
         dual_lr: float = 1e-2,
-        inner: type[torch.optim.Optimizer] = torch.optim.Adam,
+        inner: type[torch.optim.Optimizer] | str = torch.optim.Adam,
         **inner_kwargs: Any,
     ) -> None:
         self._check_lr(lr)
         self._check_lr(dual_lr, "dual_lr")
+        if isinstance(inner, str):  # a torch.optim class by name ("Adam", "SGD", ...), e.g. from a command line
+            name = inner
+            inner = getattr(torch.optim, name, None)
+            if not (isinstance(inner, type) and issubclass(inner, torch.optim.Optimizer)):
+                raise ValueError(f"Invalid inner optimizer {name!r}: not a torch.optim optimizer")
         super().__init__(params, dict(lr=lr, dual_lr=dual_lr), sync_free=False)
         # The inner optimizer shares the param-group dicts, so schedulers acting on this optimizer reach it.
         self.inner = inner(self.param_groups, lr=lr, **inner_kwargs)
