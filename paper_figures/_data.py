@@ -31,16 +31,13 @@ def _finite(values: list[float]) -> list[float]:
 
 
 def export(results_dir: str | Path, problem: str, name: str) -> Path:
+    from problems.plots import best_runs
     from problems.runner import load_results
 
     runs = load_results(results_dir, problem)
     if not runs:
         raise FileNotFoundError(f"no finished runs of {problem!r} under {results_dir}")
-    best: dict[str, dict[str, Any]] = {}
-    for r in runs:
-        m = r["config"]["method"]
-        if m not in best or r["final"]["objective"] < best[m]["final"]["objective"]:
-            best[m] = r
+    best = best_runs(runs)
     out = []
     for r in runs:
         g = _finite(r["curves"].get("train_grad_norm", []))

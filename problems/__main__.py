@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for spec, res in zip(specs, results):
             f = res["final"]
+            note = f"  diverged at iteration {res['diverged_at']}" if res["status"] == "diverged" else ""
             print(
                 f"{spec.method:34s} {spec.lr:8.1e} {spec.batch:>5s} {spec.seed:4d} {f['objective']:11.4e} "
-                f"{f['test_mse']:10.3e} {f['max_abs_c']:9.2e} {res['timing']['ms_per_iteration']:7.2f}"
+                f"{f['test_mse']:10.3e} {f['max_abs_c']:9.2e} {res['timing']['ms_per_iteration']:7.2f}{note}"
             )
         if not args.no_plot:
             from .plots import plot_problem

@@ -14,6 +14,7 @@ Each figure is written as PNG and PDF under ``<results>/<problem>/figures/``.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 
 from .runner import load_results
 
-__all__ = ["make_figures", "plot_problem"]
+__all__ = ["best_runs", "make_figures", "plot_problem"]
 
 # Figures are built as matplotlib.figure.Figure objects and saved directly: no pyplot, no global backend switch
 # (importing this module inside a notebook leaves inline display alone).
@@ -35,7 +36,8 @@ _COLORS = matplotlib.colormaps["tab10"].colors
 def _label(run: dict[str, Any]) -> str:
     cfg = run["config"]
     opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg["options"].items())
-    return cfg["method_label"] + (f" ({opts})" if opts else "")
+    label = cfg["method_label"] + (f" ({opts})" if opts else "")
+    return label + (f" [diverged at {run['diverged_at']}]" if run.get("status") == "diverged" else "")
 
 
 def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], list[dict[str, Any]]]:
@@ -51,6 +53,11 @@ def _log10(values: Sequence[float]) -> np.ndarray:
     return np.log10(np.maximum(a, 1e-300))
 
 
+def _padded(values: np.ndarray, length: int) -> np.ndarray:
+    """A diverged run's curve stops early: pad with NaN (not drawn) to the group's length."""
+    return np.concatenate([values, np.full(length - len(values), np.nan)])
+
+
 def _curve_figure(runs, key: str, ylabel: str, title: str):
     groups = _groups(runs)
     lrs = sorted({lr for _, lr, _ in groups}, reverse=True)
@@ -64,12 +71,13 @@ def _curve_figure(runs, key: str, ylabel: str, title: str):
                 group = groups.get((method, lr, batch))
                 if not group:
                     continue
-                it = np.asarray(group[0]["curves"]["iteration"])
-                ys = np.stack([_log10(r["curves"][key]) for r in group])
+                it = np.asarray(max((r["curves"]["iteration"] for r in group), key=len))
+                ys = np.stack([_padded(_log10(r["curves"][key]), len(it)) for r in group])
                 label = f"{_label(group[0])}, {batch}" + (f" ({len(group)} seeds)" if len(group) > 1 else "")
-                ax.plot(it, ys.mean(0), style, color=color, label=label, lw=1.6)
+                mean, std = np.nanmean(ys, 0), np.nanstd(ys, 0)
+                ax.plot(it, mean, style, color=color, label=label, lw=1.6)
                 if len(group) > 1:
-                    ax.fill_between(it, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+                    ax.fill_between(it, mean - std, mean + std, color=color, alpha=0.2)
         ax.set_title(f"lr = {lr:g}")
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -92,10 +100,12 @@ def _overview_figure(runs, problem: str):
             group = groups.get((method, lr, batch))
             if not group:
                 continue
-            it = np.asarray(group[0]["curves"]["iteration"])
+            it = np.asarray(max((r["curves"]["iteration"] for r in group), key=len))
             for ax, key in zip(axes, ("objective", "max_abs_c")):
-                ys = np.stack([_log10(r["curves"][key]) for r in group])
-                ax.plot(it, ys.mean(0), style, color=_COLORS[i % 10], lw=1.8, label=f"{_label(group[0])}, {batch}")
+                ys = np.stack([_padded(_log10(r["curves"][key]), len(it)) for r in group])
+                ax.plot(
+                    it, np.nanmean(ys, 0), style, color=_COLORS[i % 10], lw=1.8, label=f"{_label(group[0])}, {batch}"
+                )
     axes[0].set_ylabel("log10 objective (full batch)")
     axes[1].set_ylabel("log10 max |c| at the constraint points")
     for ax in axes:
@@ -135,13 +145,16 @@ def _final_figure(runs, problem: str):
     return fig
 
 
-def _best_runs(runs) -> dict[str, dict[str, Any]]:
+def best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The run with the lowest final objective for each method spec (diverged runs only where nothing else)."""
     best: dict[str, dict[str, Any]] = {}
     for r in runs:
+        obj = r["final"]["objective"]
+        key = (math.isnan(obj), obj)
         m = r["config"]["method"]
-        if m not in best or r["final"]["objective"] < best[m]["final"]["objective"]:
-            best[m] = r
-    return best
+        if m not in best or key < best[m][0]:
+            best[m] = (key, r)
+    return {m: r for m, (_, r) in best.items()}
 
 
 def _prediction(run: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -151,7 +164,7 @@ def _prediction(run: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _prediction_figure(runs, problem: str):
-    best = _best_runs(runs)
+    best = best_runs(runs)
     preds = {m: _prediction(r) for m, r in best.items()}
     labels = {m: _label(r) for m, r in best.items()}
     any_pred = next(iter(preds.values()))

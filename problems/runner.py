@@ -171,9 +171,14 @@ def run(
     eval_set = set(evals)
     sync()
     t0 = time.perf_counter()
+    diverged: tuple[int, str] | None = None
     for it in range(start, n):
         batch = None if spec.batch == "full" else problem.sample_batch(gen)
-        loss, c = opt.step(method.closure(method, problem, model, batch))
+        try:
+            loss, c = opt.step(method.closure(method, problem, model, batch))
+        except FloatingPointError as err:  # diverged: recorded as such; a sweep goes on with the next run
+            diverged = (it, str(err))
+            break
         train_loss[it] = loss.detach().double()
         train_c[it] = c.detach().abs().max().double() if c.numel() else 0.0
         g_norm = opt.state.get("global", {}).get("diagnostics", {}).get("g_norm")
@@ -196,11 +201,15 @@ def run(
     sync()
     step_time += time.perf_counter() - t0 if start < n else 0.0
     model.eval()
-    final = {k: float(v) for k, v in problem.metrics(model).items()}
+    if diverged is None:
+        final = {k: float(v) for k, v in problem.metrics(model).items()}
+    else:  # the parameters are those of the last finite step; the run's outcome is the divergence
+        final = {k: math.nan for k in ("objective", "test_mse", "max_abs_c")}
     pred = problem.prediction(model)
     model.train()
     result = {
-        "status": "complete",
+        "status": "complete" if diverged is None else "diverged",
+        **({"diverged_at": diverged[0], "error": diverged[1]} if diverged else {}),
         "config": {
             **asdict(spec),
             "method_name": name,
@@ -267,12 +276,12 @@ def run_sweep(specs: list[RunSpec], results_dir: str | Path = "results", **kwarg
 
 
 def load_results(results_dir: str | Path, problem: str) -> list[dict[str, Any]]:
-    """Every finished run of ``problem`` under ``results_dir``."""
+    """Every finished run of ``problem`` under ``results_dir`` (``status`` "complete" or "diverged")."""
     folder = Path(results_dir) / problem
     runs = []
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
-        if data.get("status") == "complete":
+        if data.get("status") in ("complete", "diverged"):
             data["prediction_file"] = str(path.with_suffix(".npz"))
             runs.append(data)
     return runs

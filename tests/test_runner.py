@@ -120,3 +120,18 @@ def test_method_specs():
         parse_method("sgd")
     with pytest.raises(ValueError, match="key=value"):
         parse_method("penalty:rho")
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, cache):
+    from problems.runner import run_sweep
+
+    bad = RunSpec("spring", "sqp:normal_lr=1", lr=1e6, iterations=50, size="tiny", eval_every=1)
+    good = RunSpec("spring", "adam-unc", lr=1e-3, iterations=2, size="tiny")
+    results = run_sweep([bad, good], tmp_path, cache_dir=cache, progress=False)
+    assert results[0]["status"] == "diverged" and results[0]["diverged_at"] < 50
+    assert math.isnan(results[0]["final"]["objective"]) and "non-finite" in results[0]["error"]
+    assert results[1]["status"] == "complete"
+    assert {r["config"]["method"] for r in load_results(tmp_path, "spring")} == {"sqp:normal_lr=1", "adam-unc"}
+    from problems.plots import plot_problem
+
+    assert len(plot_problem(tmp_path, "spring", formats=("png",))) == 5
