@@ -30,6 +30,12 @@ def _finite(values: list[float]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
+def _rounded(values: Any) -> Any:
+    """Nested lists with 6 significant digits: plenty for a figure, a third of the text of full doubles."""
+    a = np.asarray(values, dtype=float)
+    return np.vectorize(lambda v: float(f"{v:.6g}"), otypes=[float])(a).tolist() if a.size else a.tolist()
+
+
 def export(results_dir: str | Path, problem: str, name: str) -> Path:
     from problems.plots import best_runs
     from problems.runner import load_results
@@ -42,15 +48,17 @@ def export(results_dir: str | Path, problem: str, name: str) -> Path:
     for r in runs:
         g = _finite(r["curves"].get("train_grad_norm", []))
         compact = {
+            "status": r["status"],
+            **({"diverged_at": r["diverged_at"]} if r["status"] == "diverged" else {}),
             "config": r["config"],
             "final": r["final"],
             "timing": r["timing"],
-            "curves": {k: r["curves"][k] for k in ("iteration", "objective", "test_mse", "max_abs_c")},
+            "curves": {k: _rounded(r["curves"][k]) for k in ("iteration", "objective", "test_mse", "max_abs_c")},
             "grad_norm": {"max": max(g), "median": float(np.median(g))} if g else None,
         }
         if best[r["config"]["method"]] is r:
             with np.load(r["prediction_file"]) as f:
-                compact["prediction"] = {k: f[k].tolist() for k in f.files}
+                compact["prediction"] = {k: _rounded(f[k]) for k in f.files}
         out.append(compact)
     DATA.mkdir(parents=True, exist_ok=True)
     path = DATA / f"{name}.json.gz"
