@@ -134,8 +134,8 @@ def solve_instance(
         value = float(objective(data["q"], data["p"], y))
         if violation <= FEASIBILITY_TOL and np.isfinite(value) and (best is None or value < best["objective"]):
             lam, kkt = _multipliers(data, y)
-            best = {"y": y, "lam": lam, "objective": value, "violation": violation, "kkt": kkt, "start": k}
-            best["iterations"] = float(nit)
+            best = {"y": y, "lam": lam, "objective": value, "violation": violation, "kkt": kkt}
+            best |= {"start": k, "iterations": float(nit)}
     if best is None:  # no start reached feasibility: flagged, never silently used
         m, n = data["A"].shape
         nan = float("nan")
@@ -169,7 +169,8 @@ def solve_references(
 ) -> dict[str, np.ndarray]:
     """Solve every instance ``X[k]`` (global instance number ``indices[k]``, which seeds its random starts).
 
-    Returns stacked arrays ``y [K, n]``, ``lam [K, m]``, ``objective``, ``violation``, ``kkt`` ``[K]`` and
+    Returns stacked arrays ``y [K, n]``, ``lam [K, m]``, ``objective``, ``violation``, ``kkt``, ``start``
+    (which start won; −1: none was feasible, the row is NaN), ``iterations`` (the winner's) ``[K]`` and
     ``seconds`` (wall time of the whole set)."""
     t0 = time.perf_counter()
     items = list(zip(indices.tolist(), X))

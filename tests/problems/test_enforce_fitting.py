@@ -12,6 +12,7 @@ from torch import nn
 from problems import problem_names
 from problems.enforce_fitting import EnforceFitting, fitting_constraint
 from problems.runner import RunSpec, run
+from sqpoptim.layers import OutputConstraints
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +91,24 @@ def test_constraints_shape_values_and_parameter_jacobian(cache):
     assert abs(float(analytic) - float(plus - minus) / (2 * eps)) < 1e-6 * max(1.0, abs(float(analytic)))
 
 
+def test_structured_jacobian_and_hessian_match_autograd(cache):
+    oc = EnforceFitting("tiny", dtype=torch.float64, cache_dir=cache).output_constraints()
+    generic = OutputConstraints(h=fitting_constraint)  # torch.func Jacobian and Hessian of the same h
+    torch.manual_seed(0)
+    x, y, w = torch.rand(7, 1, dtype=torch.float64) * 4 - 2, torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 1)
+    ev, ref = oc.evaluate(x, y), generic.evaluate(x, y)
+    torch.testing.assert_close(ev.h, ref.h, rtol=0, atol=0)
+    torch.testing.assert_close(ev.h_jac, ref.h_jac, rtol=1e-15, atol=1e-15)
+    w = w.double()
+    torch.testing.assert_close(oc.lagrangian_hessian(x, y, w, None), generic.lagrangian_hessian(x, y, w, None))
+
+
 def test_metrics_against_independent_formulas(cache):
     p = EnforceFitting("tiny", dtype=torch.float64, cache_dir=cache)
     exact = p.metrics(ExactModel())
-    assert exact["mape"] < 1e-12 and abs(exact["r2"] - 1) < 1e-14 and exact["objective"] < 1e-28
+    assert (
+        exact["mape"] < 1e-12 and exact["wape"] < 1e-12 and abs(exact["r2"] - 1) < 1e-14 and exact["objective"] < 1e-28
+    )
     assert exact["max_abs_c"] < 1e-14 and exact["test_max_violation"] < 1e-14 and exact["max_violation_pct"] < 1e-12
     shifted = ExactModel(offset=(0.1, -0.2))
     m = p.metrics(shifted)
@@ -104,6 +119,7 @@ def test_metrics_against_independent_formulas(cache):
     r2 = np.mean([1 - np.sum((yp[:, k] - y[:, k]) ** 2) / np.sum((y[:, k] - y[:, k].mean()) ** 2) for k in range(2)])
     viol = np.abs((0.5 * yp[:, 0]) ** 2 + x**2 + yp[:, 1])
     np.testing.assert_allclose(m["mape"], mape, rtol=1e-12)
+    np.testing.assert_allclose(m["wape"], 100 * 0.3 * len(y) / np.abs(y).sum(), rtol=1e-12)
     np.testing.assert_allclose(m["r2"], r2, rtol=1e-12)
     np.testing.assert_allclose(m["test_mse"], 0.05, rtol=1e-12)  # 0.1^2 + 0.2^2 at every point
     np.testing.assert_allclose(m["max_violation_pct"], 100 * viol.max() / p.violation_scale, rtol=1e-12)
