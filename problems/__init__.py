@@ -46,5 +46,13 @@ for _name, _target in [
     ("burgers", "problems.burgers:Burgers"),
     ("darcy", "problems.darcy:Darcy"),
     ("manifold_toy", "problems.manifold_toy:ManifoldToy"),
+    ("enforce_fitting", "problems.enforce_fitting:EnforceFitting"),
+    ("nonconvex_linear", "problems.nonconvex:NonconvexLinear"),
+    ("nonconvex_quadratic", "problems.nonconvex:NonconvexQuadratic"),
+    ("nonconvex_linear_100x50", "problems.nonconvex:NonconvexLinear100x50"),
+    ("nonconvex_linear_100x70", "problems.nonconvex:NonconvexLinear100x70"),
+    ("nonconvex_quadratic_100x10", "problems.nonconvex:NonconvexQuadratic100x10"),
+    ("nonconvex_quadratic_100x50", "problems.nonconvex:NonconvexQuadratic100x50"),
+    ("nonconvex_quadratic_100x70", "problems.nonconvex:NonconvexQuadratic100x70"),
 ]:
     register(_name, _target)

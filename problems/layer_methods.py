@@ -10,6 +10,13 @@ All of them train the backbone with Adam(unc) (ε inside the square root, like e
 Method options (``name:key=value``) go to the layer's constructor, except ``betas``/``eps`` (the optimizer),
 ``rho`` (``soft``) and ``lambda_d`` (``enforce``). The plain network is ``adam-unc``; training-time constraints
 on the same problems are the SQP methods, which impose the equalities at the problem's constraint inputs.
+
+``enforce:activation=true`` applies ENFORCE's activation rule (paper Alg. 2,
+:func:`sqpoptim.layers.adanp_activation`): per batch, the projection is used only if one NP step does not
+increase the loss measure ``output_loss(x, y) + w * mean_b ||h(x, y_b)||``; otherwise the raw output is used
+(and the displacement penalty vanishes). ``w`` is the problem's ``activation_penalty`` (App. D.2: 0 for
+regression, a constraint penalty for optimisation tasks; 0 when a problem does not set it) unless the option
+``activation_penalty`` overrides it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from .methods import Method, register_method
 __all__: list[str] = []
 
 _OPTIMIZER_KEYS = ("betas", "eps")
-_METHOD_KEYS = ("rho", "lambda_d")
+_METHOD_KEYS = ("rho", "lambda_d", "activation", "activation_penalty")
 
 
 def _optimizer(params: Any, lr: float, options: dict[str, Any]) -> torch.optim.Optimizer:
@@ -52,6 +59,10 @@ def _wrap(layer_cls: type[nn.Module], name: str) -> Callable[[Problem, nn.Module
         lp = _require_layer_problem(problem, name)
         model = LayeredModel(backbone, layer_cls(lp.output_constraints(), **_layer_options(options)))
         model.lambda_d = float(options.get("lambda_d", 0.5 if name == "enforce" else 0.0))
+        model.activation = bool(options.get("activation", False))
+        if model.activation and name != "enforce":
+            raise ValueError(f"the activation rule is ENFORCE's (method 'enforce'), not {name!r}'s")
+        model.activation_penalty = float(options.get("activation_penalty", getattr(lp, "activation_penalty", 0.0)))
         return model
 
     return prepare
@@ -60,10 +71,19 @@ def _wrap(layer_cls: type[nn.Module], name: str) -> Callable[[Problem, nn.Module
 def _layer_closure(method: Method, problem: Problem, model: nn.Module, batch: Batch | None) -> Callable[[], Any]:
     lp = _require_layer_problem(problem, "layer")
 
+    def measure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # Alg. 2's loss measure
+        loss = lp.output_loss(x, y, batch)
+        if model.activation_penalty:
+            loss = loss + model.activation_penalty * lp.output_constraints().h(x, y).norm(dim=-1).mean()
+        return loss
+
     def closure() -> tuple[torch.Tensor, torch.Tensor]:
         x = lp.inputs(batch)
         y_hat = model.backbone(x)
-        y = model.layer(x, y_hat)
+        if getattr(model, "activation", False):
+            y, _ = layers.adanp_activation(model.layer, x, y_hat, lambda y: measure(x, y))
+        else:
+            y = model.layer(x, y_hat)
         loss = lp.output_loss(x, y, batch)
         if model.lambda_d:
             loss = loss + model.lambda_d * (y_hat - y).square().sum(-1).mean()
