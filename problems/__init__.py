@@ -46,5 +46,10 @@ for _name, _target in [
     ("burgers", "problems.burgers:Burgers"),
     ("darcy", "problems.darcy:Darcy"),
     ("manifold_toy", "problems.manifold_toy:ManifoldToy"),
+    ("mpc", "problems.mpc:LearnedMPC"),
+    ("kkt_e1", "problems.kkt_examples:KKTExample1"),
+    ("kkt_e2", "problems.kkt_examples:KKTExample2"),
+    ("kkt_e3", "problems.kkt_examples:KKTExample3"),
+    ("pooling", "problems.pooling:Pooling"),
 ]:
     register(_name, _target)
