@@ -137,16 +137,22 @@ def test_kkt_hardnet_projects_near_the_data_like_scipy_but_not_from_zero(cache):
     res = KKTHardNet(oc).eval().project(x, y_hat)
     assert bool(res.converged.all()) and res.residual.max() < 1e-9
     for i in range(6):
-        xi, yi = x[i : i + 1], y_hat[i].numpy()
+        a, b, xx, yy = x[i].numpy()
+        yi = y_hat[i].numpy()
+
+        # the paper's six constraints written out in numpy: an oracle independent of the module's torch code
+        def balances(v, a=a, b=b, xx=xx, yy=yy):
+            return np.array([v[1] + v[2] - a - b, xx - v[1] - v[3], yy - v[2] - v[4], v[0] * (v[1] + v[2]) - 3 * a - b])
+
+        def specifications(v, xx=xx, yy=yy):  # >= 0 for SLSQP
+            return -np.array([v[0] * v[1] + 2 * v[3] - 2.5 * xx, v[0] * v[2] + 2 * v[4] - 1.5 * yy])
+
         sol = scipy.optimize.minimize(
             lambda v, yi=yi: 0.5 * np.sum((v - yi) ** 2),
             p.y_train[i].numpy(),
             jac=lambda v, yi=yi: v - yi,
             method="SLSQP",
-            constraints=[
-                {"type": "eq", "fun": lambda v, xi=xi: oc.h(xi, torch.from_numpy(v)[None]).numpy()[0]},
-                {"type": "ineq", "fun": lambda v, xi=xi: -oc.g(xi, torch.from_numpy(v)[None]).numpy()[0]},
-            ],
+            constraints=[{"type": "eq", "fun": balances}, {"type": "ineq", "fun": specifications}],
             options={"ftol": 1e-14, "maxiter": 500},
         )
         np.testing.assert_allclose(res.y[i].numpy(), sol.x, rtol=0, atol=1e-6)
