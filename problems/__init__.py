@@ -54,5 +54,10 @@ for _name, _target in [
     ("nonconvex_quadratic_100x10", "problems.nonconvex:NonconvexQuadratic100x10"),
     ("nonconvex_quadratic_100x50", "problems.nonconvex:NonconvexQuadratic100x50"),
     ("nonconvex_quadratic_100x70", "problems.nonconvex:NonconvexQuadratic100x70"),
+    ("mpc", "problems.mpc:LearnedMPC"),
+    ("kkt_e1", "problems.kkt_examples:KKTExample1"),
+    ("kkt_e2", "problems.kkt_examples:KKTExample2"),
+    ("kkt_e3", "problems.kkt_examples:KKTExample3"),
+    ("pooling", "problems.pooling:Pooling"),
 ]:
     register(_name, _target)

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-__all__ = ["batch_indices", "input_derivative", "input_jvp", "make_mlp", "num_parameters", "with_input_grad"]
+__all__ = [
+    "batch_indices",
+    "input_derivative",
+    "input_jvp",
+    "make_mlp",
+    "num_parameters",
+    "relu_mlp",
+    "with_input_grad",
+]
 
 
 def make_mlp(sizes: Sequence[int], seed: int, *, device: torch.device | str, dtype: torch.dtype) -> nn.Sequential:
@@ -51,6 +59,13 @@ def make_mlp(sizes: Sequence[int], seed: int, *, device: torch.device | str, dty
         if i < len(sizes) - 2:
             layers.append(nn.Tanh())
     return nn.Sequential(*layers)
+
+
+def relu_mlp(sizes: Sequence[int], seed: int, *, device: torch.device | str, dtype: torch.dtype) -> nn.Sequential:
+    """:func:`make_mlp`'s seeded PyTorch-default initialisation with ReLU in place of tanh (the layer papers'
+    networks): the same seed gives the same weights as the tanh network."""
+    net = make_mlp(sizes, seed, device=device, dtype=dtype)
+    return nn.Sequential(*(nn.ReLU() if isinstance(m, nn.Tanh) else m for m in net))
 
 
 def num_parameters(model: nn.Module) -> int:

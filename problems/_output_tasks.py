@@ -1,9 +1,8 @@
 """Helpers shared by the ENFORCE tasks (C1 function fitting, C2/C3 nonconvex programs).
 
-* :func:`relu_mlp` builds ``Linear → ReLU → … → Linear``, the backbone of every method in the ENFORCE paper,
-  with PyTorch's default ``nn.Linear`` distribution (weights and biases ~ U[−1/√fan_in, 1/√fan_in]) drawn in
-  float64 on the CPU from a private ``torch.Generator`` and then cast, as :func:`problems._mlp.make_mlp` does
-  for tanh networks: a seed gives the same network on every device and the global RNG is untouched.
+* :func:`relu_mlp` (from :mod:`problems._mlp`) builds ``Linear → ReLU → … → Linear``, the
+  backbone of every method in the ENFORCE paper, with :func:`problems._mlp.make_mlp`'s seeded PyTorch-default
+  initialisation: a seed gives the same network on every device and the global RNG is untouched.
 * :func:`forward_seconds` times a model's forward pass (the output layer's projection included), the papers'
   "inference time" of one batch.
 * :func:`backbone_output` is the raw output ŷ of a :class:`~problems._layered.LayeredModel` (``None`` for a
@@ -12,33 +11,14 @@
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ._mlp import relu_mlp
+
 __all__ = ["backbone_output", "forward_seconds", "relu_mlp"]
-
-
-def relu_mlp(sizes: Sequence[int], seed: int, *, device: torch.device | str, dtype: torch.dtype) -> nn.Sequential:
-    """``sizes[0] → … → sizes[-1]`` with ReLU after every hidden layer (none after the last)."""
-    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"Invalid MLP sizes {tuple(sizes)}: need at least two positive layer widths")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        lin = nn.Linear(fan_in, fan_out, device=device, dtype=dtype)
-        bound = fan_in**-0.5
-        with torch.no_grad():
-            for p, shape in ((lin.weight, (fan_out, fan_in)), (lin.bias, (fan_out,))):
-                draw = torch.rand(shape, generator=gen, dtype=torch.float64) * (2 * bound) - bound
-                p.copy_(draw.to(device=device, dtype=dtype))
-        layers.append(lin)
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def forward_seconds(model: nn.Module, x: Tensor, repeats: int = 3) -> tuple[Tensor, float]:

@@ -1,15 +1,22 @@
 """Output-layer methods for :class:`~problems._layered.LayerProblem` tasks, registered with the runner.
 
 * ``soft`` — the backbone alone, trained on the task loss plus ``rho`` times the mean squared violation of the
-  batch outputs (the "soft constraint" / PINN baseline of the layer papers).
+  batch outputs (the "soft constraint" / PINN baseline of the layer papers). ``rho`` defaults to the problem's
+  ``soft_rho`` attribute (the paper's penalty weight) where it has one, else 1.
 * ``hardnet`` (affine constraints only), ``enforce``, ``hardnet-pp``, ``kkt-hardnet`` — the backbone followed
   by the layer (:class:`~problems._layered.LayeredModel`), trained on the task loss of the projected output.
   ``enforce`` adds ENFORCE's displacement penalty ``lambda_d * mean ||ŷ - ỹ||²`` (paper default 0.5).
+  ``eta`` (off by default) is KKT-Hardnet's warm start (Iftakher et al., Sec. 2): a training batch whose task
+  loss on the raw output ŷ exceeds ``eta`` trains the backbone alone on that loss, so the layer is switched on
+  once the backbone's loss has fallen below ``eta``. The paper switches once and for all; deciding per batch
+  keeps the closure stateless (a resumed run gives the same iterates) and differs only if the loss climbs back
+  above ``eta``. Evaluation always projects.
 
 All of them train the backbone with Adam(unc) (ε inside the square root, like every Adam in this package).
 Method options (``name:key=value``) go to the layer's constructor, except ``betas``/``eps`` (the optimizer),
-``rho`` (``soft``) and ``lambda_d`` (``enforce``). The plain network is ``adam-unc``; training-time constraints
-on the same problems are the SQP methods, which impose the equalities at the problem's constraint inputs.
+``rho`` (``soft``), ``lambda_d`` (``enforce``) and ``eta`` (the layers). The plain network is ``adam-unc``;
+training-time constraints on the same problems are the SQP methods, which impose the equalities at the problem's
+constraint inputs.
 
 ``enforce:activation=true`` applies ENFORCE's activation rule (paper Alg. 2,
 :func:`sqpoptim.layers.adanp_activation`): per batch, the projection is used only if one NP step does not
@@ -37,7 +44,7 @@ from .methods import Method, register_method
 __all__: list[str] = []
 
 _OPTIMIZER_KEYS = ("betas", "eps")
-_METHOD_KEYS = ("rho", "lambda_d", "activation", "activation_penalty")
+_METHOD_KEYS = ("rho", "lambda_d", "activation", "activation_penalty", "eta")
 
 
 def _optimizer(params: Any, lr: float, options: dict[str, Any]) -> torch.optim.Optimizer:
@@ -63,6 +70,10 @@ def _wrap(layer_cls: type[nn.Module], name: str) -> Callable[[Problem, nn.Module
         if model.activation and name != "enforce":
             raise ValueError(f"the activation rule is ENFORCE's (method 'enforce'), not {name!r}'s")
         model.activation_penalty = float(options.get("activation_penalty", getattr(lp, "activation_penalty", 0.0)))
+        eta = options.get("eta")
+        if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
+            raise ValueError(f"Invalid eta: {eta!r} (the warm-start loss threshold must be > 0)")
+        model.eta = None if eta is None else float(eta)
         return model
 
     return prepare
@@ -80,6 +91,11 @@ def _layer_closure(method: Method, problem: Problem, model: nn.Module, batch: Ba
     def closure() -> tuple[torch.Tensor, torch.Tensor]:
         x = lp.inputs(batch)
         y_hat = model.backbone(x)
+        if model.eta is not None:
+            raw = lp.output_loss(x, y_hat, batch)
+            if float(raw.detach()) > model.eta:  # warm start: the backbone alone (one host read per step)
+                with torch.no_grad():
+                    return raw, lp.output_violation(x, y_hat.detach())
         if getattr(model, "activation", False):
             y, _ = layers.adanp_activation(model.layer, x, y_hat, lambda y: measure(x, y))
         else:
@@ -113,7 +129,7 @@ def _soft_closure(method: Method, problem: Problem, model: nn.Module, batch: Bat
 
 def _soft_prepare(problem: Problem, backbone: nn.Module, options: dict[str, Any]) -> nn.Module:
     _require_layer_problem(problem, "soft")
-    backbone.soft_rho = float(options.get("rho", 1.0))
+    backbone.soft_rho = float(options.get("rho", getattr(problem, "soft_rho", 1.0)))
     return backbone
 
 

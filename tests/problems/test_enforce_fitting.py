@@ -187,4 +187,4 @@ def test_prediction_figure(tmp_path, cache):
             progress=False,
         )
     files = plot_problem(tmp_path, "enforce_fitting", formats=("png",))
-    assert len(files) == 4 and all(f.stat().st_size > 1000 for f in files)
+    assert len(files) == 5 and all(f.stat().st_size > 1000 for f in files)
