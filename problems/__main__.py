@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     r.add_argument("--threads", type=int, help="torch intra-op threads (small problems run best on 1)")
     r.add_argument("--model-seed", type=int, default=0)
-    r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1% of the budget)")
+    r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1%% of the budget)")
     r.add_argument("--results", default="results", help="results folder (default ./results)")
     r.add_argument("--cache", help="data cache folder (default $SQPOPTIM_CACHE or ~/.cache/sqpoptim)")
     r.add_argument("--no-plot", action="store_true", help="do not draw the figures at the end")

@@ -135,3 +135,11 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, cache):
     from problems.plots import plot_problem
 
     assert len(plot_problem(tmp_path, "spring", formats=("png",))) == 5
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["plot"], ["list"]])
+def test_cli_help_prints(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
