@@ -23,7 +23,10 @@ rows of ``A``, the linear term, and ``quad[i]`` = :math:`A_i`).
 Threads. Every dense operation here is small (≤ 200 x 200), and multi-threaded BLAS on such sizes only
 spins: on a shared two-core machine one C3 solve measured 50x slower with OpenBLAS's default threads than
 with one. Large instance sets are therefore solved in ``spawn``-ed worker processes started with one BLAS
-thread (``SQPOPTIM_REFERENCE_PROCESSES`` of them, default 1); small ones (n ≤ 50) in-process.
+thread (``SQPOPTIM_REFERENCE_PROCESSES`` of them, default 1; ``0`` solves in-process); small ones (n ≤ 50)
+in-process. A script that builds a large C2/C3 problem for the first time (before its references are cached)
+therefore needs the usual ``if __name__ == "__main__":`` guard, as for any ``multiprocessing`` spawn; the
+command line (``python -m problems``) has it.
 """
 
 from __future__ import annotations
