@@ -112,7 +112,19 @@ def _check_pinn_suite(nb: nbformat.NotebookNode, tmp_path: Path) -> None:
     assert not list(tmp_path.glob("sqpoptim-suite-*"))  # the last cell removed its folder
 
 
-CHECKS = {"01_quickstart": _check_quickstart, "02_pinn_suite": _check_pinn_suite}
+def _check_layers(nb: nbformat.NotebookNode, tmp_path: Path) -> None:
+    names = ["Adam", "Adam + ENFORCE layer", "ProjectedAdamSQP (h = 0 at 5 points)"]
+    # test MSE, max|h| in [1, 2], max|h| outside, max|h| at the points x_k, ms per forward pass of the test set
+    rows = _table(_text(_cell(nb, "compare")), names, 5)
+    plain, layer, sqp = (rows[n] for n in names)
+    assert min(plain[1:4]) > 0.1  # the noisy labels: the plain fit is infeasible everywhere
+    assert max(layer[1:4]) <= 1e-6  # the layer: every input, in and beyond the training range (eval tolerance)
+    assert sqp[3] < 1e-8 < 1e-2 * sqp[1]  # the optimizer: round-off at the chosen points only
+    assert "converged: True" in _text(_cell(nb, "layer"))
+    assert _images(_cell(nb, "compare")) == 1
+
+
+CHECKS = {"01_quickstart": _check_quickstart, "02_pinn_suite": _check_pinn_suite, "03_layers": _check_layers}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The layer papers' tasks (ENFORCE C1-C3, HardNet++ D, KKT-Hardnet E1-E4) at the budgets this project's CPU
+# machine affords (2 shared cores, no GPU). Results under results/layers; RESULTS.md has the tables.
+# One seed, full batch where the paper trains full batch, mini-batch (200) on C2/C3 and D.
+# Measured per-step costs on one core (ms): C1 small: adam-unc 2, enforce 6, kkt-hardnet 41, sqp-adam 9,
+# hardnet-pp 1400; C2 small (batch 200): adam-unc 9, enforce 370, hardnet 356, kkt-hardnet 12900,
+# sqp-adam 1870; D small: adam-unc 4, hardnet-pp 16300; E1 small: hardnet-pp 2200, kkt-hardnet 3800.
+# The layers whose steps cost seconds on a CPU (HardNet++'s 500 unrolled iterations, KKT-Hardnet's Newton
+# solves) run on E1-E4 only at a shortened budget, in the second part.
+set -euo pipefail
+R=${RESULTS:-results/layers}
+COMMON="--threads 1 --results $R --no-plot --quiet --seeds 0"
+python -m problems run enforce_fitting --size small --iterations 5000 --methods adam-unc,soft,enforce,kkt-hardnet,sqp-adam --batch full $COMMON
+for p in kkt_e1 kkt_e2 pooling; do
+  python -m problems run $p --size paper --iterations 1200 --methods adam-unc,soft,sqp-adam --batch full $COMMON
+done
+python -m problems run kkt_e3 --size paper --iterations 1200 --methods adam-unc,soft --batch full $COMMON
+python -m problems run mpc --size small --iterations 1000 --methods adam-unc,soft,sqp-adam --batch mini $COMMON
+python -m problems run nonconvex_linear --size small --iterations 1000 --methods adam-unc,soft,enforce,hardnet --batch mini $COMMON
+python -m problems run nonconvex_quadratic --size small --iterations 1000 --methods adam-unc,soft,enforce --batch mini $COMMON
+# Part two: the expensive layers at a shortened budget (the small data sets).
+for p in kkt_e1 kkt_e2 kkt_e3 pooling; do
+  python -m problems run $p --size small --iterations 150 --methods adam-unc,kkt-hardnet,hardnet-pp --batch full $COMMON
+done
