@@ -58,6 +58,14 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
     comparison of the projection and bias-correction options.
 
+    Limitation (shared by every SQP method here and by :class:`~sqpoptim.ConstrainedAdam`): the normal step is
+    the Gauss–Newton step of the *linearised* constraints, with no merit function or line search. When the
+    initial violation is large against the constraints' curvature (strongly nonlinear output constraints at
+    many points of a ReLU network, the ENFORCE C1 task in RESULTS.md), the full step can overshoot by orders of
+    magnitude and leave a rank-deficient Jacobian; ``optimizer.diagnostics()`` shows it (``c_inf`` jumps,
+    ``rank`` drops). Start from a smaller ``normal_lr`` (for instance ``None``) and raise it once ``c_inf`` is
+    small, or enforce such pointwise output constraints with an output layer (:mod:`sqpoptim.layers`).
+
     Param groups: each group's ``lr`` (and betas) multiplies its coordinates *before* the projection, so
     :math:`J_k u_k = 0` holds with several groups; the schedulers of ``torch.optim.lr_scheduler`` act on the
     tangential step and, when ``normal_lr`` is ``None``, on the normal step. ``OneCycleLR`` may cycle
