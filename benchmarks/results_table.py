@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from problems.runner import load_results  # noqa: E402
+from problems.runner import load_results
 
 
 def _fmt(v: float) -> str:

@@ -80,8 +80,16 @@ def measure(size: str, m: int, names: list[str], args: argparse.Namespace) -> li
         model.load_state_dict(base.state_dict())
         opt = OPTIMIZERS[name](model.parameters())
 
-        def closure(model=model):
-            return ((model(X) - Y) ** 2).mean(), (model(Xc).squeeze(1) - Yc) if m else None
+        if args.jacobian == "pointwise" and m:  # one vmap(grad) over the points: each row sees its own point
+
+            def closure(model=model):
+                c = sqpoptim.PointwiseConstraints(model, lambda f, p: f(p[0]).squeeze() - p[1], (Xc, Yc))
+                return ((model(X) - Y) ** 2).mean(), c
+
+        else:  # one batched backward over c (is_grads_batched), the default path
+
+            def closure(model=model):
+                return ((model(X) - Y) ** 2).mean(), (model(Xc).squeeze(1) - Yc) if m else None
 
         def iteration(opt=opt, closure=closure):
             opt.step(closure)
@@ -125,6 +133,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="64x2,256x3,1024x3", help="widthxdepth of the tanh MLPs")
     parser.add_argument("--params", help="instead of --sizes: parameter counts, e.g. 1e5,1e6,1e7 (depth-3 MLPs)")
     parser.add_argument("--constraints", default="0,3,10,50,200")
+    parser.add_argument(
+        "--jacobian",
+        default="batched",
+        choices=("batched", "pointwise"),
+        help="constraint Jacobian path: the closure returns c (batched backward) or PointwiseConstraints",
+    )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--d-in", type=int, default=8)
@@ -146,7 +160,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(
         f"\n{datetime.date.today()} · torch {torch.__version__} · {args.device} ({device}) · "
-        f"{torch.get_num_threads()} threads · {args.dtype} · batch {args.batch}\n"
+        f"{torch.get_num_threads()} threads · {args.dtype} · batch {args.batch} · {args.jacobian} Jacobian\n"
     )
     mem = args.device.startswith("cuda")
     head = "| model (width×depth) | n | m | " + " | ".join(names) + " | Adam ms/it |"
