@@ -41,7 +41,8 @@ Notes and deviations
 * The authors' data (a CSV in their repository) have an MSE floor of about 50 for every model, which suggests
   a random split; ours is deterministic, so our MSE values are not comparable with Table 6 in absolute terms.
 * The paper's warm start (train the MLP alone until its loss falls below η = 75, then switch the layer on)
-  is not a method of this suite: the layer is on from the first step.
+  is the method option ``kkt-hardnet:eta=75`` (:mod:`problems.layer_methods`); without it the layer is on
+  from the first step.
 * Training-time methods impose the four balances at the first 50 training inputs (m = 200; "small" 25,
   "tiny" 4).
 * Sizes: "paper" 1,600/400, "small" 400/100, "tiny" 40/10.
