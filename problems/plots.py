@@ -62,7 +62,7 @@ def _curve_figure(runs, key: str, ylabel: str, title: str):
     groups = _groups(runs)
     lrs = sorted({lr for _, lr, _ in groups}, reverse=True)
     methods = list(dict.fromkeys(m for m, _, _ in groups))
-    fig = Figure(figsize=(5.5 * len(lrs), 4.2))
+    fig = Figure(figsize=(5.5 * len(lrs) + 3.0, 4.2))  # + the legend, outside the axes
     axes = fig.subplots(1, len(lrs), squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], lrs):
         for i, method in enumerate(methods):
@@ -82,7 +82,7 @@ def _curve_figure(runs, key: str, ylabel: str, title: str):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(ylabel)
-    axes[0, -1].legend(fontsize=8, loc="best")
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
