@@ -6,7 +6,7 @@
 # hardnet-pp 1400; C2 small (batch 200): adam-unc 9, enforce 370, hardnet 356, kkt-hardnet 12900,
 # sqp-adam 1870; D small: adam-unc 4, hardnet-pp 16300; E1 small: hardnet-pp 2200, kkt-hardnet 3800.
 # The layers whose steps cost seconds on a CPU (HardNet++'s 500 unrolled iterations, KKT-Hardnet's Newton
-# solves) run on E1-E4 only at a shortened budget, in the second part.
+# solves) are left out of the first part; the second part runs KKT-Hardnet on pooling at a short budget.
 set -euo pipefail
 R=${RESULTS:-results/layers}
 COMMON="--threads 1 --results $R --no-plot --quiet --seeds 0"
