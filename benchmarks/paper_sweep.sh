@@ -3,7 +3,8 @@
 # (2 shared cores, no GPU, about 100 core-minutes for the whole sweep; the paper's budgets need a GPU: see
 # RESULTS.md for the budgets and why). Results under results/paper.
 #  * The paper's four methods at this package's defaults (normal_lr = 1), both of the paper's learning rates,
-#    full batch and mini-batch (seed 0) where a run is cheap (spring, chemistry), full batch on Burgers/Darcy.
+#    full batch and mini-batch (seed 0; spring: seeds 0-4) where a run is cheap (spring, chemistry), full batch
+#    on Burgers/Darcy.
 #  * The other methods (SQP-Adam with the authors' normal step normal_lr = None, plain stochastic SQP, penalty,
 #    primal-dual) on spring and chemistry.
 # Measured ms per iteration on one core (sqp-adam): spring/paper 11.5, chemistry/small 33, burgers/small 123,
@@ -14,6 +15,9 @@ CORE="sqp-adam,sqp-hb,adam-unc,adam-con"
 MORE="sqp-adam:normal_lr=None,sqp,penalty,primal-dual"
 COMMON="--threads 1 --results $R --no-plot --quiet --seeds 0"
 python -m problems run spring --size paper --iterations 3000 --methods "$CORE,$MORE" --batch full,mini $COMMON
+# spring: mini-batch seeds 1-4 of the paper's four methods (five seeds in all, as in the paper)
+python -m problems run spring --size paper --iterations 3000 --methods "$CORE" --batch mini --seeds 1-4 \
+  --threads 1 --results "$R" --no-plot --quiet
 python -m problems run chemistry --size small --iterations 2000 --methods "$CORE,$MORE" --batch full,mini $COMMON
 python -m problems run darcy --size small --iterations 300 --methods "$CORE" --batch full $COMMON
 python -m problems run burgers --size small --iterations 1000 --methods "$CORE" --batch full $COMMON
