@@ -76,3 +76,27 @@ def load(name: str) -> tuple[str, list[dict[str, Any]]]:
 
 if __name__ == "__main__":
     print(export(sys.argv[1], sys.argv[2], sys.argv[3]))
+
+
+def problem_figures(
+    script: str, exports: dict[str, str], kinds: tuple[str, ...], out: Path, prefix: str = ""
+) -> list[Path]:
+    """Write :func:`problems.plots.make_figures`' figures of the given ``kinds`` for each export
+    (``{problem name: export name}``) as ``out/<prefix><problem>_<kind>.png``; exports not yet written are
+    skipped and named in one message from ``script``."""
+    from problems.plots import make_figures
+
+    written, missing = [], []
+    for name, export_name in exports.items():
+        if not (DATA / f"{export_name}.json.gz").exists():
+            missing.append(name)
+            continue
+        problem, runs = load(export_name)
+        for kind, fig in make_figures(runs, problem).items():
+            if kind in kinds:
+                path = out / f"{prefix}{name}_{kind}.png"
+                fig.savefig(path, dpi=110)
+                written.append(path)
+    if missing:
+        print(f"{script}: no export yet for {', '.join(missing)}")
+    return written

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _data import DATA, load
-
-from problems.plots import make_figures
+from _data import problem_figures
 
 PROBLEMS = (
     "enforce_fitting",
@@ -25,20 +23,7 @@ KINDS = ("objective", "final_metrics", "prediction")
 
 
 def main(out: Path) -> list[Path]:
-    written, missing = [], []
-    for name in PROBLEMS:
-        if not (DATA / f"layers_{name}.json.gz").exists():
-            missing.append(name)
-            continue
-        problem, runs = load(f"layers_{name}")
-        for kind, fig in make_figures(runs, problem).items():
-            if kind in KINDS:
-                path = out / f"layers_{name}_{kind}.png"
-                fig.savefig(path, dpi=110)
-                written.append(path)
-    if missing:
-        print(f"fig_layers.py: no export yet for {', '.join(missing)}")
-    return written
+    return problem_figures("fig_layers.py", {p: f"layers_{p}" for p in PROBLEMS}, KINDS, out, prefix="layers_")
 
 
 if __name__ == "__main__":

@@ -6,29 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _data import DATA, load
-
-from problems.plots import make_figures
+from _data import problem_figures
 
 PROBLEMS = ("spring", "chemistry", "burgers", "darcy")
+KINDS = ("objective", "violation", "final_metrics", "prediction")
 
 
 def main(out: Path) -> list[Path]:
-    written = []
-    missing = [p for p in PROBLEMS if not (DATA / f"pinn_{p}.json.gz").exists()]
-    for name in PROBLEMS:
-        if name in missing:
-            continue
-        problem, runs = load(f"pinn_{name}")
-        for kind, fig in make_figures(runs, problem).items():
-            if kind == "overview":
-                continue
-            path = out / f"{name}_{kind}.png"
-            fig.savefig(path, dpi=110)
-            written.append(path)
-    if missing:
-        print(f"fig_pinn.py: no export yet for {', '.join(missing)}")
-    return written
+    return problem_figures("fig_pinn.py", {p: f"pinn_{p}" for p in PROBLEMS}, KINDS, out)
 
 
 if __name__ == "__main__":
