@@ -96,7 +96,7 @@ def _layer_closure(method: Method, problem: Problem, model: nn.Module, batch: Ba
             if float(raw.detach()) > model.eta:  # warm start: the backbone alone (one host read per step)
                 with torch.no_grad():
                     return raw, lp.output_violation(x, y_hat.detach())
-        if getattr(model, "activation", False):
+        if model.activation:
             y, _ = layers.adanp_activation(model.layer, x, y_hat, lambda y: measure(x, y))
         else:
             y = model.layer(x, y_hat)
