@@ -21,3 +21,12 @@ python -m problems run spring --size paper --iterations 3000 --methods "$CORE" -
 python -m problems run chemistry --size small --iterations 2000 --methods "$CORE,$MORE" --batch full,mini $COMMON
 python -m problems run darcy --size small --iterations 300 --methods "$CORE" --batch full $COMMON
 python -m problems run burgers --size small --iterations 1000 --methods "$CORE" --batch full $COMMON
+# Mini-batch seeds beyond spring (session of 2026-11-22): chemistry seeds 1-4 at both learning rates; Darcy
+# mini-batch seeds 0-4 at lr 5e-3 (the rate where the paper's ordering held in full batch); Burgers mini-batch
+# seeds 0-4 at lr 1e-3. These continue one after the other; each finished run is kept if the sweep stops.
+python -m problems run chemistry --size small --iterations 2000 --methods "$CORE" --batch mini --seeds 1-4 \
+  --threads 1 --results "$R" --no-plot --quiet
+python -m problems run darcy --size small --iterations 300 --methods "$CORE" --batch mini --seeds 0-4 \
+  --lr 5e-3 --threads 1 --results "$R" --no-plot --quiet
+python -m problems run burgers --size small --iterations 1000 --methods "$CORE" --batch mini --seeds 0-4 \
+  --lr 1e-3 --threads 1 --results "$R" --no-plot --quiet

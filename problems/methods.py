@@ -2,8 +2,9 @@
 
 A method spec on the command line is ``name`` or ``name:key=value:key=value`` (values parsed as numbers,
 booleans or strings), e.g. ``penalty:rho=1e4`` or ``sqp-adam:normal_lr=1``. Options go to the optimizer's
-constructor. The paper's settings are the defaults: betas (0.9, 0.999), eps 1e-7 inside the square root, and
-the normal step scaled by the learning rate (``normal_lr=None``), as in the authors' code.
+constructor. The optimizers' defaults apply: the paper's betas (0.9, 0.999) and eps 1e-7 inside the square root,
+and the full Gauss–Newton normal step (``normal_lr=1``; ``sqp-adam:normal_lr=None`` is the authors' γ = α).
+``normal_damping=0.1`` turns on the Levenberg–Marquardt normal step (see RESULTS.md on the layer tasks).
 """
 
 from __future__ import annotations

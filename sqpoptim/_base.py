@@ -48,6 +48,8 @@ __all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
 
 _GLOBAL = "global"  # key of the state that is not tied to one parameter
 _FLAG_NAMES = ("loss", "constraint values c", "gradient", "Jacobian J")
+# Range of the relative Levenberg–Marquardt damping ν (see ConstrainedOptimizer._damping); factor per update.
+_NU_MIN, _NU_MAX, _NU_FACTOR = 1e-12, 1e4, 4.0
 
 
 class RankDeficiencyWarning(UserWarning):
@@ -80,6 +82,7 @@ class StepContext:
     c: Tensor  # [m]
     J: Tensor  # [m, n]
     ok: Tensor | None  # 0-d bool: inputs finite (sync_free mode only; None when already checked on the host)
+    damping: Tensor | None = None  # ν of the Levenberg–Marquardt normal step (None: undamped)
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -98,6 +101,7 @@ class ConstrainedOptimizer(Optimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
+        normal_damping: float | None = None,
     ) -> None:
         if jacobian not in ("batched", "loop"):
             raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
@@ -105,7 +109,15 @@ class ConstrainedOptimizer(Optimizer):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
         if rank_tol is not None and not 0.0 < rank_tol < 1.0:
             raise ValueError(f"Invalid rank_tol: {rank_tol} (expected 0 < rank_tol < 1)")
+        if normal_damping is not None and not (
+            isinstance(normal_damping, (int, float)) and _NU_MIN <= normal_damping <= _NU_MAX
+        ):
+            raise ValueError(
+                f"Invalid normal_damping: {normal_damping!r} (None, or the initial relative damping ν0 in "
+                f"[{_NU_MIN:g}, {_NU_MAX:g}])"
+            )
         super().__init__(params, defaults)
+        self.normal_damping = None if normal_damping is None else float(normal_damping)
         self.jacobian_mode = jacobian
         self.chunk_size = chunk_size
         self.rank_tol = rank_tol
@@ -230,9 +242,13 @@ class ConstrainedOptimizer(Optimizer):
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         ok = self._check_finite_inputs(loss, c_used.detach(), g, J_used, sync_free)
         ctx = StepContext(layout, loss.detach(), g, c_used.detach(), J_used, ok)
+        if self.normal_damping is not None and ctx.c.shape[0]:
+            ctx.damping = self._damping(ctx)
         delta = self._update(ctx)
         if ok is not None:
             delta = torch.where(ok, delta, torch.zeros_like(delta))
+        if ctx.damping is not None:
+            self._record_damping_model(ctx, delta)
         torch._foreach_add_(layout.views, [d.view_as(v) for d, v in zip(delta.split(layout.sizes), layout.views)])
         glob = self._global_state()
         ctx.diagnostics["g_norm"] = torch.linalg.vector_norm(g)
@@ -407,6 +423,64 @@ class ConstrainedOptimizer(Optimizer):
         return self._per_coordinate(
             layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in self.param_groups]
         )
+
+    def _damping(self, ctx: StepContext) -> Tensor:
+        r"""ν_k of the damped normal step, updated from the last step's ratio of actual to predicted decrease of
+        ‖c‖ (a device tensor; no host synchronisation).
+
+        After step k the linear model predicted :math:`\|c_k + J_k\delta_k\|` (δ_k the whole step taken) and
+        step k+1's closure gives the actual :math:`\|c_{k+1}\|`. With
+        :math:`\rho = (\|c_k\| - \|c_{k+1}\|)/(\|c_k\| - \|c_k + J_k\delta_k\|)`: ρ < 1/4 multiplies ν by 4
+        (the model was not trusted enough), ρ > 3/4 divides it by 4, within [1e-12, 1e4]. The model's error is
+        second order in the *whole* step, so ρ only indicts the normal step when that step was the larger part:
+        when :math:`\|\delta_n\| \le \|u\|` ν is divided by 4 whatever ρ (damping the normal step cannot
+        shrink an error made by the tangential step, and an undamped normal step is what corrects the drift the
+        tangential steps cause; without this rule ν climbs to its maximum once c is small and c drifts away). A
+        step whose model predicted no decrease leaves ν unchanged. Steps are never rejected (that would take
+        extra closure calls); the damping only bounds the next ones."""
+        glob = self._global_state()
+        dev = ctx.g.device
+        nu = glob.get("damping")
+        if nu is None:
+            nu = torch.full((), self.normal_damping, dtype=torch.float64, device=dev)
+        model = glob.get("damping_model")
+        if model is not None:
+            before, predicted, normal_dominates = model[0], model[1], model[2] > 0
+            actual = torch.linalg.vector_norm(ctx.c.double())
+            pred = before - predicted
+            rho = (before - actual) / torch.where(pred > 0, pred, 1.0)
+            factor = torch.where(
+                normal_dominates & (rho < 0.25),
+                _NU_FACTOR,
+                torch.where((rho > 0.75) & normal_dominates, 1.0 / _NU_FACTOR, 1.0),
+            ).to(torch.float64)
+            valid = (pred > 0) & rho.isfinite()
+            if ctx.ok is not None:
+                valid = valid & ctx.ok
+            nu = torch.where(valid, (nu * factor).clamp(_NU_MIN, _NU_MAX), nu)
+            ctx.diagnostics["damping_ratio"] = torch.where(valid, rho, torch.full_like(rho, math.nan))
+        ctx.diagnostics["damping"] = nu
+        return nu  # stored by _record_damping_model once the step has gone through
+
+    def _record_damping_model(self, ctx: StepContext, delta: Tensor) -> None:
+        """Store ‖c_k‖ and the linear model's prediction ‖c_k + J_k δ_k‖ for the next step's ratio."""
+        glob = self._global_state()
+        c64 = ctx.c.double()
+        gamma = self._normal_step_sizes(ctx.layout)
+        gamma = float(gamma) if not isinstance(gamma, Tensor) else gamma.max().double()
+        normal = gamma * ctx.diagnostics["v_norm"].double()
+        model = torch.stack(
+            [
+                torch.linalg.vector_norm(c64),
+                torch.linalg.vector_norm(c64 + (ctx.J @ delta).double()),
+                (normal > ctx.diagnostics["u_norm"].double()).double(),
+            ]
+        )
+        old = glob.get("damping_model")
+        if ctx.ok is not None and old is not None:
+            model = torch.where(ctx.ok, model, old)
+        glob["damping_model"] = model
+        glob["damping"] = ctx.damping
 
     def _finish(self, ctx: StepContext, delta: Tensor, info: dict[str, Any]) -> Tensor:
         """Record the step's diagnostics (warning once about a truncated Jacobian) and pass ``delta`` on."""

@@ -50,6 +50,7 @@ from torch import Tensor
 
 __all__ = [
     "GramFactor",
+    "damped",
     "default_rank_tol",
     "factor_gram",
     "gram",
@@ -178,6 +179,23 @@ def factor_gram(G: Tensor, rank_tol: float, *, sync_free: bool = False) -> GramF
     return GramFactor(G, None, Q, inv, keep.sum(), lam_max / kept_min)
 
 
+def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free: bool = False) -> GramFactor:
+    r"""The factor of :math:`G + \mu I`, :math:`\mu = \nu \cdot \operatorname{mean}_i G_{ii}` (Levenberg–Marquardt
+    damping of the normal step; ``nu`` a 0-d float64 tensor), or ``factor`` itself when ``nu`` is ``None``.
+
+    With it :func:`normal_step` gives :math:`v = -WJ^\top(G_W + \mu I)^{-1}c`, the minimiser of
+    :math:`\tfrac12\|c + Jv\|^2 + \tfrac{\mu}{2}\|v\|_{W^{-1}}^2`: every component of the least-norm step
+    along a singular direction :math:`\sigma_i` is multiplied by :math:`\sigma_i^2/(\sigma_i^2 + \mu)`, so the
+    directions a nearly rank-deficient Jacobian barely sees stop dominating the step. μ is relative to the
+    mean diagonal of G, so ν is dimensionless. The projector keeps using the undamped factor (:math:`J u = 0`
+    exactly)."""
+    if nu is None or factor.gram.shape[0] == 0:
+        return factor
+    G = factor.gram
+    mu = nu.to(G.dtype) * torch.diagonal(G).mean()
+    return factor_gram(G + mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), rank_tol, sync_free=sync_free)
+
+
 def normal_step(J: Tensor, c: Tensor, factor: GramFactor, weight: Tensor | None = None) -> Tensor:
     r"""Normal step :math:`v_W = -W J^\top G_W^{-1} c`, in ``J``'s dtype: :math:`J v_W = -c` (on the kept
     directions when :math:`J` is rank-deficient), and :math:`v_W` has the least :math:`W^{-1}`-norm among all
@@ -198,6 +216,7 @@ def scaled_normal_step(
     *,
     rank_tol: float,
     sync_free: bool = False,
+    damping: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""``(δ_n, v)``: the normal displacement taken and the unscaled normal step :math:`v_W`.
 
@@ -205,15 +224,16 @@ def scaled_normal_step(
     per-coordinate γ (a ``[n]`` tensor: param groups with different normal step sizes), scaling :math:`v_W`
     coordinatewise would break that identity; instead :math:`\delta_n` is the :math:`W\Gamma`-weighted
     least-norm solution of :math:`J\delta = -\gamma_{\max} c`, so each group moves in proportion to its γ
-    (one extra Gram matrix, only in that case)."""
-    v = normal_step(J, c, factor, weight)
+    (one extra Gram matrix, only in that case). ``damping`` (ν, see :func:`damped`) replaces the least-norm
+    solves by Levenberg–Marquardt ones; ``factor`` stays the undamped factor of :math:`G_W`."""
+    v = normal_step(J, c, damped(factor, damping, rank_tol, sync_free=sync_free), weight)
     if not isinstance(gamma, Tensor):
         return gamma * v, v
     if J.shape[0] == 0:
         return v, v
     gmax = gamma.max()
     w = gamma / gmax if weight is None else weight * (gamma / gmax)
-    Fw = factor_gram(gram(J, w), rank_tol, sync_free=sync_free)
+    Fw = damped(factor_gram(gram(J, w), rank_tol, sync_free=sync_free), damping, rank_tol, sync_free=sync_free)
     return gmax * normal_step(J, c, Fw, w), v
 
 

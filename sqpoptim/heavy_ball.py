@@ -57,6 +57,12 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
             :mod:`sqpoptim._base`.
+        normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-12, 1e4], the initial
+            relative Levenberg–Marquardt damping of the normal step, :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c`
+            with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`, ν adapted by a ratio test
+            (:meth:`~sqpoptim._base.ConstrainedOptimizer._damping`). For strongly nonlinear or nearly
+            rank-deficient constraints where the full step overshoots; ``0.1`` is the measured choice
+            (RESULTS.md). ``diagnostics()`` then has ``damping`` (ν) and ``damping_ratio`` (ρ).
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
@@ -78,6 +84,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
+        normal_damping: float | None = None,
     ) -> None:
         self._check_lr(lr)
         self._check_beta(momentum, "momentum")
@@ -85,7 +92,13 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             self._check_lr(normal_lr, "normal_lr")
         defaults = dict(lr=lr, momentum=momentum, normal_lr=normal_lr)
         super().__init__(
-            params, defaults, jacobian=jacobian, chunk_size=chunk_size, rank_tol=rank_tol, sync_free=sync_free
+            params,
+            defaults,
+            jacobian=jacobian,
+            chunk_size=chunk_size,
+            rank_tol=rank_tol,
+            sync_free=sync_free,
+            normal_damping=normal_damping,
         )
 
     def _update(self, ctx: StepContext) -> Tensor:
@@ -103,6 +116,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             rank_tol=self._rank_tol(layout),
             sync_free=ctx.ok is not None,
             ok=ctx.ok,
+            damping=ctx.damping,
         )
         return self._finish(ctx, delta, info)
 
@@ -119,6 +133,7 @@ def heavy_ball_sqp_direction(
     rank_tol: float,
     sync_free: bool = False,
     ok: Tensor | None = None,
+    damping: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of one :class:`ProjectedHeavyBallSQP` step on flat vectors.
 
@@ -136,7 +151,7 @@ def heavy_ball_sqp_direction(
     momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
     u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
     if m:
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
     else:
         delta_n = v = torch.zeros_like(g)
     return delta_n + u, step_info(c, F, v, u)

@@ -64,7 +64,8 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`
+            (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class StochasticSQP(ConstrainedOptimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
+        normal_damping: float | None = None,
     ) -> None:
         self._check_lr(lr)
         if normal_lr is not None:
@@ -101,9 +103,20 @@ class StochasticSQP(ConstrainedOptimizer):
             raise ValueError(f"Invalid lipschitz: {lipschitz!r} (expected (L, Gamma), both > 0)")
         if lipschitz_samples < 1:
             raise ValueError(f"Invalid lipschitz_samples: {lipschitz_samples}")
+        if normal_damping is not None and step_rule == "adaptive":
+            raise ValueError(
+                "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step through "
+                "its merit function and needs the undamped normal step (J v = -c)"
+            )
         defaults = dict(lr=lr, normal_lr=normal_lr)
         super().__init__(
-            params, defaults, jacobian=jacobian, chunk_size=chunk_size, rank_tol=rank_tol, sync_free=sync_free
+            params,
+            defaults,
+            jacobian=jacobian,
+            chunk_size=chunk_size,
+            rank_tol=rank_tol,
+            sync_free=sync_free,
+            normal_damping=normal_damping,
         )
         self.step_rule = step_rule
         self.rule = dict(tau0=tau0, xi0=xi0, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi)
@@ -133,6 +146,7 @@ class StochasticSQP(ConstrainedOptimizer):
                 normal_lr=self._normal_step_sizes(layout),
                 rank_tol=self._rank_tol(layout),
                 sync_free=ctx.ok is not None,
+                damping=ctx.damping,
             )
             return self._finish(ctx, delta, info)
         glob = self._global_state()
@@ -228,6 +242,7 @@ def sqp_direction(
     normal_lr: float | Tensor,
     rank_tol: float,
     sync_free: bool = False,
+    damping: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of the fixed-step :class:`StochasticSQP` step: ``(γ v + u, diagnostics)`` with
     :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection)."""
@@ -237,7 +252,7 @@ def sqp_direction(
         return u, step_info(c, None, torch.zeros_like(u), u)
     F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
     u = -project(J, lr * g, F)
-    delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+    delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
     return delta_n + u, step_info(c, F, v, u)
 
 

@@ -19,6 +19,7 @@ PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
 OPTIMIZERS = {
     "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2),
     "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2),
+    "sqp-hb-damped": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2, normal_damping=0.5),
     "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
     "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2),
     "primal-dual": lambda p: sqpoptim.PrimalDual(p, lr=1e-2),

@@ -21,6 +21,7 @@ FACTORIES = {
     "sqp-adam-scaled-standard": lambda p: sqpoptim.ProjectedAdamSQP(
         p, lr=1e-2, projection="scaled", bias_correction="standard"
     ),
+    "sqp-adam-damped": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_damping=0.5),
     "sqp-fixed": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
     "sqp-adaptive": lambda p: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive"),
     "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2),

@@ -1,0 +1,144 @@
+"""The Levenberg–Marquardt normal step (``normal_damping``): the damped solve against the dense regularised
+least-squares oracle, globalisation where the Gauss–Newton step diverges, and the ratio rule for ν (float64)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import sqpoptim
+from sqpoptim._linalg import damped, factor_gram, gram, normal_step
+
+from .helpers import TinyPINN, burgers_residual, f64
+from .test_linalg import random_problem
+
+X = torch.rand(40, 2, dtype=f64, generator=torch.Generator().manual_seed(8))
+Y = torch.sin(2 * X[:, :1])
+PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
+
+DAMPED = {
+    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, **kw),
+    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, **kw),
+    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, **kw),
+    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, projection="scaled", **kw),
+    "adam-con": lambda p, **kw: sqpoptim.ConstrainedAdam(p, **kw),
+}
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("nu", [1e-6, 1e-2, 3.0])
+def test_damped_normal_step_solves_the_regularised_least_squares_problem(nu, weighted, sync_free):
+    # v = argmin ½‖c + Jv‖² + μ/2 vᵀW⁻¹v, μ = ν mean(diag JWJᵀ): (JᵀJ + μW⁻¹) v = -Jᵀc, a dense n×n solve
+    J, _, c, h = random_problem(5, 18, seed=3, cond=1e6)
+    w = 1.0 / h if weighted else None
+    F = factor_gram(gram(J, w), 1e-7, sync_free=sync_free)
+    v = normal_step(J, c, damped(F, torch.tensor(nu, dtype=f64), 1e-7, sync_free=sync_free), w)
+    G = J @ (J * (w if weighted else 1.0)).T
+    mu = nu * torch.diagonal(G).mean()
+    Winv = torch.diag(h) if weighted else torch.eye(18, dtype=f64)
+    oracle = torch.linalg.solve(J.T @ J + mu * Winv, -J.T @ c)
+    torch.testing.assert_close(v, oracle, rtol=1e-8, atol=1e-10)
+    assert damped(F, None, 1e-7) is F
+
+
+@pytest.mark.parametrize("name", list(DAMPED))
+def test_damping_globalises_the_normal_step_where_gauss_newton_diverges(name):
+    # c(x) = atan(x0): the Gauss-Newton (Newton) iteration diverges from |x0| > 1.39; x1 carries the objective.
+    def run(**kw):
+        x = torch.tensor([2.0, 0.0], dtype=f64, requires_grad=True)
+        opt = DAMPED[name]([x], lr=0.05, **kw)
+        worst = 0.0
+        for _ in range(300):
+            opt.step(lambda: (0.5 * (x[1] - 1.0) ** 2, torch.atan(x[:1])))
+            worst = max(worst, abs(x[0].item()))
+            if not math.isfinite(worst) or worst > 1e6:
+                break
+        return x.detach(), worst, opt
+
+    _, worst, _ = run()  # undamped: |x0| = 2 -> 3.5 -> 13.9 -> 279 -> ...
+    assert worst > 1e6
+    x, worst, opt = run(normal_damping=1.0)
+    assert worst < 3.0  # never runs away
+    assert abs(math.atan(x[0].item())) < 1e-12  # and converges
+    assert opt.diagnostics()["damping"] < 0.1  # successful steps relaxed the damping (ν0 = 1)
+    assert abs(x[1].item() - 1.0) < 0.05  # the tangential part still minimises the objective
+
+
+def test_exact_model_divides_nu_by_four_each_step_and_damped_steps_still_reach_feasibility():
+    gen = torch.Generator().manual_seed(5)
+    C, d = torch.randn(3, 10, generator=gen, dtype=f64), torch.randn(3, generator=gen, dtype=f64)
+    x = torch.zeros(10, dtype=f64, requires_grad=True)
+    opt = sqpoptim.ProjectedHeavyBallSQP([x], lr=0.0, normal_damping=1.0)  # normal steps only
+    nus, violations = [], []
+    for _ in range(25):
+        opt.step(lambda: (x.sum() * 0.0, C @ x - d))
+        nus.append(opt.diagnostics()["damping"])
+        violations.append((C @ x.detach() - d).norm().item())
+    # linear constraints: the model is exact, ρ = 1, so ν_k = 4^{-k} while c is above rounding level
+    exact = [k for k in range(1, 25) if violations[k - 1] > 1e-8]
+    assert len(exact) >= 5
+    for k in [0, *exact]:
+        assert nus[k] == pytest.approx(4.0**-k, rel=1e-12)
+    assert min(nus) >= 1e-12  # the floor
+    assert violations[0] < (C @ torch.zeros(10, dtype=f64) - d).norm().item()
+    assert all(b < a for a, b in itertools.pairwise(violations[:9]))  # monotone (superlinear: 0.26 -> 5e-16)
+    assert violations[-1] < 1e-12
+
+
+def test_nu_is_left_alone_when_the_tangential_step_dominates():
+    # on the unit circle, pulled along it by a large tangential step: c drifts (second order in u) although the
+    # normal step is tiny; damping the normal step cannot help, so ν must not move
+    x = torch.tensor([1.0, 0.0], dtype=f64, requires_grad=True)
+    opt = sqpoptim.StochasticSQP([x], lr=0.2, normal_damping=0.01)
+    for _ in range(20):
+        opt.step(lambda: (x[1] * -1.0, (x @ x - 1.0).reshape(1)))
+        diag = opt.diagnostics()
+        assert diag["damping"] == pytest.approx(0.01, rel=1e-12)
+    assert abs(x.detach().norm().item() - 1.0) < 0.05  # and the (undamped-enough) normal step holds c in check
+
+
+def _closure(model, scale=1.0):
+    return lambda: (((model(X) - Y) ** 2).mean() * scale, burgers_residual(model, PTS))
+
+
+def test_sync_free_damped_steps_match_exact_mode_and_a_refused_step_keeps_the_damping_state():
+    out = []
+    for sync_free in (False, True):
+        model = TinyPINN(seed=21)
+        opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_damping=0.5, sync_free=sync_free)
+        for _ in range(6):
+            opt.step(_closure(model))
+        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        if sync_free:
+            glob = opt.state["global"]
+            before = glob["damping"].clone(), glob["damping_model"].clone()
+            opt.step(_closure(model, math.inf))
+            assert torch.equal(glob["damping"], before[0]) and torch.equal(glob["damping_model"], before[1])
+            with pytest.raises(FloatingPointError):
+                opt.check_finite()
+    torch.testing.assert_close(out[0], out[1], rtol=1e-11, atol=1e-12)
+
+
+def test_damping_state_survives_a_state_dict_round_trip():
+    model = TinyPINN(seed=22)
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_damping=0.5)
+    for _ in range(3):
+        opt.step(lambda: (((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)))
+    state = opt.state_dict()
+    fresh = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_damping=0.5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.state["global"]["damping"], opt.state["global"]["damping"])
+    assert torch.equal(fresh.state["global"]["damping_model"], opt.state["global"]["damping_model"])
+
+
+@pytest.mark.parametrize("value", [-1.0, 1e5, float("nan"), "0.1"])
+def test_invalid_normal_damping_is_refused(value):
+    with pytest.raises(ValueError, match="normal_damping"):
+        sqpoptim.ProjectedAdamSQP([torch.ones(2, requires_grad=True)], normal_damping=value)
+
+
+def test_damping_is_refused_with_the_adaptive_step_rule():
+    with pytest.raises(ValueError, match="normal_damping applies to step_rule='fixed'"):
+        sqpoptim.StochasticSQP([torch.ones(2, requires_grad=True)], step_rule="adaptive", normal_damping=0.1)
