@@ -49,7 +49,7 @@ __all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
 _GLOBAL = "global"  # key of the state that is not tied to one parameter
 _FLAG_NAMES = ("loss", "constraint values c", "gradient", "Jacobian J")
 # Range of the relative Levenberg–Marquardt damping ν (see ConstrainedOptimizer._damping); factor per update.
-_NU_MIN, _NU_MAX, _NU_FACTOR = 1e-12, 1e4, 4.0
+_NU_MIN, _NU_MAX = 1e-6, 1e4
 
 
 class RankDeficiencyWarning(UserWarning):
@@ -228,6 +228,7 @@ class ConstrainedOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
         self._raise_pending_nonfinite(wait=False)
         layout = self._layout()
+        sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         with torch.enable_grad():
             out = closure()
             loss, c, J = self._unpack(out, layout)
@@ -235,20 +236,33 @@ class ConstrainedOptimizer(Optimizer):
                 c_used, J_used = c.new_zeros(0), None
             else:
                 c_used, J_used = c, J
+            judged = None
+            if self.normal_damping is not None and c_used.shape[0]:
+                judged = self._judge_last_step(loss.detach(), c_used.detach(), layout.n)
+                if not sync_free and bool(judged["reject"]):  # one host read (exact mode only)
+                    return self._reject(layout, judged, loss.detach(), c.detach())
             # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
             g = self._form_gradient(loss, layout, retain_graph=J_used is None and c_used.shape[0] > 0)
             if J_used is None:
                 J_used = self._form_jacobian(c_used, layout)
-        sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         ok = self._check_finite_inputs(loss, c_used.detach(), g, J_used, sync_free)
+        reject = None
+        if judged is not None and ok is not None:  # sync-free: a rejected step is a no-op on the state ...
+            reject = judged["reject"] & ok  # (non-finite inputs are never rejected: the usual refusal)
+            ok = ok & ~judged["reject"]
         ctx = StepContext(layout, loss.detach(), g, c_used.detach(), J_used, ok)
-        if self.normal_damping is not None and ctx.c.shape[0]:
-            ctx.damping = self._damping(ctx)
+        if judged is not None:
+            ctx.damping = judged["nu"]
         delta = self._update(ctx)
         if ok is not None:
             delta = torch.where(ok, delta, torch.zeros_like(delta))
-        if ctx.damping is not None:
-            self._record_damping_model(ctx, delta)
+        if judged is not None:
+            x = torch.cat([v.reshape(-1) for v in layout.views])
+            x_prev = self._global_state().get("damping_x")
+            if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
+                # ... that moves the parameters back to the last accepted point
+                delta = torch.where(reject, x_prev - x, delta)
+            self._record_damping(ctx, judged, delta, x, reject)
         torch._foreach_add_(layout.views, [d.view_as(v) for d, v in zip(delta.split(layout.sizes), layout.views)])
         glob = self._global_state()
         ctx.diagnostics["g_norm"] = torch.linalg.vector_norm(g)
@@ -424,46 +438,80 @@ class ConstrainedOptimizer(Optimizer):
             layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in self.param_groups]
         )
 
-    def _damping(self, ctx: StepContext) -> Tensor:
-        r"""ν_k of the damped normal step, updated from the last step's ratio of actual to predicted decrease of
-        ‖c‖ (a device tensor; no host synchronisation).
+    def _judge_last_step(self, loss: Tensor, c: Tensor, n: int) -> dict[str, Tensor]:
+        r"""Judge the last step from the new residual c and return ν for this step (device tensors, no host
+        synchronisation): ``nu``, ``escalation``, ``rho`` and ``reject``.
 
         After step k the linear model predicted :math:`\|c_k + J_k\delta_k\|` (δ_k the whole step taken) and
-        step k+1's closure gives the actual :math:`\|c_{k+1}\|`. With
-        :math:`\rho = (\|c_k\| - \|c_{k+1}\|)/(\|c_k\| - \|c_k + J_k\delta_k\|)`: ρ < 1/4 multiplies ν by 4
-        (the model was not trusted enough), ρ > 3/4 divides it by 4, within [1e-12, 1e4]. The model's error is
-        second order in the *whole* step, so ρ only indicts the normal step when that step was the larger part:
-        when :math:`\|\delta_n\| \le \|u\|` ν is divided by 4 whatever ρ (damping the normal step cannot
-        shrink an error made by the tangential step, and an undamped normal step is what corrects the drift the
-        tangential steps cause; without this rule ν climbs to its maximum once c is small and c drifts away). A
-        step whose model predicted no decrease leaves ν unchanged. Steps are never rejected (that would take
-        extra closure calls); the damping only bounds the next ones."""
-        glob = self._global_state()
-        dev = ctx.g.device
-        nu = glob.get("damping")
-        if nu is None:
-            nu = torch.full((), self.normal_damping, dtype=torch.float64, device=dev)
-        model = glob.get("damping_model")
-        if model is not None:
-            before, predicted, normal_dominates = model[0], model[1], model[2] > 0
-            actual = torch.linalg.vector_norm(ctx.c.double())
-            pred = before - predicted
-            rho = (before - actual) / torch.where(pred > 0, pred, 1.0)
-            factor = torch.where(
-                normal_dominates & (rho < 0.25),
-                _NU_FACTOR,
-                torch.where((rho > 0.75) & normal_dominates, 1.0 / _NU_FACTOR, 1.0),
-            ).to(torch.float64)
-            valid = (pred > 0) & rho.isfinite()
-            if ctx.ok is not None:
-                valid = valid & ctx.ok
-            nu = torch.where(valid, (nu * factor).clamp(_NU_MIN, _NU_MAX), nu)
-            ctx.diagnostics["damping_ratio"] = torch.where(valid, rho, torch.full_like(rho, math.nan))
-        ctx.diagnostics["damping"] = nu
-        return nu  # stored by _record_damping_model once the step has gone through
+        this closure gives the actual :math:`\|c_{k+1}\|`;
+        :math:`\rho = (\|c_k\| - \|c_{k+1}\|)/(\|c_k\| - \|c_k + J_k\delta_k\|)`. ν follows Nielsen's
+        Levenberg–Marquardt rule (1999): on success (ρ ≥ 0) :math:`\nu \leftarrow \nu\max(1/3, 1 - (2\rho-1)^3)`
+        (a third for an exact model, doubled as ρ → 0) and the escalation factor resets to 2; on failure (ρ < 0:
+        the violation grew) the step is **rejected** — the parameters go back
+        to :math:`x_k`, the moments are not touched — and ν is multiplied by the escalation factor, which doubles
+        (2, 4, 8, ... on consecutive failures). ν stays in [1e-6, 1e4]: the floor bounds the amplification of
+        the near-null directions of J (:math:`\|v\| \le \|c\|/(2\sqrt{\mu})`), which is where the overshoots
+        of piecewise-linear networks come from, whose linear model is exact until a step crosses a kink.
 
-    def _record_damping_model(self, ctx: StepContext, delta: Tensor) -> None:
-        """Store ‖c_k‖ and the linear model's prediction ‖c_k + J_k δ_k‖ for the next step's ratio."""
+        The model's error is second order in the *whole* step, so ρ only judges the normal step when that step
+        was the larger part (:math:`\|\gamma v_k\| > \|u_k\|`). Otherwise ν is left alone and nothing is
+        rejected: damping the normal step cannot shrink an error made by the tangential step, and rejecting it
+        would repeat it forever. A step whose model predicted no decrease is not judged either. Non-finite
+        values are not a failure of this kind: they are refused with the parameters and state unchanged, as
+        without damping (see the module docstring)."""
+        glob = self._global_state()
+        dev = c.device
+        nu = glob.get("damping")
+        nu = torch.full((), self.normal_damping, dtype=torch.float64, device=dev) if nu is None else nu
+        escalation = glob.get("damping_escalation")
+        escalation = torch.full_like(nu, 2.0) if escalation is None else escalation
+        model = glob.get("damping_model")
+        x_prev = glob.get("damping_x")
+        if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
+            model = None
+        if model is None:
+            no = torch.zeros((), dtype=torch.bool, device=dev)
+            return {"nu": nu, "escalation": escalation, "rho": torch.full_like(nu, math.nan), "reject": no}
+        before, predicted, normal_dominates = model[0], model[1], model[2] > 0
+        actual = torch.linalg.vector_norm(c.double())
+        pred = before - predicted
+        rho = (before - actual) / torch.where(pred > 0, pred, 1.0)
+        judged = (pred > 0) & normal_dominates
+        # non-finite values are refused and reported as without damping: neither branch
+        judged = judged & actual.isfinite() & loss.isfinite()
+        failure = judged & (rho < 0)
+        success = judged & (rho >= 0)
+        nielsen = (1.0 - (2.0 * rho - 1.0) ** 3).clamp_min(1.0 / 3.0)
+        factor = torch.where(failure, escalation, torch.where(success, nielsen, torch.ones_like(nu)))
+        return {
+            "nu": (nu * factor).clamp(_NU_MIN, _NU_MAX),
+            "escalation": torch.where(failure, 2.0 * escalation, torch.where(success, 2.0, escalation)),
+            "rho": torch.where(judged, rho, torch.full_like(rho, math.nan)),
+            "reject": failure,
+        }
+
+    def _reject(self, layout: _Layout, judged: dict[str, Tensor], loss: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact mode: move the parameters back to the last accepted point and keep the escalated ν."""
+        glob = self._global_state()
+        x_prev = glob["damping_x"]
+        with torch.no_grad():  # called from inside the closure's enable_grad block
+            torch._foreach_copy_(layout.views, [x.view_as(v) for x, v in zip(x_prev.split(layout.sizes), layout.views)])
+        glob["damping"], glob["damping_escalation"] = judged["nu"], judged["escalation"]
+        glob["damping_model"] = glob["damping_model"] * torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+        glob["rejected_steps"] = glob.get("rejected_steps", 0) + 1
+        glob["diagnostics"] = {
+            "c_inf": c.abs().max(),
+            "rejected": True,
+            "damping": judged["nu"],
+            "damping_ratio": judged["rho"],
+        }
+        return loss, c
+
+    def _record_damping(
+        self, ctx: StepContext, judged: dict[str, Tensor], delta: Tensor, x: Tensor, reject: Tensor | None
+    ) -> None:
+        """After a step: store ν, the point x_k and the model (‖c_k‖, ‖c_k + J_k δ_k‖, whether the normal step
+        dominated) for the next step's judgement."""
         glob = self._global_state()
         c64 = ctx.c.double()
         gamma = self._normal_step_sizes(ctx.layout)
@@ -476,11 +524,30 @@ class ConstrainedOptimizer(Optimizer):
                 (normal > ctx.diagnostics["u_norm"].double()).double(),
             ]
         )
-        old = glob.get("damping_model")
-        if ctx.ok is not None and old is not None:
-            model = torch.where(ctx.ok, model, old)
+        nu, escalation = judged["nu"], judged["escalation"]
+        if reject is None:  # exact mode: this step was accepted
+            glob["damping_x"] = x.clone()
+            ctx.diagnostics["rejected"] = False
+        else:  # sync-free: an accepted, rejected or refused (non-finite) step, decided on the device
+            old_model, old_nu = glob.get("damping_model"), glob.get("damping", nu)
+            old_escalation = glob.get("damping_escalation", escalation)
+            accepted = ctx.ok
+            if old_model is not None:
+                unjudged = old_model * torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64, device=x.device)
+                model = torch.where(accepted, model, torch.where(reject, unjudged, old_model))
+            keep = ~(accepted | reject)  # refused for non-finite inputs: ν unchanged
+            nu = torch.where(keep, old_nu, nu)
+            escalation = torch.where(keep, old_escalation, escalation)
+            x_prev = glob.get("damping_x")
+            fresh = x_prev is None or x_prev.numel() != x.numel()
+            glob["damping_x"] = x.clone() if fresh else torch.where(accepted, x, x_prev)
+            glob["rejected_steps"] = glob.get("rejected_steps", torch.zeros((), dtype=torch.long, device=x.device))
+            glob["rejected_steps"] = glob["rejected_steps"] + reject.long()
+            ctx.diagnostics["rejected"] = reject
         glob["damping_model"] = model
-        glob["damping"] = ctx.damping
+        glob["damping"], glob["damping_escalation"] = nu, escalation
+        ctx.diagnostics["damping"] = nu
+        ctx.diagnostics["damping_ratio"] = judged["rho"]
 
     def _finish(self, ctx: StepContext, delta: Tensor, info: dict[str, Any]) -> Tensor:
         """Record the step's diagnostics (warning once about a truncated Jacobian) and pass ``delta`` on."""

@@ -67,7 +67,7 @@ def test_interrupted_and_resumed_run_gives_the_same_iterates(name):
     torch.testing.assert_close(flat(model3), reference, rtol=0, atol=1e-14)
     # loading did not alias the checkpoint: training on did not write into it
     for a, b in zip(_tensors(saved["opt"]), _tensors(saved_copy["opt"])):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # diagnostics may hold a NaN ratio
 
 
 def _tensors(obj):
