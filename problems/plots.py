@@ -82,7 +82,19 @@ def _curve_figure(runs, key: str, ylabel: str, title: str):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(ylabel)
-    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    # one legend for all panels: a panel may lack some runs (e.g. mini-batch seeds at one learning rate only)
+    entries: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    axes[0, -1].legend(
+        list(entries.values()),
+        list(entries),
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+    )
     fig.suptitle(title)
     fig.tight_layout()
     return fig
