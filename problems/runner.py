@@ -226,7 +226,7 @@ def run(
         },
         "final": final,
         "timing": {"step_seconds_total": step_time, "ms_per_iteration": 1e3 * step_time / max(n, 1)},
-        "diagnostics": _plain(opt.diagnostics()) if hasattr(opt, "diagnostics") else {},
+        "diagnostics": _diagnostics(opt),
     }
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in pred.items()})
@@ -235,6 +235,17 @@ def run(
     atomic_write_text(out_json, text)  # the JSON last: it marks the run done
     ckpt.unlink(missing_ok=True)
     return json.loads(text)  # exactly what a later call loads (tuples become lists)
+
+
+def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's last-step diagnostics, plus the count of rejected steps (``normal_damping``)."""
+    if not hasattr(opt, "diagnostics"):
+        return {}
+    out = _plain(opt.diagnostics())
+    rejected = opt.state.get("global", {}).get("rejected_steps")
+    if rejected is not None:
+        out["rejected_steps"] = float(rejected)
+    return out
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -64,13 +64,12 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     the Jacobian is nearly rank-deficient (pointwise output constraints of a ReLU network: the ENFORCE C1 task
     in RESULTS.md, Gram condition numbers 1e8–1e13), that step overshoots by orders of magnitude, kills units
     and the run never recovers; ``optimizer.diagnostics()`` shows it (``c_inf`` jumps, ``rank`` drops).
-    ``normal_damping=ν0`` replaces it by a Levenberg–Marquardt step
+    ``normal_damping=ν0`` globalises it: the normal step becomes the Levenberg–Marquardt step
     :math:`v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k`, :math:`\mu_k = \nu_k\,\operatorname{mean}\operatorname{diag}
-    (JJ^\top)`, with ν adapted from the ratio of the actual to the predicted decrease of ‖c‖ (see
-    ``ConstrainedOptimizer._damping``; steps are never rejected, so no extra closure calls). Measured
-    (RESULTS.md §4): ``normal_damping=0.1`` turns the C1 failure into a fit at max |c| ≈ 2e-3; on the PINN
-    problems, whose Gauss–Newton steps are healthy, it changes the outcome within seed-to-seed noise and costs
-    about 6 % per step, so the default stays undamped (``None``), as in the paper.
+    (JJ^\top)`, ν follows Nielsen's ratio rule, and a step that increased ‖c‖ while its normal part dominated
+    is rejected (the parameters go back; no extra closure calls: the rejection happens at the next ``step``,
+    which then returns without moving on). See ``ConstrainedOptimizer._judge_last_step``. Measured results
+    with and without it are in RESULTS.md §4; the default stays undamped (``None``), as in the paper.
 
     Param groups: each group's ``lr`` (and betas) multiplies its coordinates *before* the projection, so
     :math:`J_k u_k = 0` holds with several groups; the schedulers of ``torch.optim.lr_scheduler`` act on the

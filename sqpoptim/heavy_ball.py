@@ -57,12 +57,14 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
             :mod:`sqpoptim._base`.
-        normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-12, 1e4], the initial
+        normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-6, 1e4], the initial
             relative Levenberg–Marquardt damping of the normal step, :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c`
-            with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`, ν adapted by a ratio test
-            (:meth:`~sqpoptim._base.ConstrainedOptimizer._damping`). For strongly nonlinear or nearly
-            rank-deficient constraints where the full step overshoots; ``0.1`` is the measured choice
-            (RESULTS.md). ``diagnostics()`` then has ``damping`` (ν) and ``damping_ratio`` (ρ).
+            with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`; ν is adapted by a ratio
+            test and steps that increase ‖c‖ are rejected
+            (:meth:`~sqpoptim._base.ConstrainedOptimizer._judge_last_step`). For strongly nonlinear or nearly
+            rank-deficient constraints where the full step overshoots (RESULTS.md §4). ``diagnostics()`` then
+            has ``damping`` (ν), ``damping_ratio`` (ρ) and ``rejected``; ``state["global"]["rejected_steps"]``
+            counts the rejections.
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
