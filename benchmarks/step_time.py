@@ -29,6 +29,7 @@ import sqpoptim
 OPTIMIZERS = {
     "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-4),
     "sqp-adam-scaled": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-4, projection="scaled"),
+    "sqp-adam-damped": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-4, normal_damping=1e-6),
     "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-4),
     "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-4),
     "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-4),

@@ -242,9 +242,8 @@ def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, Any]:
     if not hasattr(opt, "diagnostics"):
         return {}
     out = _plain(opt.diagnostics())
-    rejected = opt.state.get("global", {}).get("rejected_steps")
-    if rejected is not None:
-        out["rejected_steps"] = float(rejected)
+    if getattr(opt, "normal_damping", None) is not None:
+        out["rejected_steps"] = float(opt.state.get("global", {}).get("rejected_steps", 0))
     return out
 
 
