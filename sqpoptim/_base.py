@@ -48,7 +48,7 @@ __all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
 
 _GLOBAL = "global"  # key of the state that is not tied to one parameter
 _FLAG_NAMES = ("loss", "constraint values c", "gradient", "Jacobian J")
-# Range of the relative Levenberg–Marquardt damping ν (see ConstrainedOptimizer._damping); factor per update.
+# Range of the relative Levenberg–Marquardt damping ν (see ConstrainedOptimizer._judge_last_step).
 _NU_MIN, _NU_MAX = 1e-6, 1e4
 
 
@@ -485,7 +485,9 @@ class ConstrainedOptimizer(Optimizer):
         factor = torch.where(failure, escalation, torch.where(success, nielsen, torch.ones_like(nu)))
         return {
             "nu": (nu * factor).clamp(_NU_MIN, _NU_MAX),
-            "escalation": torch.where(failure, 2.0 * escalation, torch.where(success, 2.0, escalation)),
+            "escalation": torch.where(
+                failure, (2.0 * escalation).clamp_max(2.0**20), torch.where(success, 2.0, escalation)
+            ),
             "rho": torch.where(judged, rho, torch.full_like(rho, math.nan)),
             "reject": failure,
         }
