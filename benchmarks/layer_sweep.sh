@@ -11,8 +11,8 @@ set -euo pipefail
 R=${RESULTS:-results/layers}
 COMMON="--threads 1 --results $R --no-plot --quiet --seeds 0"
 # sqp-adam:normal_damping=1e-6 is the globalised normal step (Levenberg-Marquardt with step rejection, starting
-# from Gauss-Newton); RESULTS.md section 4 compares it with the undamped step (and with nu0 = 0.1, 1: the sweep
-# at the end of this script).
+# from Gauss-Newton); RESULTS.md section 5 compares it with the undamped step and other nu0
+# (benchmarks/damping_sweep.sh).
 DAMPED="sqp-adam:normal_damping=1e-6"
 python -m problems run enforce_fitting --size small --iterations 5000 --methods adam-unc,soft,enforce,kkt-hardnet,sqp-adam,$DAMPED --batch full $COMMON
 for p in kkt_e1 kkt_e2 pooling; do
@@ -29,17 +29,3 @@ python -m problems run nonconvex_quadratic --size small --iterations 200 --metho
 # The expensive layers at a shortened budget: KKT-Hardnet on pooling with the paper's warm start (1 s per step).
 # (HardNet++: 1.4-16 s per step on these tasks; not run.)
 python -m problems run pooling --size small --iterations 300 --methods adam-unc,kkt-hardnet:eta=75 --batch full $SHORT
-# The initial damping nu0 of the globalised normal step (RESULTS.md section 4), and spring (three model seeds)
-# to check that it does not cost where the Gauss-Newton step is healthy. Results under results/damping_nu<nu0>.
-for NU in 1e-6 0.1 1; do
-  RD=results/damping_nu$NU
-  C="--threads 1 --results $RD --no-plot --quiet --seeds 0 --batch full"
-  python -m problems run enforce_fitting --size small --iterations 5000 --methods sqp-adam:normal_damping=$NU $C
-  for p in kkt_e1 kkt_e2 pooling; do
-    python -m problems run $p --size paper --iterations 1200 --methods sqp-adam:normal_damping=$NU $C
-  done
-  for ms in 0 1 2; do
-    python -m problems run spring --size small --iterations 1500 --lr 5e-4 --methods sqp-adam,sqp-adam:normal_damping=$NU \
-      --batch full --seeds 0 --model-seed $ms --threads 1 --results $RD/spring_m$ms --no-plot --quiet
-  done
-done
