@@ -27,6 +27,15 @@ gradient, c or J is applied as a no-op on the device (parameters and state bit-i
 ``FloatingPointError`` at a later ``step()`` (as soon as the flag has reached the host, read without waiting)
 or by :meth:`ConstrainedOptimizer.check_finite`; rank deficiency is handled by the shifted factorisation of
 :mod:`sqpoptim._linalg`.
+
+Globalised normal step (``normal_damping``)
+-------------------------------------------
+Each ``step`` first judges the previous one from the new c (:meth:`ConstrainedOptimizer._judge_last_step`). A
+rejected step is undone: in exact mode ``step`` moves the parameters back and returns without forming g or J (one
+host read decides it); in sync-free mode the same decision is a masked no-op on the device that moves the
+parameters back. Either way the moments and the step count are untouched, ``diagnostics()["rejected"]`` says
+so, and ``state["global"]["rejected_steps"]`` counts them. The last accepted point is kept (one extra copy of
+the parameters).
 """
 
 from __future__ import annotations
