@@ -93,7 +93,7 @@ def test_exact_model_divides_nu_by_three_each_step_and_damped_steps_still_reach_
     assert opt.state["global"].get("rejected_steps", 0) == 0
 
 
-def test_nu_relaxes_by_half_while_the_tangential_step_dominates():
+def test_nu_relaxes_while_the_tangential_step_dominates():
     # on the unit circle, pulled along it by a large tangential step: c drifts (second order in u) although the
     # normal step is tiny. That drift says nothing about the normal step: nothing is rejected, and ν relaxes (a
     # damped, small normal step would otherwise never be judged again and c would drift away)
@@ -106,7 +106,7 @@ def test_nu_relaxes_by_half_while_the_tangential_step_dominates():
         assert not opt.diagnostics()["rejected"]
     assert nus[0] == nus[1] == 0.01  # the first step starts feasible: no predicted decrease, nothing to judge
     for a, b in itertools.pairwise(nus[1:]):
-        assert b == pytest.approx(max(0.5 * a, 1e-6), rel=1e-12)
+        assert b == pytest.approx(max(0.9 * a, 1e-6), rel=1e-12)
     assert abs(x.detach().norm().item() - 1.0) < 0.05  # and the normal steps hold c in check
 
 
