@@ -10,10 +10,10 @@
 set -euo pipefail
 R=${RESULTS:-results/layers}
 COMMON="--threads 1 --results $R --no-plot --quiet --seeds 0"
-# sqp-adam:normal_damping=1e-6 is the globalised normal step (Levenberg-Marquardt with step rejection, starting
-# from Gauss-Newton); RESULTS.md section 5 compares it with the undamped step and other nu0
+# sqp-adam:normal_damping=0.1 is the globalised normal step (Levenberg-Marquardt with step rejection);
+# RESULTS.md section 5 compares it with the undamped step and other nu0
 # (benchmarks/damping_sweep.sh).
-DAMPED="sqp-adam:normal_damping=1e-6"
+DAMPED="sqp-adam:normal_damping=0.1"
 python -m problems run enforce_fitting --size small --iterations 5000 --methods adam-unc,soft,enforce,kkt-hardnet,sqp-adam,$DAMPED --batch full $COMMON
 for p in kkt_e1 kkt_e2 pooling; do
   python -m problems run $p --size paper --iterations 1200 --methods adam-unc,soft,sqp-adam,$DAMPED --batch full $COMMON

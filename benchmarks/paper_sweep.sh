@@ -30,3 +30,8 @@ python -m problems run darcy --size small --iterations 300 --methods "$CORE" --b
   --lr 5e-3 --threads 1 --results "$R" --no-plot --quiet
 python -m problems run burgers --size small --iterations 1000 --methods "$CORE" --batch mini --seeds 0-4 \
   --lr 1e-3 --threads 1 --results "$R" --no-plot --quiet
+# ... and the other learning rate of each (Darcy 5e-4, Burgers 5e-4), so both rates have five mini-batch seeds.
+python -m problems run darcy --size small --iterations 300 --methods "$CORE" --batch mini --seeds 0-4 \
+  --lr 5e-4 --threads 1 --results "$R" --no-plot --quiet
+python -m problems run burgers --size small --iterations 1000 --methods "$CORE" --batch mini --seeds 0-4 \
+  --lr 5e-4 --threads 1 --results "$R" --no-plot --quiet

@@ -191,12 +191,22 @@ def _prediction_figure(runs, problem: str):
     truth = np.atleast_2d(u_true.T).T if u_true.ndim == 1 else u_true
     for k in range(truth.shape[1]):
         ax.plot(t, truth[:, k], color="black", lw=2.5, alpha=0.6, label="truth" if k == 0 else None)
+    # the axis follows the truth (a diverged run would otherwise flatten every other curve); runs that leave it
+    # say so in the legend
+    lo, hi = float(np.nanmin(truth)), float(np.nanmax(truth))
+    pad = 0.3 * max(hi - lo, 1e-12)
+    lo, hi = lo - pad, hi + pad
     for i, (m, p) in enumerate(preds.items()):
         up = p["u_pred"].reshape(len(t), -1)
+        off = bool(np.any(~np.isfinite(up)) or np.nanmin(up) < lo or np.nanmax(up) > hi)
+        label = labels[m] + (" (leaves the axis)" if off else "")
         for k in range(up.shape[1]):
-            ax.plot(t, up[:, k], "--", color=_COLORS[i % 10], lw=1.4, label=labels[m] if k == 0 else None)
+            ax.plot(t, up[:, k], "--", color=_COLORS[i % 10], lw=1.4, label=label if k == 0 else None)
+    ax.set_ylim(lo, hi)
     if "t_fit" in any_pred:
-        ax.plot(any_pred["t_fit"], any_pred["u_fit"], "o", color="tab:red", ms=5, label="data")
+        fit = np.asarray(any_pred["u_fit"]).reshape(len(any_pred["t_fit"]), -1)
+        for k in range(fit.shape[1]):
+            ax.plot(any_pred["t_fit"], fit[:, k], "o", color="tab:red", ms=5, label="data" if k == 0 else None)
     if "t_constraint" in any_pred:
         for tc in any_pred["t_constraint"]:
             ax.axvline(tc, color="gray", ls=":", lw=1)
