@@ -62,7 +62,9 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`; ν is adapted by a ratio
             test and steps that increase ‖c‖ are rejected
             (:meth:`~sqpoptim._base.ConstrainedOptimizer._judge_last_step`). For strongly nonlinear or nearly
-            rank-deficient constraints where the full step overshoots (RESULTS.md §4). ``diagnostics()`` then
+            rank-deficient constraints where the full step overshoots: ``1e-6`` is the safe switch (no change
+            where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
+            networks (RESULTS.md §5). ``diagnostics()`` then
             has ``damping`` (ν), ``damping_ratio`` (ρ) and ``rejected``; ``state["global"]["rejected_steps"]``
             counts the rejections.
 
