@@ -23,6 +23,7 @@ FACTORIES = {
     "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
     "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2),
     "adam-unc": lambda p: sqpoptim.AdamUnc(p, lr=1e-2),
+    "sqp-adam-damped": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_damping=0.1),
 }
 
 
