@@ -175,3 +175,19 @@ def test_sync_free_rejections_match_exact_mode(name):
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
     assert runs[0][1] == runs[1][1] >= 3
     assert runs[0][2] == pytest.approx(runs[1][2], rel=1e-12)
+
+
+def test_damped_normal_step_with_per_coordinate_step_sizes_solves_the_weighted_problem():
+    # param groups with different normal step sizes: δ = γ_max v_D with D = diag(γ/γ_max), damped in the D metric:
+    # (JᵀJ + μ D⁻¹) δ = -γ_max Jᵀc, μ = ν mean(diag J D Jᵀ)
+    from sqpoptim._linalg import scaled_normal_step
+
+    J, _, c, _ = random_problem(4, 12, seed=9, cond=1e5)
+    gamma = torch.cat([torch.full((6,), 0.2, dtype=f64), torch.full((6,), 0.8, dtype=f64)])
+    F = factor_gram(gram(J), 1e-7)
+    nu = torch.tensor(0.05, dtype=f64)
+    delta, _ = scaled_normal_step(J, c, F, gamma, rank_tol=1e-7, damping=nu)
+    d = gamma / gamma.max()
+    mu = nu * torch.diagonal(J @ (J * d).T).mean()
+    oracle = torch.linalg.solve(J.T @ J + mu * torch.diag(1.0 / d), -gamma.max() * (J.T @ c))
+    torch.testing.assert_close(delta, oracle, rtol=1e-8, atol=1e-10)
