@@ -538,7 +538,7 @@ class ConstrainedOptimizer(Optimizer):
         glob = self._global_state()
         c64 = ctx.c.double()
         gamma = self._normal_step_sizes(ctx.layout)
-        gamma = float(gamma) if not isinstance(gamma, Tensor) else gamma.max().double()
+        gamma = gamma.max().double() if isinstance(gamma, Tensor) else gamma
         normal = gamma * ctx.diagnostics["v_norm"].double()
         model = torch.stack(
             [
@@ -548,8 +548,8 @@ class ConstrainedOptimizer(Optimizer):
             ]
         )
         nu, escalation = judged["nu"], judged["escalation"]
-        if reject is None:  # exact mode: this step was accepted
-            glob["damping_x"] = x.clone()
+        if reject is None:  # exact mode: this step was accepted (x is a fresh copy of x_k, not a view)
+            glob["damping_x"] = x
             ctx.diagnostics["rejected"] = False
         else:  # sync-free: an accepted, rejected or refused (non-finite) step, decided on the device
             old_model, old_nu = glob.get("damping_model"), glob.get("damping", nu)
@@ -562,7 +562,7 @@ class ConstrainedOptimizer(Optimizer):
             escalation = torch.where(keep, old_escalation, escalation)
             x_prev = glob.get("damping_x")
             fresh = x_prev is None or x_prev.numel() != x.numel()
-            glob["damping_x"] = x.clone() if fresh else torch.where(accepted, x, x_prev)
+            glob["damping_x"] = x if fresh else torch.where(accepted, x, x_prev)
             glob["rejected_steps"] = glob.get("rejected_steps", torch.zeros((), dtype=torch.long, device=x.device))
             glob["rejected_steps"] = glob["rejected_steps"] + reject.long()
             ctx.diagnostics["rejected"] = reject

@@ -191,9 +191,13 @@ def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free:
     exactly)."""
     if nu is None or factor.gram.shape[0] == 0:
         return factor
-    G = factor.gram
+    return factor_gram(_damped_gram(factor.gram, nu), rank_tol, sync_free=sync_free)
+
+
+def _damped_gram(G: Tensor, nu: Tensor) -> Tensor:
+    r""":math:`G + \nu\,\operatorname{mean}_i G_{ii}\, I`."""
     mu = nu.to(G.dtype) * torch.diagonal(G).mean()
-    return factor_gram(G + mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), rank_tol, sync_free=sync_free)
+    return G + mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
 
 
 def normal_step(J: Tensor, c: Tensor, factor: GramFactor, weight: Tensor | None = None) -> Tensor:
@@ -233,7 +237,8 @@ def scaled_normal_step(
         return v, v
     gmax = gamma.max()
     w = gamma / gmax if weight is None else weight * (gamma / gmax)
-    Fw = damped(factor_gram(gram(J, w), rank_tol, sync_free=sync_free), damping, rank_tol, sync_free=sync_free)
+    Gw = gram(J, w) if damping is None else _damped_gram(gram(J, w), damping)  # only the damped one is solved
+    Fw = factor_gram(Gw, rank_tol, sync_free=sync_free)
     return gmax * normal_step(J, c, Fw, w), v
 
 
