@@ -49,7 +49,7 @@ def test_idempotent_at_convergence():
 
 def test_gradcheck_unrolled_nonlinear():
     h, _, x, _, y_hat = quadratic_instance(B=2, n=4, m=2)
-    layer = EnforceProjection(h, eval_tol=1e-12).eval()
+    layer = EnforceProjection(h, eval_tol=1e-12, gradient="unrolled").eval()
     assert torch.autograd.gradcheck(layer, (x.clone().requires_grad_(), y_hat.clone().requires_grad_()))
 
 
