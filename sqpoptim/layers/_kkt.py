@@ -64,12 +64,12 @@ from torch.func import vjp
 
 from ._base import _GRADIENTS, ProjectionLayer, ProjectionResult, check_choice
 from ._constraints import OutputConstraints
-from ._kkt_system import KKTSystem, ReducedKKT
+from ._kkt_system import KKTBlocks, KKTSystem, ReducedKKT
 from ._system import put, take
 
 __all__ = ["KKTHardNet"]
 
-METHODS = ("lm", "paper")
+METHODS = ("newton", "paper")
 _ACCEPT = 1e-4
 _MU_MIN, _MU_MAX = 1e-12, 1e12
 
@@ -123,12 +123,58 @@ def _line_search(system, z, d, phi0, slope, todo, idx, *, c1, beta, max_backtrac
     return alpha, accepted & todo
 
 
+def _newton_direction(blocks: KKTBlocks, rhs: Tensor, augment: Tensor):
+    r"""Solve :math:`K d = ` ``rhs`` per sample; ``(d, singular, shifted, usable, factors)`` (``factors``: the
+    :class:`ReducedKKT` when it served every sample, else ``None``).
+
+    Through :class:`ReducedKKT`; where :math:`\tilde H` is not positive definite and ``augment`` ``[B]`` allows
+    it, through the augmented
+    :math:`\tilde H + \gamma C^\top C` (:math:`\gamma = 10^{2j}` times the ratio of the mean diagonals of
+    :math:`\tilde H` and :math:`CC^\top`, :math:`j = 0, 1, 2`: the exact Newton step whenever the system has the
+    inertia of a minimum); where that fails too (negative curvature on the constraints' tangent space, far from
+    a solution), through :math:`\tilde H + \delta I`, :math:`\delta = 2|\lambda_{\min}(\tilde H)| + 10^{-8}`
+    scale (``shifted``: no longer a Newton step).
+    """
+    reduced = ReducedKKT(blocks)
+    d, singular = reduced.solve(rhs)
+    usable = ~reduced.not_pd
+    shifted = torch.zeros_like(usable)
+    if not bool(reduced.not_pd.any()):
+        return d, singular, shifted, usable, reduced
+    sub = (reduced.not_pd & augment).nonzero().squeeze(1)
+    for j in range(3):
+        if sub.numel() == 0:
+            break
+        Ht, C = reduced.Ht[sub].detach(), reduced.C[sub].detach()
+        h_scale = Ht.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
+        c_scale = C.square().sum(-1).mean(-1).clamp_min(torch.finfo(Ht.dtype).tiny)
+        aug = ReducedKKT(blocks.take(sub), gamma=(100.0**j) * (h_scale / c_scale))
+        d_aug, sing_aug = aug.solve(rhs[sub])
+        good = ~aug.not_pd
+        d = d.index_copy(0, sub, torch.where(good[:, None], d_aug, d[sub]))
+        singular = singular.index_copy(0, sub, torch.where(good, sing_aug, singular[sub]))
+        usable = usable.index_copy(0, sub, good)
+        sub = sub[~good]
+    sub = (~usable).nonzero().squeeze(1)
+    if sub.numel():
+        Ht = reduced.Ht[sub].detach()
+        h_scale = Ht.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
+        shift = 2 * torch.relu(-torch.linalg.eigvalsh(Ht).amin(-1)) + 1e-8 * h_scale
+        fixed = ReducedKKT(blocks.take(sub), shift=shift)
+        d_fix, sing_fix = fixed.solve(rhs[sub])
+        d = d.index_copy(0, sub, d_fix)
+        singular = singular.index_copy(0, sub, sing_fix)
+        usable = usable.index_copy(0, sub, ~fixed.not_pd)
+        shifted = shifted.index_copy(0, sub, torch.ones_like(sub, dtype=torch.bool))
+    return d, singular, shifted, usable, None
+
+
 class _KKTBackward(torch.autograd.Function):
     """Identity on the converged ``y``; backward: one adjoint solve with the KKT Jacobian (App. B)."""
 
     @staticmethod
-    def forward(ctx, system, gn_reg, x, y_hat, z_star):
-        ctx.system, ctx.gn_reg = system, gn_reg
+    def forward(ctx, system, gn_reg, cache, x, y_hat, z_star):
+        ctx.system, ctx.gn_reg, ctx.cache = system, gn_reg, cache
         ctx.save_for_backward(x, z_star)
         return z_star[:, : system.n].clone()
 
@@ -139,7 +185,10 @@ class _KKTBackward(torch.autograd.Function):
         x, z = ctx.saved_tensors
         _, blocks = system.system(z)
         rhs = torch.cat([grad_y, grad_y.new_zeros(grad_y.shape[0], system.size - system.n)], dim=-1)  # [B, N]
-        reduced = ReducedKKT(blocks)
+        if ctx.cache is not None and ctx.cache.blocks.equal(blocks):
+            reduced = ctx.cache  # K did not change in the last step (constraints affine in y): reuse its factors
+        else:
+            reduced = ReducedKKT(blocks)
         v, _ = reduced.solve_transpose(rhs)
         if bool(reduced.not_pd.any()):
             sub = reduced.not_pd.nonzero().squeeze(1)
@@ -153,10 +202,10 @@ class _KKTBackward(torch.autograd.Function):
                 v_lu = torch.where(bad[:, None], v_ridge, v_lu)
             v = v.index_copy(0, sub, v_lu)
         grad_x = None
-        if x is not None and ctx.needs_input_grad[2]:
+        if x is not None and ctx.needs_input_grad[3]:
             _, pull = vjp(lambda xx: system.residual(z, x=xx), x)
             (grad_x,) = pull(-v)
-        return None, None, grad_x, v[:, : system.n], None
+        return None, None, None, grad_x, v[:, : system.n], None
 
 
 class KKTHardNet(ProjectionLayer):
@@ -180,8 +229,8 @@ class KKTHardNet(ProjectionLayer):
         self,
         constraints: OutputConstraints | Callable,
         *,
-        method: str = "lm",
-        max_iter: int = 50,
+        method: str = "newton",
+        max_iter: int = 100,
         tol: float | None = None,
         fb_eps: float = 1e-8,
         gn_reg: float = 1e-8,
@@ -212,13 +261,13 @@ class KKTHardNet(ProjectionLayer):
 
     def _project(self, x: Tensor | None, y: Tensor) -> ProjectionResult:
         system = KKTSystem(self.constraints, x, y, self.fb_eps)
-        solve = self._newton_lm if self.method == "lm" else self._paper_newton
+        solve = self._newton if self.method == "newton" else self._paper_newton
         needs_grad = torch.is_grad_enabled() and (y.requires_grad or (x is not None and x.requires_grad))
         if self.gradient == "unrolled" or not needs_grad:
-            return solve(system)
+            return solve(system)[0]
         with torch.no_grad():
-            res = solve(system)
-        y_out = _KKTBackward.apply(system, self.gn_reg, x, y, res.extras["z"])
+            res, factors = solve(system)
+        y_out = _KKTBackward.apply(system, self.gn_reg, factors, x, y, res.extras["z"])
         return ProjectionResult(y_out, res.iterations, res.residual, res.converged, res.regularized, res.extras)
 
     def _tol(self, z: Tensor) -> float:
@@ -230,13 +279,19 @@ class KKTHardNet(ProjectionLayer):
         extras = {"kkt_residual": kkt, "z": z, "multipliers_eq": mu_e, "multipliers_ineq": mu_i}
         return ProjectionResult(y, it, system.violation(z.detach()), kkt <= tol, flags, extras)
 
-    def _newton_lm(self, system: KKTSystem) -> ProjectionResult:
+    def _newton(self, system: KKTSystem) -> ProjectionResult:
         z = system.start()  # [B, N]
-        tol, batch = self._tol(z), z.shape[0]
+        tol, batch, dtype = self._tol(z), z.shape[0], z.dtype
+        tiny = torch.finfo(dtype).tiny
+        n, m, p = system.n, system.m, system.p
         F = system.residual(z)
-        mu = torch.full((batch,), torch.nan, dtype=z.dtype, device=z.device)  # set at a sample's first LM step
-        newton_failed = torch.zeros(batch, dtype=torch.bool, device=z.device)  # at the current z
-        regularized = torch.zeros_like(newton_failed)
+        mu_lm = torch.full((batch,), torch.nan, dtype=dtype, device=z.device)  # set at a sample's first LM step
+        rho = torch.zeros(batch, dtype=dtype, device=z.device)  # penalty parameter, never decreased
+        regularized = torch.zeros(batch, dtype=torch.bool, device=z.device)
+        # The exact Newton step through an indefinite H̃ (augmented) only after a full step was accepted: far
+        # from a solution a barely positive reduced Hessian makes it huge, and the merit search then crawls.
+        local = torch.zeros(batch, dtype=torch.bool, device=z.device)
+        factors = None  # the last iteration's factorisation, when it covered the batch (reused by the backward)
         it = 0
         while it < self.max_iter:
             active = F.detach().abs().amax(dim=-1) > tol
@@ -244,48 +299,78 @@ class KKTHardNet(ProjectionLayer):
                 break
             idx = active.nonzero().squeeze(1)
             idx = None if idx.numel() == batch else idx
-            z_s, mu_s, failed_s = take(z, idx), take(mu, idx), take(newton_failed, idx)
+            z_s, rho_s = take(z, idx), take(rho, idx)
             F_s, blocks = system.system(z_s, idx)
             phi = _merit(F_s)
-            reduced = ReducedKKT(blocks)
-            d, flagged = reduced.solve(-F_s)
-            if bool(reduced.not_pd.any()):  # indefinite H̃ (nonconvex, large multipliers): K may still be fine
-                sub = reduced.not_pd.nonzero().squeeze(1)
-                d_lu, bad = lu_solve_checked(blocks.take(sub).dense(), -F_s[sub])
-                d, flagged = d.index_copy(0, sub, d_lu), flagged.index_copy(0, sub, bad)
-            try_newton = ~failed_s & ~flagged & torch.isfinite(d.detach()).all(-1)
-            z_t = z_s + torch.where(try_newton[:, None], d, 0.0)
+            # 1. The Newton step (module docstring: reduced, augmented, or inertia-corrected).
+            d, flagged, shifted, usable, reduced = _newton_direction(blocks, -F_s, take(local, idx))
+            factors = reduced if idx is None and not bool(shifted.any()) else None
+            usable = usable & torch.isfinite(d.detach()).all(-1)
+            # 2. The full step where it at least halves ‖F‖ (the local, quadratically convergent phase).
+            z_t = z_s + torch.where(usable[:, None], d, 0.0)
             F_t = system.residual(z_t, idx)
-            ok = try_newton & torch.isfinite(_merit(F_t)) & (phi - _merit(F_t) > _ACCEPT * phi)
-            regularized = put(regularized, idx, take(regularized, idx) | (~ok & flagged))
+            ok = usable & torch.isfinite(_merit(F_t)) & (_merit(F_t) <= 0.25 * phi)
+            full = ok.clone()
+            # 3. Elsewhere a backtracking search on the exact penalty merit along the same direction.
+            search = usable & ~ok
+            if bool(search.any()):
+                sub = search.nonzero().squeeze(1)
+                gsub = sub if idx is None else idx[sub]
+                y0, dy = z_s[sub, :n].detach(), d[sub, :n].detach()
+                mult = (z_s[sub] + d[sub])[:, n : n + m + p].detach()
+                bound = mult.abs().amax(-1) if mult.shape[-1] else torch.zeros_like(rho_s[sub])
+                rho_sub = torch.maximum(rho_s[sub], 1.1 * bound + 1e-8)
+                P0, viol = system.penalty(y0, rho_sub, gsub)
+                slope = ((y0 - take(system.y_hat, gsub)) * dy).sum(-1) - rho_sub * viol
+                alpha, found = self._penalty_search(system, y0, dy, rho_sub, P0, slope, gsub)
+                full = full.index_copy(0, sub, found & (alpha == 1))
+                z_ls = z_s[sub] + alpha[:, None] * d[sub]
+                F_ls = system.residual(z_ls, gsub)
+                found = found & torch.isfinite(_merit(F_ls))
+                z_t = z_t.index_copy(0, sub, torch.where(found[:, None], z_ls, z_t[sub]))
+                F_t = F_t.index_copy(0, sub, torch.where(found[:, None], F_ls, F_t[sub]))
+                ok = ok.index_copy(0, sub, found)
+                rho_s = rho_s.index_copy(0, sub, rho_sub)
+            regularized = put(regularized, idx, take(regularized, idx) | flagged | shifted)
+            # 4. Levenberg–Marquardt on ½‖F‖² where neither applies.
             lm = ~ok
             if bool(lm.any()):
                 sub = lm.nonzero().squeeze(1)
+                gsub = sub if idx is None else idx[sub]
                 K = blocks.take(sub).dense()
-                mu_sub = mu_s[sub]
-                fresh = torch.isnan(mu_sub)
+                mu_sub = take(mu_lm, gsub)
                 diag = K.detach().square().sum(-2).mean(-1)  # mean diagonal of KᵀK
-                fnorm = F_s[sub].detach().norm(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
-                mu_sub = torch.where(fresh, (1e-3 * diag / fnorm).clamp(_MU_MIN, _MU_MAX), mu_sub)
+                fnorm = F_s[sub].detach().norm(dim=-1).clamp_min(tiny)
+                mu_sub = torch.where(torch.isnan(mu_sub), (1e-3 * diag / fnorm).clamp(_MU_MIN, _MU_MAX), mu_sub)
                 d_lm, pred = _lm_step(K, F_s[sub], mu_sub * fnorm)
-                sub_global = sub if idx is None else idx[sub]
-                F_lm = system.residual(z_s[sub] + d_lm, sub_global)
-                rho = (phi[sub] - _merit(F_lm)) / pred.clamp_min(torch.finfo(z.dtype).tiny)
-                ok_lm = torch.isfinite(_merit(F_lm)) & (pred > 0) & (rho > _ACCEPT)
-                mu_sub = torch.where(rho < 0.25, mu_sub * 4, torch.where(rho > 0.75, mu_sub / 4, mu_sub))
-                mu_s = mu_s.index_copy(0, sub, mu_sub.clamp(_MU_MIN, _MU_MAX))
+                F_lm = system.residual(z_s[sub] + d_lm, gsub)
+                rho_lm = (phi[sub] - _merit(F_lm)) / pred.clamp_min(tiny)
+                ok_lm = torch.isfinite(_merit(F_lm)) & (pred > 0) & (rho_lm > _ACCEPT)
+                mu_sub = torch.where(rho_lm < 0.25, mu_sub * 4, torch.where(rho_lm > 0.75, mu_sub / 4, mu_sub))
+                mu_lm = mu_lm.index_copy(0, gsub, mu_sub.clamp(_MU_MIN, _MU_MAX))
                 z_t = z_t.index_copy(0, sub, z_s[sub] + d_lm)
                 F_t = F_t.index_copy(0, sub, F_lm)
                 ok = ok.index_copy(0, sub, ok_lm)
-                # A rejected LM step leaves z unchanged: Newton already failed there, go on with LM.
-                failed_s = failed_s.index_copy(0, sub, ~ok_lm)
-            failed_s = failed_s & ~ok
+                regularized = regularized.index_copy(0, gsub, torch.ones_like(gsub, dtype=torch.bool))
             keep = ok[:, None]
-            z_s, F_new = torch.where(keep, z_t, z_s), torch.where(keep, F_t, F_s)
-            z, F = put(z, idx, z_s), put(F, idx, F_new)
-            mu, newton_failed = put(mu, idx, mu_s), put(newton_failed, idx, failed_s)
+            z, F = put(z, idx, torch.where(keep, z_t, z_s)), put(F, idx, torch.where(keep, F_t, F_s))
+            rho, local = put(rho, idx, rho_s), put(local, idx, full)
             it += 1
-        return self._result(system, z, F, it, tol, regularized | newton_failed)
+        return self._result(system, z, F, it, tol, regularized), factors
+
+    def _penalty_search(self, system, y0, dy, rho, P0, slope, idx):
+        """Backtracking (halving, ``max_backtracks`` trials) on the penalty merit; ``(alpha, found)``."""
+        alpha = torch.ones_like(P0)
+        found = torch.zeros_like(P0, dtype=torch.bool)
+        todo = slope < 0  # not a descent direction of the merit: leave it to the LM step
+        with torch.no_grad():
+            for _ in range(self.max_backtracks):
+                if not bool((todo & ~found).any()):
+                    break
+                P, _ = system.penalty(y0 + alpha[:, None] * dy, rho, idx)
+                found = found | (todo & torch.isfinite(P) & (P <= P0 + self.armijo_c * alpha * slope))
+                alpha = torch.where(found, alpha, 0.5 * alpha)
+        return alpha, found
 
     def _paper_newton(self, system: KKTSystem) -> ProjectionResult:
         z = system.start()  # [B, N]
@@ -329,4 +414,4 @@ class KKTHardNet(ProjectionLayer):
             step = (active & ok)[:, None]
             z = torch.where(step, z + alpha[:, None] * d, z)
             it += 1
-        return self._result(system, z, F, it, tol, gauss_newton)
+        return self._result(system, z, F, it, tol, gauss_newton), None

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ._base import check_bounds, finite_or_raise
 from ._constraints import OutputConstraints
-from ._linalg import gram_solve
+from ._linalg import cholesky_apply, gram_factor
 from ._system import take
 
 __all__ = ["KKTBlocks", "KKTSystem", "ReducedKKT"]
@@ -63,6 +63,12 @@ class KKTBlocks:
 
     def __init__(self, H: Tensor, Jh: Tensor, Jg: Tensor, d_mu: Tensor, d_s: Tensor) -> None:
         self.H, self.Jh, self.Jg, self.d_mu, self.d_s = H, Jh, Jg, d_mu, d_s  # [B,n,n] [B,m,n] [B,p,n] [B,p] [B,p]
+
+    def equal(self, other: KKTBlocks) -> bool:
+        """Bitwise equality of every block (one host sync per block)."""
+        mine = (self.H, self.Jh, self.Jg, self.d_mu, self.d_s)
+        theirs = (other.H, other.Jh, other.Jg, other.d_mu, other.d_s)
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs))
 
     def take(self, idx: Tensor | None) -> KKTBlocks:
         return self if idx is None else KKTBlocks(*(t[idx] for t in (self.H, self.Jh, self.Jg, self.d_mu, self.d_s)))
@@ -85,7 +91,13 @@ class KKTBlocks:
 class ReducedKKT:
     """One factorisation of the reduced system (module docstring); :meth:`solve` and :meth:`solve_transpose`."""
 
-    def __init__(self, blocks: KKTBlocks) -> None:
+    def __init__(self, blocks: KKTBlocks, shift: Tensor | None = None, gamma: Tensor | None = None) -> None:
+        """``shift`` ``[B]``: a multiple of the identity added to :math:`\\tilde H` (an inertia correction; the
+        solves are then those of the shifted system). ``gamma`` ``[B]``: solve through the augmented
+        :math:`\\tilde H + \\gamma C^\\top C` instead (the same solution: row 1 plus :math:`\\gamma C^\\top` times
+        row 2), positive definite whenever :math:`\\tilde H` is on the null space of :math:`C`, i.e. whenever
+        the system has the inertia of a minimum; the Schur complement
+        :math:`C H_\\gamma^{-1} C^\\top (I - \\gamma\\Delta) + \\Delta` is then solved by LU."""
         H, Jh, Jg, d_mu, d_s = blocks.H, blocks.Jh, blocks.Jg, blocks.d_mu, blocks.d_s
         n, m = H.shape[-1], Jh.shape[-2]
         self.blocks, self.n, self.m, self.p = blocks, n, m, Jg.shape[-2]
@@ -95,10 +107,20 @@ class ReducedKKT:
         # Ratios in [0, 1]; the denominators are >= 1 - 1/sqrt(2) on the rows where they are used.
         self.ratio_in = inact * d_s / torch.where(self.act, 1.0, d_mu)  # D_s/D_mu on inactive rows
         self.ratio_act = act * d_mu / torch.where(self.act, d_s, 1.0)  # D_mu/D_s on active rows
-        Ht = H + torch.einsum("bpi,bp,bpj->bij", Jg, self.ratio_in, Jg)  # [B, n, n]
         eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        self.identity = not bool((Ht != eye).any())  # one sync; affine constraints, no inactive rows
+        Ht = H
+        if bool((self.ratio_in != 0).any()):  # one sync; inactive rows add J_inᵀ (D_s/D_mu) J_in
+            Ht = H + torch.einsum("bpi,bp,bpj->bij", Jg, self.ratio_in, Jg)  # [B, n, n]
+        if shift is not None:
+            Ht = Ht + shift[:, None, None] * eye
+        self.Ht = Ht
         self.C = torch.cat([Jh, Jg * act[..., None]], dim=-2)  # [B, m + p, n]
+        # Δ: 0 on h rows, D_mu/D_s on active rows, 1 on masked inactive rows (whose right-hand side is 0).
+        self.delta = torch.cat([torch.zeros_like(Jh[..., 0]), self.ratio_act + inact], dim=-1)  # [B, m + p]
+        self.gamma = gamma
+        if gamma is not None:
+            Ht = Ht + gamma[:, None, None] * (self.C.mT @ self.C)
+        self.identity = gamma is None and not bool((Ht != eye).any())  # one sync; e.g. affine constraints
         if self.identity:
             self.L_H, not_pd = None, torch.zeros(H.shape[0], dtype=torch.bool, device=H.device)
             HinvCt = self.C.mT
@@ -107,13 +129,17 @@ class ReducedKKT:
             not_pd = info != 0
             self.L_H = torch.where(not_pd[:, None, None], eye, self.L_H)  # placeholder, flagged below
             HinvCt = torch.cholesky_solve(self.C.mT, self.L_H)  # [B, n, m + p]
-        self.HinvCt = HinvCt
-        # Δ: 0 on h rows, D_mu/D_s on active rows, 1 on masked inactive rows (whose right-hand side is 0).
-        delta = torch.cat([torch.zeros_like(Jh[..., 0]), self.ratio_act + inact], dim=-1)  # [B, m + p]
-        S = self.C @ HinvCt + torch.diag_embed(delta)
-        self.S = S
         self.not_pd = not_pd
-        self._S_solve = lambda rhs: gram_solve(S, rhs)
+        S = self.C @ HinvCt
+        if gamma is None:
+            L_S, singular = gram_factor(S + torch.diag_embed(self.delta))
+            self._S_solve = lambda rhs: (cholesky_apply(L_S, rhs), singular)
+        else:
+            S = S * (1 - gamma[:, None, None] * self.delta[:, None, :]) + torch.diag_embed(self.delta)
+            LU, piv, info = torch.linalg.lu_factor_ex(S)
+            u = LU.detach().diagonal(dim1=-2, dim2=-1).abs()
+            singular = (info != 0) | (u.amin(-1) <= 1e3 * torch.finfo(S.dtype).eps * u.amax(-1))
+            self._S_solve = lambda rhs: (torch.linalg.lu_solve(LU, piv, rhs[..., None])[..., 0], singular)
 
     def _hinv(self, v: Tensor) -> Tensor:
         if self.identity:
@@ -121,9 +147,12 @@ class ReducedKKT:
         return torch.cholesky_solve(v[..., None], self.L_H)[..., 0]
 
     def _reduced(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.gamma is not None:
+            r1 = r1 + self.gamma[:, None] * torch.einsum("bkn,bk->bn", self.C, r2)
         rhs = torch.einsum("bkn,bn->bk", self.C, self._hinv(r1)) - r2
         nu, singular = self._S_solve(rhs)  # [B, m + p]
-        dy = self._hinv(r1 - torch.einsum("bkn,bk->bn", self.C, nu))
+        coef = nu if self.gamma is None else nu * (1 - self.gamma[:, None] * self.delta)
+        dy = self._hinv(r1 - torch.einsum("bkn,bk->bn", self.C, coef))
         return dy, nu, singular
 
     def _split(self, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -224,6 +253,18 @@ class KKTSystem:
     def fb(self, mu_i: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         rho = torch.sqrt(mu_i**2 + s**2 + self.fb_eps**2)
         return mu_i + s - rho, rho
+
+    def penalty(self, y: Tensor, rho: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""The exact penalty merit :math:`\tfrac12\|y - \hat y\|^2 + \rho(\|h\|_1 + \|\max(\hat g, 0)\|_1)`,
+        with the violation term, both ``[b]`` (``rho`` ``[b]``): its local minimisers for :math:`\rho > \|\mu^\star\|_\infty` are the local
+        projections."""
+        ev = self.cons.evaluate(take(self.x, idx), y, jacobian=False)
+        viol = y.new_zeros(y.shape[0])
+        if ev.h is not None:
+            viol = viol + ev.h.abs().sum(-1)
+        if ev.g is not None:
+            viol = viol + torch.relu(self.g_hat(None, ev.g, idx)).sum(-1)
+        return 0.5 * (y - take(self.y_hat, idx)).square().sum(-1) + rho * viol, viol
 
     def residual(self, z: Tensor, idx: Tensor | None = None, x: Tensor | None = None) -> Tensor:
         """:math:`F(z)` ``[b, N]`` with one reverse pass for the stationarity row (``x``: an override of the
