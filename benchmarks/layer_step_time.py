@@ -73,8 +73,11 @@ class Stepper:
         with torch.no_grad():
             res = layer.project(x, self.model.backbone(x))
         layer.train(was_training)
-        return {"iterations": res.iterations, "max_violation": float(res.residual.max()),
-                "finite": bool(torch.isfinite(res.y).all())}
+        return {
+            "iterations": res.iterations,
+            "max_violation": float(res.residual.max()),
+            "finite": bool(torch.isfinite(res.y).all()),
+        }
 
 
 def measure(pair: str, steps: int, batch_mode: str | None) -> list[dict]:
@@ -92,11 +95,19 @@ def measure(pair: str, steps: int, batch_mode: str | None) -> list[dict]:
     rows = []
     for key, stepper in steppers.items():
         cpu = statistics.median(c for c, _ in samples[key])
-        rows.append({
-            "problem": name, "size": size, "batch": mode, "method": key,
-            "cpu_s": cpu, "wall_s": statistics.median(w for _, w in samples[key]),
-            "cpu_max_s": max(c for c, _ in samples[key]), "ratio": cpu / base, **stepper.layer_report(),
-        })
+        rows.append(
+            {
+                "problem": name,
+                "size": size,
+                "batch": mode,
+                "method": key,
+                "cpu_s": cpu,
+                "wall_s": statistics.median(w for _, w in samples[key]),
+                "cpu_max_s": max(c for c, _ in samples[key]),
+                "ratio": cpu / base,
+                **stepper.layer_report(),
+            }
+        )
     return rows
 
 
@@ -114,16 +125,21 @@ def main() -> None:
         rows += measure(pair, args.steps, args.batch)
         for r in rows[-2:]:
             extra = f"  iters {r['iterations']}  max viol {r['max_violation']:.1e}" if "iterations" in r else ""
-            print(f"{r['problem']}@{r['size']} {r['method']}: cpu {r['cpu_s']:.4f} s (max {r['cpu_max_s']:.4f}), "
-                  f"wall {r['wall_s']:.4f} s, {r['ratio']:.1f}x adam{extra}", flush=True)
+            print(
+                f"{r['problem']}@{r['size']} {r['method']}: cpu {r['cpu_s']:.4f} s (max {r['cpu_max_s']:.4f}), "
+                f"wall {r['wall_s']:.4f} s, {r['ratio']:.1f}x adam{extra}",
+                flush=True,
+            )
     print(f"\n{datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · {args.threads} thread(s)")
-    print("| task | method | CPU s / step (median of %d) | wall s | × Adam(unc) | layer iters | max viol |" % args.steps)
+    print(f"| task | method | CPU s / step (median of {args.steps}) | wall s | × Adam(unc) | layer iters | max viol |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         it = r.get("iterations", "")
         viol = f"{r['max_violation']:.1e}" if "max_violation" in r else ""
-        print(f"| {r['problem']} ({r['size']}, {r['batch']}) | {r['method']} | {r['cpu_s']:.3f} | {r['wall_s']:.3f} | "
-              f"{r['ratio']:.1f} | {it} | {viol} |")
+        print(
+            f"| {r['problem']} ({r['size']}, {r['batch']}) | {r['method']} | {r['cpu_s']:.3f} | {r['wall_s']:.3f} | "
+            f"{r['ratio']:.1f} | {it} | {viol} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -174,8 +174,10 @@ class OutputConstraints:
             raise ValueError("bounds lower/upper given without inequality constraints g")
         if jac_mode not in ("auto", "rev", "fwd"):
             raise ValueError(f"Invalid jac_mode {jac_mode!r}: expected 'auto', 'rev' or 'fwd'")
-        if jac_chunk_size != "auto" and jac_chunk_size is not None and (
-            not isinstance(jac_chunk_size, int) or jac_chunk_size < 1
+        if (
+            jac_chunk_size != "auto"
+            and jac_chunk_size is not None
+            and (not isinstance(jac_chunk_size, int) or jac_chunk_size < 1)
         ):
             raise ValueError(f"Invalid jac_chunk_size: {jac_chunk_size!r} (a positive int, 'auto' or None)")
         if g is not None and lower is None and upper is None:

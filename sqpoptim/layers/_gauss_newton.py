@@ -176,4 +176,5 @@ def gauss_newton(
         y, c, J, r, active = (put(t, idx, s) for t, s in ((y, y_s), (c, c_s), (J, J_s), (r, r_s), (active, a_s)))
         mu, fresh = put(mu, idx, mu_s), put(fresh, idx, fresh_s)
         it += 1
-    return ProjectionResult(y, it, err, done, regularized), c, (J if bool(fresh.all()) else None)
+    exact = not broyden and bool(fresh.all())
+    return ProjectionResult(y, it, err, done, regularized), c, (J if exact else None)

@@ -157,8 +157,10 @@ class HardNetPP(ProjectionLayer):
         self.gradient = check_choice("gradient", gradient, _GRADIENTS)
         self.jacobian = check_choice("jacobian", jacobian, JACOBIANS)
         if self.jacobian == "broyden" and (self.gradient == "unrolled" or self.method == "paper"):
-            raise ValueError("jacobian='broyden' needs method='lm' and gradient='implicit' (unrolled and paper "
-                             "iterations differentiate or reproduce the paper's exact-Jacobian steps)")
+            raise ValueError(
+                "jacobian='broyden' needs method='lm' and gradient='implicit' (unrolled and paper "
+                "iterations differentiate or reproduce the paper's exact-Jacobian steps)"
+            )
 
     def _jacobian_mode(self) -> str:
         if self.jacobian != "auto":

@@ -82,7 +82,7 @@ def lu_solve_checked(K: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     are flagged when :math:`\min_i |U_{ii}| \le 10^3\,\epsilon_{\text{mach}} \max_i |U_{ii}|`. A flagged
     sample's system is replaced by the identity before solving, so no non-finite value enters a graph.
     """
-    LU, pivots, info = torch.linalg.lu_factor_ex(K.detach())
+    LU, _, info = torch.linalg.lu_factor_ex(K.detach())
     u = LU.diagonal(dim1=-2, dim2=-1).abs()  # [B, N]
     tiny = u.amin(dim=-1) <= 1e3 * torch.finfo(K.dtype).eps * u.amax(dim=-1)
     bad = (info != 0) | tiny | ~torch.isfinite(u).all(dim=-1)

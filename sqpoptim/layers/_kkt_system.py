@@ -255,9 +255,9 @@ class KKTSystem:
         return mu_i + s - rho, rho
 
     def penalty(self, y: Tensor, rho: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        r"""The exact penalty merit :math:`\tfrac12\|y - \hat y\|^2 + \rho(\|h\|_1 + \|\max(\hat g, 0)\|_1)`,
-        with the violation term, both ``[b]`` (``rho`` ``[b]``): its local minimisers for :math:`\rho > \|\mu^\star\|_\infty` are the local
-        projections."""
+        r"""``(merit, violation)``, both ``[b]`` (``rho`` ``[b]``): the exact penalty merit
+        :math:`\tfrac12\|y - \hat y\|^2 + \rho(\|h\|_1 + \|\max(\hat g, 0)\|_1)` and its violation term. For
+        :math:`\rho > \|\mu^\star\|_\infty` its local minimisers are the local projections."""
         ev = self.cons.evaluate(take(self.x, idx), y, jacobian=False)
         viol = y.new_zeros(y.shape[0])
         if ev.h is not None:

@@ -21,9 +21,7 @@ from torch import Tensor
 __all__ = ["cholesky_apply", "gram_factor", "gram_solve"]
 
 
-def gram_factor(
-    G: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | None = None
-) -> tuple[Tensor, Tensor]:
+def gram_factor(G: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | None = None) -> tuple[Tensor, Tensor]:
     r"""The Cholesky factor of :math:`G + \text{shift}\,I + \delta I` and the ``[B]`` rank flag of
     :func:`gram_solve` (which is this factorisation followed by ``torch.cholesky_solve``)."""
     eps = torch.finfo(G.dtype).eps

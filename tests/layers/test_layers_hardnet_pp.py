@@ -1,6 +1,8 @@
 """HardNetPP: the paper's iteration (ε → 0 agreement with ENFORCE, bounds), the Levenberg–Marquardt iteration,
 both gradients, options."""
 
+import itertools
+
 import pytest
 import torch
 from layer_cases import F64, quadratic_instance
@@ -77,7 +79,7 @@ def test_levenberg_marquardt_rejects_steps_that_increase_the_violation():
     for it in range(1, 30, 2):
         y = HardNetPP(cons, max_iter=it, tol=1e-13, nonconvergence="ignore").eval()(None, y_hat)
         energies.append(float(cons.violation(None, y).square().sum()))
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(energies, energies[1:]))
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(energies))
     assert energies[-1] <= 1e-24
 
 
