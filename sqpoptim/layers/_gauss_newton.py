@@ -76,6 +76,10 @@ def least_norm_step(J: Tensor, r: Tensor, active: Tensor, nu: Tensor | float = 0
     return -torch.einsum("bkn,bk->bn", Jr, w), flagged
 
 
+def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
 def _max_abs(r: Tensor) -> Tensor:
     return r.detach().abs().amax(dim=-1) if r.shape[-1] else r.new_zeros(r.shape[0])
 
@@ -89,6 +93,7 @@ def gauss_newton(
     damping: bool,
     jacobian: str = "exact",
     measure: str = "max",
+    free_steps: int = 0,
 ) -> tuple[ProjectionResult, Tensor, Tensor | None]:
     """Run the iteration of the module docstring from ``y0``.
 
@@ -107,6 +112,9 @@ def gauss_newton(
         diag = (J * active[..., None]).square().sum(-1).sum(-1) / active.sum(-1).clamp_min(1)  # [B]
         mu = 1e-3 * diag / r.detach().norm(dim=-1).clamp_min(torch.finfo(dtype).tiny)
         mu = mu.clamp(_MU_MIN, _MU_MAX)
+    if free_steps:
+        best = [y, c, J, r, active, fresh]
+        v_best = 0.5 * r.detach().square().sum(-1)
     it = 0
     while True:
         err = _max_abs(r)  # [B]
@@ -121,7 +129,8 @@ def gauss_newton(
         y_s, c_s, J_s, r_s, a_s = (take(t, idx) for t in (y, c, J, r, active))
         mu_s, fresh_s = take(mu, idx), take(fresh, idx)
         rnorm = r_s.detach().norm(dim=-1)  # [b]
-        nu = mu_s * rnorm if damping else 0.0
+        free = damping and it < free_steps
+        nu = mu_s * rnorm if damping and not free else 0.0
         # Satisfied rows within the current violation of a bound are held (r = 0 in the step, as in HardNet++'s
         # J_c): dropping them lets a row that the previous step pushed just inside cross back, and the
         # iteration chatters between the two sides at a linear rate.
@@ -135,7 +144,9 @@ def gauss_newton(
         r_t, a_t = system.residual(c_t, idx)
         rnorm_t = r_t.detach().norm(dim=-1)
         finite = torch.isfinite(rnorm_t)
-        if damping:
+        if free:
+            ok = finite
+        elif damping:
             Jd = torch.einsum("bkn,bn->bk", J_s * rows[..., None], d.detach())
             pred = -(r_s.detach() * Jd).sum(-1) - 0.5 * Jd.square().sum(-1)
             actual = 0.5 * (rnorm.square() - rnorm_t.square())
@@ -176,5 +187,13 @@ def gauss_newton(
         y, c, J, r, active = (put(t, idx, s) for t, s in ((y, y_s), (c, c_s), (J, J_s), (r, r_s), (active, a_s)))
         mu, fresh = put(mu, idx, mu_s), put(fresh, idx, fresh_s)
         it += 1
+        if free_steps:
+            state = [y, c, J, r, active, fresh]
+            v = 0.5 * r.detach().square().sum(-1)
+            better = v < v_best
+            best = [_where(better, s, b) for s, b in zip(state, best)]
+            v_best = torch.where(better, v, v_best)
+            if it == free_steps:  # the monotone phase starts from each sample's best point
+                y, c, J, r, active, fresh = best
     exact = not broyden and bool(fresh.all())
     return ProjectionResult(y, it, err, done, regularized), c, (J if exact else None)

@@ -71,6 +71,7 @@ from ._system import StackedSystem
 __all__ = ["HardNetPP", "hardnet_pp"]
 
 METHODS = ("lm", "paper")
+FREE_STEPS = 10
 
 
 def hardnet_pp(
@@ -175,7 +176,13 @@ class HardNetPP(ProjectionLayer):
             )
         system = StackedSystem(self.constraints, x, y, jacobian=True)
         result, c, J = gauss_newton(
-            system, y, tol=self.tol, max_iter=self.max_iter, damping=True, jacobian=self._jacobian_mode()
+            system,
+            y,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            damping=True,
+            jacobian=self._jacobian_mode(),
+            free_steps=FREE_STEPS,
         )
         return result, system, c, J
 

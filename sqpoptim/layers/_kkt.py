@@ -64,8 +64,10 @@ from torch.func import vjp
 
 from ._base import _GRADIENTS, ProjectionLayer, ProjectionResult, check_choice
 from ._constraints import OutputConstraints
+from ._gauss_newton import gauss_newton
+from ._hardnet_pp import FREE_STEPS
 from ._kkt_system import KKTBlocks, KKTSystem, ReducedKKT
-from ._system import put, take
+from ._system import StackedSystem, put, take
 
 __all__ = ["KKTHardNet"]
 
@@ -238,6 +240,7 @@ class KKTHardNet(ProjectionLayer):
         backtrack: float = 0.5,
         max_backtracks: int = 30,
         step_size: float | None = None,
+        restart: int | None = 10,
         gradient: str = "implicit",
         solve_dtype: torch.dtype | None = torch.float64,
         nonconvergence: str = "warn",
@@ -258,6 +261,9 @@ class KKTHardNet(ProjectionLayer):
         self.armijo_c, self.backtrack, self.max_backtracks = float(armijo_c), float(backtrack), int(max_backtracks)
         self.step_size = None if step_size is None else float(step_size)
         self.gradient = check_choice("gradient", gradient, _GRADIENTS)
+        if restart is not None and (int(restart) != restart or restart < 1):
+            raise ValueError(f"Invalid restart: {restart!r} (a positive number of iterations, or None)")
+        self.restart = None if restart is None else int(restart)
 
     def _project(self, x: Tensor | None, y: Tensor) -> ProjectionResult:
         system = KKTSystem(self.constraints, x, y, self.fb_eps)
@@ -297,6 +303,12 @@ class KKTHardNet(ProjectionLayer):
             active = F.detach().abs().amax(dim=-1) > tol
             if not bool(active.any()):
                 break
+            if it == self.restart:  # samples still iterating start again from a feasible point
+                z = torch.where(active[:, None], self._feasible_start(system, z, active), z)
+                F = torch.where(active[:, None], system.residual(z), F)
+                mu_lm = torch.where(active, torch.nan, mu_lm)
+                rho, local = torch.where(active, 0.0, rho), local & ~active
+                regularized = regularized | active
             idx = active.nonzero().squeeze(1)
             idx = None if idx.numel() == batch else idx
             z_s, rho_s = take(z, idx), take(rho, idx)
@@ -324,7 +336,9 @@ class KKTHardNet(ProjectionLayer):
                 slope = ((y0 - take(system.y_hat, gsub)) * dy).sum(-1) - rho_sub * viol
                 alpha, found = self._penalty_search(system, y0, dy, rho_sub, P0, slope, gsub)
                 full = full.index_copy(0, sub, found & (alpha == 1))
-                z_ls = z_s[sub] + alpha[:, None] * d[sub]
+                # The step length is chosen for y; the duals of a shortened (or nearly singular) step would be
+                # unrelated to the new point, so they are re-estimated there.
+                z_ls = system.dual_estimate(y0 + alpha[:, None] * dy, gsub)
                 F_ls = system.residual(z_ls, gsub)
                 found = found & torch.isfinite(_merit(F_ls))
                 z_t = z_t.index_copy(0, sub, torch.where(found[:, None], z_ls, z_t[sub]))
@@ -357,6 +371,17 @@ class KKTHardNet(ProjectionLayer):
             rho, local = put(rho, idx, rho_s), put(local, idx, full)
             it += 1
         return self._result(system, z, F, it, tol, regularized), factors
+
+    def _feasible_start(self, system: KKTSystem, z: Tensor, todo: Tensor) -> Tensor:
+        """For the samples ``todo``: HardNet++'s globalised iteration from ŷ to the constraint set, then
+        least-squares duals there (the others keep ``z``; they are frozen at once in the restoration, which
+        starts them at their feasible ``y``)."""
+        y0 = torch.where(todo[:, None], system.y_hat, system.split(z)[0])
+        restore = StackedSystem(system.cons, system.x, y0, jacobian=True)
+        tol = self._tol(y0)
+        res, _, _ = gauss_newton(restore, y0, tol=tol, max_iter=self.max_iter, damping=True, free_steps=FREE_STEPS)
+        sub = todo.nonzero().squeeze(1)
+        return z.index_copy(0, sub, system.dual_estimate(res.y[sub], sub))
 
     def _penalty_search(self, system, y0, dy, rho, P0, slope, idx):
         """Backtracking (halving, ``max_backtracks`` trials) on the penalty merit; ``(alpha, found)``."""

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ._base import check_bounds, finite_or_raise
 from ._constraints import OutputConstraints
-from ._linalg import cholesky_apply, gram_factor
+from ._linalg import cholesky_apply, gram_factor, gram_solve
 from ._system import take
 
 __all__ = ["KKTBlocks", "KKTSystem", "ReducedKKT"]
@@ -249,6 +249,27 @@ class KKTSystem:
         """The paper's start: :math:`y = \\hat y`, :math:`\\mu = 0`, :math:`s = \\max(-\\hat g(\\hat y), 10^{-3})`."""
         zeros = self.y_hat.new_zeros(self.y_hat.shape[0], self.m + self.p)
         return torch.cat([self.y_hat, zeros, self.g_hat0.neg().clamp_min(1e-3)], dim=-1)  # [B, N]
+
+    def dual_estimate(self, y: Tensor, idx: Tensor | None = None) -> Tensor:
+        r"""``z`` at ``y`` with least-squares multipliers: :math:`\min \|y - \hat y + J_h^\top \mu_E +
+        J_a^\top \mu_a\|` over the equalities and the inequality rows with :math:`\hat g \ge 0` (then
+        :math:`\mu_I \ge 0` clipped, 0 elsewhere), and :math:`s = \max(-\hat g, 0)`: duals consistent with a
+        primal point reached by a step that was not a Newton step."""
+        x = take(self.x, idx)
+        ev = self.cons.evaluate(x, y, jacobian=True)
+        B, n = y.shape[0], self.n
+        Jh = ev.h_jac if ev.h is not None else y.new_zeros(B, 0, n)
+        if ev.g is not None:
+            g_hat, Jg = self.g_hat(None, ev.g, idx), self.g_hat_jac(None, ev.g, ev.g_jac, idx)
+        else:
+            g_hat, Jg = y.new_zeros(B, 0), y.new_zeros(B, 0, n)
+        act = g_hat >= 0
+        C = torch.cat([Jh, Jg * act[..., None]], dim=-2)  # [B, m + p, n]
+        free = torch.cat([torch.zeros_like(Jh[..., 0], dtype=torch.bool), ~act], dim=-1)
+        G = C @ C.mT + torch.diag_embed(free.to(y.dtype))
+        nu, _ = gram_solve(G, -torch.einsum("bkn,bn->bk", C, y - take(self.y_hat, idx)))
+        mu_i = torch.where(act, nu[:, self.m :].clamp_min(0.0), 0.0)
+        return torch.cat([y, nu[:, : self.m], mu_i, g_hat.neg().clamp_min(0.0)], dim=-1)
 
     def fb(self, mu_i: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         rho = torch.sqrt(mu_i**2 + s**2 + self.fb_eps**2)

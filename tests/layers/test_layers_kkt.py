@@ -198,6 +198,55 @@ def test_globalised_newton_reaches_local_projections_where_the_paper_iteration_s
     assert not bool(paper.converged.any())
 
 
+def _pooling():
+    """KKT-Hardnet's pooling constraints (four balances, bilinear in the pool quality m; two specifications) at
+    four inputs (A, B, X, Y), and an untrained network's outputs (m, Px, Py, Cx, Cy) there."""
+
+    def h(x, y):
+        a, b, xx, yy = x.unbind(-1)
+        m, px, py, cx, cy = y.unbind(-1)
+        return torch.stack([px + py - a - b, xx - px - cx, yy - py - cy, m * (px + py) - 3 * a - b], -1)
+
+    def g(x, y):
+        _, _, xx, yy = x.unbind(-1)
+        m, px, py, cx, cy = y.unbind(-1)
+        return torch.stack([m * px + 2 * cx - 2.5 * xx, m * py + 2 * cy - 1.5 * yy], -1)
+
+    x = torch.tensor(
+        [
+            [4.11, 143.07, 50.18, 179.69],
+            [7.61, 47.82, 82.71, 7.41],
+            [30.62, 124.03, 68.31, 115.7],
+            [14.05, 210.0, 92.2, 164.34],
+        ],
+        dtype=F64,
+    )
+    y_hat = torch.tensor(
+        [
+            [-12.31, 1.84, -27.77, 11.1, 12.62],
+            [-8.81, 3.73, -4.46, 9.22, 2.09],
+            [-7.31, 2.6, -19.77, 5.63, 4.33],
+            [-12.68, 4.17, -31.96, 10.71, 7.65],
+        ],
+        dtype=F64,
+    )
+    return OutputConstraints(h=h, g=g), x, y_hat
+
+
+def test_restart_from_a_feasible_point_where_newton_from_the_raw_output_fails():
+    cons, x, y_hat = _pooling()
+    stuck = KKTHardNet(cons, restart=None, nonconvergence="ignore").eval().project(x, y_hat)
+    assert not bool(stuck.converged.any())
+    res = KKTHardNet(cons).eval().project(x, y_hat)  # restart after 10 iterations
+    assert bool(res.converged.all()) and float(cons.violation(x, res.y).max()) <= 1e-9
+    # The restarted samples end at KKT points of the projection (checked with autograd Jacobians).
+    y, mu_e, mu_i = res.y, res.extras["multipliers_eq"], res.extras["multipliers_ineq"]
+    stationarity = y - y_hat + torch.einsum("bmn,bm->bn", loop_jacobian(cons.h, x, y), mu_e)
+    stationarity = stationarity + torch.einsum("bqn,bq->bn", loop_jacobian(cons.g, x, y), mu_i)
+    assert float(stationarity.abs().max()) <= 1e-8 * float(y_hat.abs().max())
+    assert float(mu_i.min()) >= -1e-10 and float((mu_i * cons.g(x, y)).abs().max()) <= 1e-6
+
+
 def test_unrolled_gradient_stays_finite_through_rejected_and_fallback_steps():
     cons, a, y_hat = _cubic(B=8)
     yr = y_hat.clone().requires_grad_()
@@ -237,5 +286,7 @@ def test_infeasible_and_bad_arguments():
         KKTHardNet(h, max_iter=0)
     with pytest.raises(ValueError, match="method"):
         KKTHardNet(h, method="lm")
+    with pytest.raises(ValueError, match="restart"):
+        KKTHardNet(h, restart=0)
     with pytest.raises(ValueError, match="step_size"):
         KKTHardNet(h, step_size=0.5)  # the fixed step is the paper iteration's
