@@ -15,7 +15,7 @@ Two ways to give the layers the Jacobian :math:`J_{ik} = (2A_iy + c_i)_k`:
   every constraint and sample), :math:`O(B m n^2)`; KKT-Hardnet also gets
   :math:`\sum_i w_i \nabla^2 h_i = 2\sum_i w_i A_i` as one GEMM.
 
-Per configuration: wall time of ``layer.project`` in evaluation mode without autograd (median of
+Per configuration: wall and process CPU time of ``layer.project`` in evaluation mode without autograd (median of
 ``--repeats`` after one warm-up), iterations, the largest :math:`|h|` of the output (evaluated independently
 in float64), and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS during the runs minus the
 resident set before them, each configuration in a fresh subprocess). Stopping rules: ENFORCE until
@@ -145,23 +145,25 @@ def run_config(cfg: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         mem0 = torch.cuda.memory_allocated(device)
-    times = []
+    times, cpu = [], []
     with torch.set_grad_enabled(gradient is not None):
         for _ in range(cfg["repeats"] + 1):  # the first run warms up (allocator, kernels)
             y_in = y_hat.detach().requires_grad_(gradient is not None)
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = layer.project(x, y_in)
             if gradient is not None:  # forward + backward of a linear loss, as in a training step
                 (res.y * weights).sum().backward()
             _sync(device)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     with torch.no_grad():
         max_c = float(make_constraints(A, c, d, "generic").violation(x, res.y.detach()).max())
     peak = torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else _peak_rss_bytes() - rss0
     return {
         **cfg,
         "time_s": statistics.median(times[1:]),
+        "cpu_s": statistics.median(cpu[1:]),
         "iterations": res.iterations,
         "max_abs_c": max_c,
         "converged": bool(res.converged.all()),
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"jacobian={r['jacobian']:<10} batch={r['batch']:<5} {1e3 * r['time_s']:10.1f} ms", flush=True)
     else:
         rows = []
-        header = f"{'layer':<11}{'path':<11}{'grad':<9}{'batch':>6}{'time [s]':>11}{'iters':>7}{'max|c|':>11}"
+        header = (
+            f"{'layer':<11}{'path':<11}{'grad':<9}{'batch':>6}{'wall [s]':>11}{'CPU [s]':>10}{'iters':>7}{'max|c|':>11}"
+        )
         header += f"{'peak GiB':>10}"
         print(f"device={device} threads={args.threads} torch={torch.__version__}\n{header}", flush=True)
         isolate = device.type == "cpu" and not args.no_isolate
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row = run_config(cfg)
                     rows.append(row)
                     print(
-                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}{row['time_s']:>11.3f}"
+                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}{row['time_s']:>11.3f}{row['cpu_s']:>10.3f}"
                         f"{row['iterations']:>7}"
                         f"{row['max_abs_c']:>11.1e}{row['peak_mem_gib']:>10.2f}",
                         flush=True,

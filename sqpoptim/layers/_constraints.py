@@ -71,7 +71,9 @@ class ConstraintEvaluation:
     @property
     def c(self) -> Tensor:
         """Stacked values :math:`c = [h; g]`, ``[B, m + q]``."""
-        return torch.cat([t for t in (self.h, self.g) if t is not None], dim=-1)
+        if self.g is None or self.h is None:
+            return self.h if self.g is None else self.g
+        return torch.cat([self.h, self.g], dim=-1)
 
     @property
     def c_jac(self) -> Tensor:
@@ -79,7 +81,7 @@ class ConstraintEvaluation:
         parts = [t for t in (self.h_jac, self.g_jac) if t is not None]
         if len(parts) != (self.h is not None) + (self.g is not None):
             raise RuntimeError("Jacobians were not evaluated (call evaluate(..., jacobian=True))")
-        return torch.cat(parts, dim=-2)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # one block: no copy
 
 
 def _check_block(value: Tensor, name: str, batch: int, y: Tensor) -> None:

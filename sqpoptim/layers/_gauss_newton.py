@@ -57,21 +57,23 @@ _THETA = 0.5
 _MU_MIN, _MU_MAX = 1e-12, 1e12
 
 
-def least_norm_step(J: Tensor, r: Tensor, active: Tensor, nu: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def least_norm_step(J: Tensor, r: Tensor, active: Tensor | None, nu: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     r""":math:`d = -J_r^\top (J_r J_r^\top + \nu I)^{-1} r` with :math:`J_r = A J` (inactive rows removed).
 
-    ``J`` ``[B, k, n]``, ``r`` ``[B, k]`` (zero on inactive rows), ``active`` ``[B, k]``, ``nu`` ``[B]`` or a
-    float. Guarantees :math:`J_r d = -r` when :math:`\nu = 0` and :math:`J_r` has full row rank (the
+    ``J`` ``[B, k, n]``, ``r`` ``[B, k]`` (zero on inactive rows), ``active`` ``[B, k]`` (``None``: all rows),
+    ``nu`` ``[B]`` or a float. Guarantees :math:`J_r d = -r` when :math:`\nu = 0` and :math:`J_r` has full row rank (the
     linearised active rows hold at :math:`y + d`) with :math:`d` in the row space of :math:`J_r`. For
     :math:`k > n` and :math:`\nu > 0` the same value comes from an ``n x n`` solve. Returns ``(d, regularized)``.
     """
     k, n = J.shape[-2:]
-    Jr = J * active[..., None]  # [B, k, n]
+    Jr = J if active is None else J * active[..., None]  # [B, k, n]
     if k > n and isinstance(nu, Tensor):
         step, flagged = gram_solve(Jr.mT @ Jr, torch.einsum("bkn,bk->bn", Jr, r), shift=nu)  # [B, n]
         return -step, flagged
     # Inactive rows are zero in J_r: an identity there keeps G nonsingular, and r = 0 gives w = 0 on them.
-    G = Jr @ Jr.mT + torch.diag_embed((~active).to(J.dtype))  # [B, k, k]
+    G = Jr @ Jr.mT  # [B, k, k]
+    if active is not None:
+        G = G + torch.diag_embed((~active).to(J.dtype))
     w, flagged = gram_solve(G, r, shift=nu)  # [B, k]
     return -torch.einsum("bkn,bk->bn", Jr, w), flagged
 
@@ -134,7 +136,7 @@ def gauss_newton(
         # Satisfied rows within the current violation of a bound are held (r = 0 in the step, as in HardNet++'s
         # J_c): dropping them lets a row that the previous step pushed just inside cross back, and the
         # iteration chatters between the two sides at a linear rate.
-        rows = system.near_active(c_s, _max_abs(r_s), idx) if damping else a_s
+        rows = system.near_active(c_s, _max_abs(r_s), idx) if damping else None  # ENFORCE: equalities only
         d, flagged = least_norm_step(J_s, r_s, rows, nu)  # [b, n]
         y_t = y_s + d
         if not broyden and system.cheap_jacobian:
@@ -162,9 +164,10 @@ def gauss_newton(
             ok = torch.ones_like(fresh_s)  # AdaNP takes every NP step
         keep = ok[:, None]
         c_old = c_s
-        y_s = torch.where(keep, y_t, y_s)
-        c_s, r_s = torch.where(keep, c_t, c_s), torch.where(keep, r_t, r_s)
-        a_s = torch.where(keep, a_t, a_s)
+        every = bool(ok.all())  # the common case: no selection, no copies of J
+        y_s = y_t if every else torch.where(keep, y_t, y_s)
+        c_s, r_s = (c_t, r_t) if every else (torch.where(keep, c_t, c_s), torch.where(keep, r_t, r_s))
+        a_s = a_t if every else torch.where(keep, a_t, a_s)
         regularized = put(regularized, idx, take(regularized, idx) | (flagged & ok))
         if broyden:
             J_upd = broyden_update(J_s, d.detach(), (c_t - c_old).detach())
@@ -174,7 +177,7 @@ def gauss_newton(
             refresh = (~ok & ~fresh_s) | (ok & (rnorm_t > _THETA * rnorm) & continuing)
             fresh_s = ~ok & fresh_s
         elif J_t is not None:
-            J_s = torch.where(keep[..., None], J_t, J_s)
+            J_s = J_t if every else torch.where(keep[..., None], J_t, J_s)
             refresh = torch.zeros_like(ok)
         else:
             refresh = ok & (_max_abs(r_s) > tol)  # J at the new point only where another step follows
