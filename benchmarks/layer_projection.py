@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row = run_config(cfg)
                     rows.append(row)
                     print(
-                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}{row['time_s']:>11.3f}{row['cpu_s']:>10.3f}"
+                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}"
+                        f"{row['time_s']:>11.3f}{row['cpu_s']:>10.3f}"
                         f"{row['iterations']:>7}"
                         f"{row['max_abs_c']:>11.1e}{row['peak_mem_gib']:>10.2f}",
                         flush=True,
