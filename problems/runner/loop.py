@@ -73,18 +73,15 @@ def _problem(spec: RunSpec, cache_dir: Path | None) -> Problem:
 
 
 def _grad_norm(opt: torch.optim.Optimizer) -> torch.Tensor | None:
-    """‖g‖ of the last step as a tensor (no host synchronisation), where the optimizer records it."""
-    return opt.state.get("global", {}).get("diagnostics", {}).get("g_norm")
+    """‖g‖ of the last step as a tensor (no host synchronisation), where the optimizer reports it."""
+    return opt.diagnostics(sync=False).get("g_norm") if hasattr(opt, "diagnostics") else None
 
 
 def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's last-step diagnostics, plus the count of rejected steps (``normal_damping``)."""
+    """The optimizer's last-step diagnostics (with ``normal_damping``, the count of rejected steps among them)."""
     if not hasattr(opt, "diagnostics"):
         return {}
-    out = _plain(opt.diagnostics())
-    if getattr(opt, "normal_damping", None) is not None:
-        out["rejected_steps"] = float(opt.state.get("global", {}).get("rejected_steps", 0))
-    return out
+    return _plain(opt.diagnostics())
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
