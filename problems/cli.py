@@ -11,10 +11,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import problem_class, problem_names
-from .methods import METHODS, parse_method
+from .methods import METHODS
 from .runner import RunSpec, run_sweep
+from .runner.checkpoint import CheckpointError
+from .runner.results import ResultsFileError
 
 PAPER_METHODS = "sqp-adam,sqp-hb,adam-unc,adam-con"
 
@@ -34,8 +37,6 @@ def _seeds(text: str) -> list[int]:
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
     defaults = problem_class(args.problem).defaults
     methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        parse_method(m)  # fail early on a typo
     lrs = _floats(args.lr) if args.lr else list(defaults.lrs[:1] if args.quick else defaults.lrs)
     batches = args.batch.split(",") if args.batch else (["full"] if args.quick else ["full", "mini"])
     size = args.size or ("small" if args.quick else "paper")
@@ -66,6 +67,7 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
                             args.dtype,
                             args.model_seed,
                             args.eval_every,
+                            args.threads,
                         )
                     )
     return specs
@@ -87,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", choices=("paper", "small", "tiny"), help="data scale (default paper; --quick: small)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    r.add_argument("--threads", type=int, help="torch intra-op threads (small problems run best on 1)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run (default 1: these problems are small and extra threads only spin)",
+    )
     r.add_argument("--model-seed", type=int, default=0)
     r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1%% of the budget)")
     r.add_argument("--results", default="results", help="results folder (default ./results)")
@@ -109,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("methods:", ", ".join(f"{k} ({m.label})" for k, m in METHODS.items()))
         return 0
-    if args.command == "run":
-        if args.threads:
-            import torch
+    try:
+        return _command(args)
+    except (ValueError, ResultsFileError, CheckpointError) as err:  # bad input or a damaged file: one line
+        print(f"python -m problems {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
-            torch.set_num_threads(args.threads)
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "run":
         specs = _specs(args)
         results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
         print(
