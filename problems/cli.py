@@ -23,14 +23,22 @@ PAPER_METHODS = "sqp-adam,sqp-hb,adam-unc,adam-con"
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"invalid --lr {text!r}: expected comma-separated numbers, e.g. 1e-3,5e-4") from None
 
 
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         lo, sep, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise ValueError(f"invalid --seeds {text!r}: expected seeds and ranges, e.g. 0-4 or 0,2,5") from None
+    if not out:
+        raise ValueError(f"invalid --seeds {text!r}: no seed in it (write a range low-high, e.g. 0-4)")
     return out
 
 
@@ -44,7 +52,7 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
     for batch in batches:
         if batch not in ("full", "mini"):
             raise SystemExit(f"invalid --batch {batch!r}: expected full and/or mini")
-        if args.iterations:
+        if args.iterations is not None:
             iterations = args.iterations
         elif args.quick:
             iterations = defaults.quick_iterations
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _command(args)
-    except (ValueError, ResultsFileError, CheckpointError) as err:  # bad input or a damaged file: one line
+    except (ValueError, OSError, ResultsFileError, CheckpointError) as err:  # bad input, a bad path or file: one line
         print(f"python -m problems {args.command}: error: {err}", file=sys.stderr)
         return 2
 

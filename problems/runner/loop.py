@@ -111,6 +111,12 @@ def validate_spec(spec: RunSpec) -> None:
     """Refuse a spec that cannot run, before any data are built: its settings, its problem, its method and
     options (typed and checked by constructing the optimizer or layer once), and whether they fit together."""
     spec.validate()
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError:
+        raise ValueError(f"Invalid device {spec.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device!r}: CUDA is not available on this machine (use --device cpu)")
     if spec.problem not in problem_names():
         raise ValueError(f"Unknown problem {spec.problem!r}; known problems: {', '.join(problem_names())}")
     method, _ = resolve_method(spec.method, spec.lr)
@@ -151,6 +157,8 @@ def run(
     if legacy is not None:
         return legacy
     validate_spec(spec)
+    for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
+        stale.unlink(missing_ok=True)
     threads = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)

@@ -263,3 +263,43 @@ def test_a_run_uses_its_thread_count_and_restores_torch_s(tmp_path, cache, monke
     finally:
         torch.set_num_threads(before)
     assert math.isfinite(load_results(tmp_path, "spring")[0]["final"]["objective"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--iterations", "0"], "Invalid iterations 0"),
+        (["--eval-every", "0"], "Invalid eval_every 0"),
+        (["--threads", "0"], "Invalid threads 0"),
+        (["--lr", "nan"], "Invalid learning rate nan"),
+        (["--lr", "fast"], "invalid --lr 'fast'"),
+        (["--batch", "mini", "--seeds", "3-1"], "no seed in it"),
+        (["--batch", "mini", "--seeds", "abc"], "invalid --seeds 'abc'"),
+        (["--device", "gpu7"], "Invalid device 'gpu7'"),
+        (["--methods", "sqp-adam:"], "Invalid method option ''"),
+        (["--methods", "enforce"], "needs a problem with output constraints"),
+    ],
+)
+def test_command_line_mistakes_give_one_line_and_train_nothing(args, message, tmp_path, cache, capsys):
+    base = ["run", "spring", "--methods", "adam-unc", "--iterations", "3", "--size", "tiny", "--quiet", "--no-plot"]
+    assert main([*base, *args, "--results", str(tmp_path), "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and not (tmp_path / "spring").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_cuda_run_without_cuda_is_refused_before_any_data_are_built(tmp_path, cache):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run(RunSpec(**{**SPRING, "device": "cuda"}), tmp_path, cache_dir=cache, progress=False)
+
+
+def test_a_write_cut_short_leaves_no_temporary_file_behind_after_the_run(tmp_path, cache):
+    spec = RunSpec(**SPRING)
+    out_json, out_npz, _ = _files(tmp_path, spec)
+    out_json.parent.mkdir(parents=True)
+    stale = out_json.parent / f".{out_npz.name}.abc123.tmp"  # what a kill during the npz write leaves
+    stale.write_bytes(b"partial")
+    other = out_json.parent / ".some_other_run.npz.xyz.tmp"
+    other.write_bytes(b"partial")
+    run(spec, tmp_path, cache_dir=cache, progress=False)
+    assert not stale.exists() and other.exists()  # only this run's leftovers are removed
