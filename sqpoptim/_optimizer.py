@@ -447,7 +447,7 @@ class ConstrainedOptimizer(Optimizer):
         self._guard.raise_pending(wait=True)
 
     def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
-        """The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
+        r"""The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
         ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
         was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
         ``g_norm`` (‖g_k‖, the objective gradient the closure produced), ``step_norm`` (‖δ_k‖, the displacement
