@@ -1,5 +1,19 @@
 #!/usr/bin/env bash
 # The layer papers' headline tables with the fast layers (implicit gradients, globalised iterations):
+# HardNet++ Table I (learned MPC), ENFORCE Table 3 (C3), KKT-Hardnet Table 6 (pooling), and KKT-Hardnet on
+# ENFORCE's C1 (where the unrolled paper iteration diverged to NaN). Five seeds: seed k initialises the network
+# with k and draws the mini-batches from k (`--model-seed k --seeds k`). Sequential and resumable (the runner
+# keeps finished runs and resumes interrupted ones); results under results/layer_tables. On a shared machine:
+#   nohup nice -n 10 bash benchmarks/layer_tables.sh > results/layer_tables.log 2>&1 &
+set -euo pipefail
+R=${RESULTS:-results/layer_tables}
+COMMON="--threads 1 --results $R --no-plot --quiet"
+seeds() {  # seeds <problem> <size> <iterations> <methods> <batch>
+  for k in 0 1 2 3 4; do
+    python -m problems run "$1" --size "$2" --iterations "$3" --methods "$4" --batch "$5" \
+      --seeds $k --model-seed $k $COMMON
+  done
+}
 # HardNet++ Table I: the paper's data (800/100/100 initial states), batch 16, 5,000 iterations (the paper states
 # no budget); the layer's defaults (Levenberg-Marquardt to 1e-6, implicit gradient), beside the MLP and the
 # soft penalty.
