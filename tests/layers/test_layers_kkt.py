@@ -235,7 +235,7 @@ def _pooling():
 
 def test_restart_from_a_feasible_point_where_newton_from_the_raw_output_fails():
     cons, x, y_hat = _pooling()
-    stuck = KKTHardNet(cons, restart=None, nonconvergence="ignore").eval().project(x, y_hat)
+    stuck = KKTHardNet(cons, restart=None, max_iter=25, nonconvergence="ignore").eval().project(x, y_hat)
     assert not bool(stuck.converged.any())
     res = KKTHardNet(cons).eval().project(x, y_hat)  # restart after 10 iterations
     assert bool(res.converged.all()) and float(cons.violation(x, res.y).max()) <= 1e-9
