@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The layer papers' headline tables with the fast layers (implicit gradients, globalised iterations):
-# HardNet++ Table I (learned MPC), ENFORCE Table 3 (C3), KKT-Hardnet Table 6 (pooling), and KKT-Hardnet on
-# ENFORCE's C1 (where the unrolled paper iteration diverged to NaN). Five seeds: seed k initialises the network
+# KKT-Hardnet on ENFORCE's C1 (where the unrolled paper iteration diverged to NaN), HardNet++ Table I (learned
+# MPC), ENFORCE Table 3 (C3) and KKT-Hardnet Table 6 (pooling). Five seeds: seed k initialises the network
 # with k and draws the mini-batches from k (`--model-seed k --seeds k`). Sequential and resumable (the runner
 # keeps finished runs and resumes interrupted ones); results under results/layer_tables. On a shared machine:
 #   nohup nice -n 10 bash benchmarks/layer_tables.sh > results/layer_tables.log 2>&1 &
@@ -14,6 +14,8 @@ seeds() {  # seeds <problem> <size> <iterations> <methods> <batch>
       --seeds $k --model-seed $k $COMMON
   done
 }
+# KKT-Hardnet on C1 (ENFORCE's function fitting, full batch, 5,000 epochs = 10 % of the paper's): no NaN.
+seeds enforce_fitting small 5000 kkt-hardnet full
 # HardNet++ Table I: the paper's data (800/100/100 initial states), batch 16, 5,000 iterations (the paper states
 # no budget); the layer's defaults (Levenberg-Marquardt to 1e-6, implicit gradient), beside the MLP and the
 # soft penalty.
@@ -22,8 +24,6 @@ seeds mpc paper 5000 hardnet-pp,adam-unc,soft mini
 # training / 100 test instances), batch 200, 2,000 iterations (4.8 % of the paper's 42,000: one ENFORCE step from
 # an untrained backbone costs 1-4 s on this CPU, BENCHMARKS.md), beside the MLP and the soft penalty.
 seeds nonconvex_quadratic small 2000 enforce,adam-unc,soft mini
-# KKT-Hardnet on C1 (ENFORCE's function fitting, full batch, 5,000 epochs = 10 % of the paper's): no NaN.
-seeds enforce_fitting small 5000 kkt-hardnet full
 # KKT-Hardnet Table 6: the paper's budget (1,200 epochs of mini-batches of 64 = 30,000 iterations) and warm
 # start (eta = 75), beside the MLP and the PINN (omega = 1).
 seeds pooling paper 30000 kkt-hardnet:eta=75,adam-unc,soft mini
