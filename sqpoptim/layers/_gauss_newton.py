@@ -136,7 +136,8 @@ def gauss_newton(
         # Satisfied rows within the current violation of a bound are held (r = 0 in the step, as in HardNet++'s
         # J_c): dropping them lets a row that the previous step pushed just inside cross back, and the
         # iteration chatters between the two sides at a linear rate.
-        rows = system.near_active(c_s, _max_abs(r_s), idx) if damping else None  # ENFORCE: equalities only
+        equalities_only = not damping or system.lower is None  # every row active: no masked copy of J
+        rows = None if equalities_only else system.near_active(c_s, _max_abs(r_s), idx)
         d, flagged = least_norm_step(J_s, r_s, rows, nu)  # [b, n]
         y_t = y_s + d
         if not broyden and system.cheap_jacobian:
@@ -149,7 +150,7 @@ def gauss_newton(
         if free:
             ok = finite
         elif damping:
-            Jd = torch.einsum("bkn,bn->bk", J_s * rows[..., None], d.detach())
+            Jd = torch.einsum("bkn,bn->bk", J_s if rows is None else J_s * rows[..., None], d.detach())
             pred = -(r_s.detach() * Jd).sum(-1) - 0.5 * Jd.square().sum(-1)
             actual = 0.5 * (rnorm.square() - rnorm_t.square())
             rho = actual / pred.clamp_min(torch.finfo(dtype).tiny)
