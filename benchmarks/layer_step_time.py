@@ -9,10 +9,10 @@ projected again in evaluation mode to report the layer's iterations and largest 
 
     python benchmarks/layer_step_time.py                                  # the issue's task/method pairs
     python benchmarks/layer_step_time.py --pairs mpc:hardnet-pp kkt_e1:kkt-hardnet --steps 5
-    python benchmarks/layer_step_time.py --pairs "mpc:hardnet-pp:method=paper,gradient=unrolled"
+    python benchmarks/layer_step_time.py --pairs "mpc:hardnet-pp:method=paper:gradient=unrolled"
 
 A pair is ``problem:method`` or ``problem@size:method`` (default size ``small``; ``kkt_e1`` ``paper``), with
-runner method options after a second colon (``name:key=value,...`` as in ``python -m problems run``).
+runner method options after further colons (``name:key=value:key=value`` as in ``python -m problems run``).
 """
 
 from __future__ import annotations
@@ -50,17 +50,17 @@ class Stepper:
 
     def __init__(self, problem, spec: str, batch_mode: str, seed: int = 0) -> None:
         name, options = parse_method(spec)
-        self.method, self.problem = METHODS[name], problem
+        method, lr = METHODS[name], problem.defaults.lrs[0]
         torch.manual_seed(seed)
-        self.model = self.method.prepare(problem, problem.make_model(seed), options)
-        self.opt = self.method.build(self.model.parameters(), problem.defaults.lrs[0], dict(options))
+        self.training = method.setup(problem, problem.make_model(seed), lr, method.parse_options(options, lr))
+        self.model, self.problem = self.training.model, problem
         self.gen = torch.Generator().manual_seed(seed)
         self.batch_mode, self.batch = batch_mode, None
 
     def step(self) -> tuple[float, float]:
         self.batch = None if self.batch_mode == "full" else self.problem.sample_batch(self.gen)
         t0, w0 = time.process_time(), time.perf_counter()
-        self.opt.step(self.method.closure(self.method, self.problem, self.model, self.batch))
+        self.training.optimizer.step(self.training.closure(self.batch))
         return time.process_time() - t0, time.perf_counter() - w0
 
     def layer_report(self) -> dict:
