@@ -23,9 +23,9 @@ seeds enforce_fitting small 5000 kkt-hardnet full 500
 # soft penalty.
 seeds mpc paper 5000 hardnet-pp,adam-unc,soft mini 250
 # ENFORCE Table 3 (C3: 200 variables, 150 quadratic equalities): the paper's program at size small (2,000
-# training / 100 test instances), batch 200, 2,000 iterations (4.8 % of the paper's 42,000: one ENFORCE step from
-# an untrained backbone costs 1-4 s on this CPU, BENCHMARKS.md), beside the MLP and the soft penalty.
-seeds nonconvex_quadratic small 2000 enforce,adam-unc,soft mini 200
+# training / 100 test instances), batch 200, 1,000 iterations (2.4 % of the paper's 42,000: one ENFORCE step from
+# an untrained backbone costs 3.5 s on this CPU, BENCHMARKS.md 3c), beside the MLP and the soft penalty.
+seeds nonconvex_quadratic small 1000 enforce,adam-unc,soft mini 100
 # KKT-Hardnet Table 6: the paper's budget (1,200 epochs of mini-batches of 64 = 30,000 iterations) and warm
 # start (eta = 75), beside the MLP and the PINN (omega = 1).
 seeds pooling paper 30000 kkt-hardnet:eta=75,adam-unc,soft mini 1500
