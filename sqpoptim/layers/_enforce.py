@@ -32,10 +32,11 @@ Notes and deviations
 * Jacobians (``jacobian=``): ``"exact"`` is the paper's :math:`B` at every step; ``"broyden"`` forms
   :math:`B` once and then updates it by Broyden's secant rule, forming it exactly again for a sample whose
   step does not halve :math:`\max|c|` (and retaking that step), so no sample does worse than the paper's step
-  from where it stands. ``"auto"`` is ``"exact"`` when the constraints come with user Jacobians (then
-  :math:`B` costs about as much as :math:`c`) or the gradient is unrolled, ``"broyden"`` otherwise (a
-  ``torch.func`` Jacobian costs ``min(m, n)`` passes of ``h``). Both end feasible to the tolerance, at
-  slightly different points of the constraint set.
+  from where it stands; ``"chord"`` is the same without the secant update. ``"auto"`` is ``"exact"`` when the
+  constraints come with user Jacobians (then :math:`B` costs about as much as :math:`c`) or the gradient is
+  unrolled, ``"broyden"`` otherwise (a ``torch.func`` Jacobian costs ``min(m, n)`` passes of ``h``). They end
+  feasible to the tolerance at slightly different points of the constraint set
+  (:mod:`._gauss_newton` for the measurements behind the choice).
 * One host synchronisation per depth (the stopping test is a batch decision, as in the paper).
 * Gradients: ``"implicit"`` (default) runs the steps without a graph and back-propagates with the projector
   at the converged point, :math:`\bar{\hat y} = (I - B^\top(BB^\top)^{-1}B)\,\bar y` and
@@ -67,7 +68,7 @@ from ._system import StackedSystem
 
 __all__ = ["EnforceProjection", "adanp", "adanp_activation", "np_step"]
 
-JACOBIANS = ("auto", "exact", "broyden")
+JACOBIANS = ("auto", "exact", "broyden", "chord")
 
 
 def np_step(y: Tensor, c: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,7 +114,7 @@ class EnforceProjection(ProjectionLayer):
         eval_tol: :math:`\varepsilon_I`, compared with the batch max of :math:`|c|` in evaluation mode.
         max_depth: :math:`d_{\max}`.
         gradient: ``"implicit"`` or ``"unrolled"`` (see the module notes).
-        jacobian: ``"auto"``, ``"exact"`` or ``"broyden"`` (see the module notes).
+        jacobian: ``"auto"``, ``"exact"``, ``"broyden"`` or ``"chord"`` (see the module notes).
         solve_dtype: dtype of the iterations (``None``: ``y_hat``'s).
         nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"`` when evaluation-mode outputs miss
             ``eval_tol``.
@@ -147,7 +148,7 @@ class EnforceProjection(ProjectionLayer):
         self.train_tol, self.eval_tol, self.max_depth = float(train_tol), float(eval_tol), int(max_depth)
         self.gradient = check_choice("gradient", gradient, _GRADIENTS)
         self.jacobian = check_choice("jacobian", jacobian, JACOBIANS)
-        if self.gradient == "unrolled" and self.jacobian == "broyden":
+        if self.gradient == "unrolled" and self.jacobian in ("broyden", "chord"):
             raise ValueError("gradient='unrolled' differentiates the paper's iteration: use jacobian='exact'")
 
     @property

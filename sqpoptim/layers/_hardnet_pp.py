@@ -122,7 +122,7 @@ class HardNetPP(ProjectionLayer):
         early_stop: ``method="paper"``: stop once every sample meets ``tol`` (checked every ``check_every``
             iterations); ``"lm"`` always stops at ``tol``.
         gradient: ``"implicit"`` (default) or ``"unrolled"``.
-        jacobian: ``"auto"``, ``"exact"`` or ``"broyden"`` (``"lm"`` only).
+        jacobian: ``"auto"``, ``"exact"``, ``"broyden"`` or ``"chord"`` (the last two ``"lm"`` only).
         solve_dtype, nonconvergence: see :class:`~sqpoptim.layers.EnforceProjection`.
     """
 
@@ -157,7 +157,7 @@ class HardNetPP(ProjectionLayer):
         self.early_stop, self.check_every = bool(early_stop), int(check_every)
         self.gradient = check_choice("gradient", gradient, _GRADIENTS)
         self.jacobian = check_choice("jacobian", jacobian, JACOBIANS)
-        if self.jacobian == "broyden" and (self.gradient == "unrolled" or self.method == "paper"):
+        if self.jacobian in ("broyden", "chord") and (self.gradient == "unrolled" or self.method == "paper"):
             raise ValueError(
                 "jacobian='broyden' needs method='lm' and gradient='implicit' (unrolled and paper "
                 "iterations differentiate or reproduce the paper's exact-Jacobian steps)"

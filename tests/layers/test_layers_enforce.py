@@ -116,6 +116,11 @@ def test_broyden_reaches_the_tolerance_with_one_jacobian():
     assert exact_jacobians == exact.iterations > jacobians  # one per step, none after the last
     # Both end on the constraint set near ŷ, at slightly different points (quasi-Newton vs Newton path).
     torch.testing.assert_close(res.y, exact.y, rtol=0, atol=5e-3)
+    # The chord iteration (the first Jacobian throughout, refreshed only where a step fails) gets there too.
+    chord, chord_jacobians = _count_jacobians(
+        lambda: EnforceProjection(h, eval_tol=1e-11, jacobian="chord").eval().project(x, y_hat)
+    )
+    assert bool(chord.converged.all()) and chord_jacobians < exact_jacobians
 
 
 def test_broyden_falls_back_to_the_exact_step_far_from_the_set():
