@@ -236,7 +236,8 @@ class KKTHardNet(ProjectionLayer):
         fb_eps: Fischer–Burmeister smoothing :math:`\epsilon`.
         gn_reg: ``"paper"``'s Gauss–Newton ridge, :math:`\gamma = \text{gn\_reg}\cdot\max(1, \mathrm{mean\
             diag}\, K^\top K)` (also the ridge of a singular adjoint solve).
-        armijo_c, backtrack, max_backtracks: ``"paper"``'s Armijo constant, step shrink factor, trial count.
+        armijo_c, backtrack, max_backtracks: the Armijo constant, the step shrink factor and the trial count of
+            the paper's search (``"newton"``'s penalty search halves, with the same constant and trial count).
         step_size: ``"paper"`` only: a fixed step :math:`\alpha` instead of the Armijo search.
         restart: ``"newton"`` only: iterations after which unconverged samples restart from a feasible point
             (``None``: never).
