@@ -327,8 +327,8 @@ class ConstrainedOptimizer(Optimizer):
         values at that point. The diagnostics keep their keys: no displacement was formed (``v_norm`` and
         ``u_norm`` are 0); ``rank``, ``gram_cond`` and ``g_norm`` are those of the last formed step."""
         assert damping.x_accepted is not None
-        x_rejected = layout.gather()
-        with torch.no_grad():  # called from inside the closure's enable_grad block
+        with torch.no_grad():  # called from inside the closure's enable_grad block; the real views of complex
+            x_rejected = layout.gather()  # parameters were made without grad mode and may not be read with it
             layout.assign(damping.x_accepted)
         self._global.damping = _damping.rejected(damping, verdict)
         loss, c = _damping.values_after(damping, None, loss, c)

@@ -162,6 +162,22 @@ def test_damping_is_refused_with_the_adaptive_step_rule():
         sqpoptim.StochasticSQP([torch.ones(2, requires_grad=True)], step_rule="adaptive", normal_damping=0.1)
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_rejected_steps_move_complex_parameters_back(sync_free):
+    # a complex parameter is stepped through its real view (re, im): the run must be the run of the real pair,
+    # rejections included (moving back after a rejection reads those views from inside the closure's grad mode)
+    z = torch.tensor([2.0 + 0.5j], dtype=torch.complex128, requires_grad=True)
+    x = torch.tensor([2.0, 0.5], dtype=f64, requires_grad=True)
+    opt_z = sqpoptim.ProjectedAdamSQP([z], lr=0.05, normal_damping=1e-6, sync_free=sync_free)
+    opt_x = sqpoptim.ProjectedAdamSQP([x], lr=0.05, normal_damping=1e-6, sync_free=sync_free)
+    for _ in range(60):
+        opt_z.step(lambda: ((z.imag - 1.0).square().sum(), torch.atan(z.real)))
+        opt_x.step(lambda: ((x[1] - 1.0).square(), torch.atan(x[:1])))
+        torch.testing.assert_close(torch.view_as_real(z.detach())[0], x.detach(), rtol=0, atol=0)
+    assert _rejected(opt_z) == _rejected(opt_x) >= 3  # Gauss-Newton from Re z = 2 overshoots: rejected, escalated
+    assert abs(math.atan(z.real.item())) < 1e-12
+
+
 def _atan_closure(x):
     return lambda: (0.5 * (x[1] - 1.0) ** 2, torch.atan(x[:1]))
 
