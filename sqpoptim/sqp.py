@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._closure import parse_closure_output
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._gradient import flat_gradient
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
@@ -89,8 +90,11 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`
-            (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
+        jacobian, chunk_size, rank_tol, sync_free: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        normal_damping: the fixed rule's ν0 (default 1e-6: damped, as in :class:`~sqpoptim.ProjectedHeavyBallSQP`,
+            which says why; ``None``: the undamped step). The adaptive rule always takes the undamped normal
+            step — its merit model needs :math:`Jv = -c`, and its step size already globalises the whole step —
+            so with ``step_rule="adaptive"`` the default means "undamped" and any other value is an error.
     """
 
     _state_type = StochasticSQPState
@@ -114,7 +118,7 @@ class StochasticSQP(ConstrainedOptimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
     ) -> None:
         self._check_group(dict(lr=lr, normal_lr=normal_lr))
         if step_rule not in ("fixed", "adaptive"):
@@ -129,11 +133,13 @@ class StochasticSQP(ConstrainedOptimizer):
             raise ValueError(f"Invalid lipschitz: {lipschitz!r} (expected (L, Gamma), both > 0)")
         if lipschitz_samples < 1:
             raise ValueError(f"Invalid lipschitz_samples: {lipschitz_samples}")
-        if normal_damping is not None and step_rule == "adaptive":
-            raise ValueError(
-                "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step through "
-                "its merit function and needs the undamped normal step (J v = -c)"
-            )
+        if step_rule == "adaptive":
+            if normal_damping not in (None, DEFAULT_NU0):
+                raise ValueError(
+                    "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step "
+                    "through its merit function and needs the undamped normal step (J v = -c)"
+                )
+            normal_damping = None
         defaults = dict(lr=lr, normal_lr=normal_lr)
         super().__init__(
             params,
