@@ -6,7 +6,9 @@ Two models: the user-style Poisson PINN of ``tests/user_problems.py`` (1-20-20-1
 through second input derivatives; Adam minimises the soft-constrained loss, objective + mean c²) and a 64x2 tanh
 MLP on a batch of 1024 with m = 10 output constraints (the setting of ``benchmarks/step_time.py``).
 
-    python benchmarks/normal_step_overhead.py --rounds 7 --iterations 100
+    PYTHONPATH=. python benchmarks/normal_step_overhead.py --rounds 7 --iterations 100
+
+(``PYTHONPATH=.``: this checkout's ``sqpoptim`` and ``tests``, not an installed copy.)
 """
 
 from __future__ import annotations
@@ -14,17 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import sqpoptim
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.user_problems import PROBLEMS
 
 VARIANTS = {
