@@ -1,0 +1,345 @@
+r"""The seam between the methods and the linear algebra: a constraint solver answers the three questions a step
+asks of :math:`G_W = JWJ^\top`.
+
+* ``project(x)`` — :math:`P_W x = x - WJ^\top G_W^{-1}Jx` (:math:`J P_W x = 0`);
+* ``normal_step(c)`` — :math:`v_W = -WJ^\top G_W^{-1}c` (:math:`Jv_W = -c`), optionally Levenberg–Marquardt
+  damped (:func:`sqpoptim._linalg.damped`);
+* ``step(x, c, γ)`` — the whole displacement :math:`\gamma v_W - P_W x` (the KKT step of
+  :mod:`sqpoptim._krylov`), with the step's diagnostics.
+
+Two implementations, chosen per step by :func:`make_solver`:
+
+* :class:`DenseSolver` — forms :math:`G_W` in float64 once (:meth:`JacobianOperator.gram`), factors it once
+  (:func:`sqpoptim._linalg.factor_gram`) and solves every right-hand side with that factor, as lineax's
+  ``init``/``compute``; the functions of :mod:`sqpoptim._linalg` on an explicit J are its reference. Above
+  ``EXACT_RANK_MAX`` constraints the exact mode's fallback for an ill-conditioned :math:`G` (a truncated
+  eigendecomposition, about nine Cholesky factorisations' worth of work) is replaced by the regularised
+  Cholesky factorisation of the sync-free mode; the diagnostics then report ``rank = -1``.
+* :class:`KrylovSolver` — conjugate gradients with only :math:`Jx` and :math:`J^\top y`, warm-started from the
+  last step's multipliers, the step by the inexact-SQP termination tests (:mod:`sqpoptim._krylov`).
+
+``make_solver(..., mode="auto")`` takes the dense solver unless its cost — the Gram matrix plus a Cholesky
+factorisation, :math:`\text{gram\_flops} + m^3/3` — exceeds ``AUTO_KRYLOV_PRODUCTS`` products with J and
+:math:`J^\top`, or its float64 ``m × m`` matrices would not fit in ``AUTO_DENSE_BYTES``; on CUDA (where the
+Krylov iterations would each synchronise) only the memory bound applies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._jacobian_operator import DenseJacobian, JacobianOperator
+from ._krylov import KrylovOptions, _inv_diag, inexact_step, krylov_project
+from ._linalg import GramFactor, _damped_gram, damped, factor_gram, step_info
+
+__all__ = [
+    "AUTO_DENSE_BYTES",
+    "AUTO_KRYLOV_PRODUCTS",
+    "EXACT_RANK_MAX",
+    "ConstraintSolver",
+    "DenseSolver",
+    "KrylovSolver",
+    "as_solver",
+    "make_solver",
+]
+
+EXACT_RANK_MAX = 256  # largest m handled by the truncated eigendecomposition in exact mode
+AUTO_KRYLOV_PRODUCTS = 400  # the dense solver's cost is compared with this many J / J^T products
+AUTO_DENSE_BYTES = 3 << 30  # float64 m x m matrices (G, its factor, a temporary) the dense solver may hold
+
+
+class ConstraintSolver:
+    """Interface; see the module docstring. ``op`` is the Jacobian operator, ``weight`` the diagonal of W."""
+
+    kind: str
+    op: JacobianOperator
+    weight: Tensor | None
+
+    def project(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(
+        self, x: Tensor, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weighted(self, weight: Tensor) -> ConstraintSolver:  # pragma: no cover - abstract
+        """The same solver for the metric W = diag(weight)."""
+        raise NotImplementedError
+
+    def row_sq_norms(self) -> Tensor:
+        """diag(JJᵀ) in float64 (validation: zero rows, non-finite entries)."""
+        return self.op.row_sq_norms()
+
+    def info(self) -> dict[str, Any]:
+        """Solver diagnostics of the step (merged into ``optimizer.diagnostics()``)."""
+        return {"solver": self.kind}
+
+    def commit(self) -> None:
+        """Keep what the next step reuses (warm starts); called once the step is applied."""
+
+
+class DenseSolver(ConstraintSolver):
+    """One float64 Gram matrix, factored once, every right-hand side solved with the factor."""
+
+    kind = "dense"
+
+    def __init__(
+        self,
+        op: JacobianOperator,
+        *,
+        rank_tol: float,
+        sync_free: bool,
+        weight: Tensor | None = None,
+    ) -> None:
+        self.op, self.weight, self.rank_tol, self.sync_free = op, weight, rank_tol, sync_free
+        # the exact mode's eigendecomposition costs about nine Cholesky factorisations: only for small m
+        self.regularise = sync_free or op.m > EXACT_RANK_MAX
+        self._gram: Tensor | None = None
+        self._factor: GramFactor | None = None
+
+    @property
+    def gram(self) -> Tensor:
+        r""":math:`G_W` in float64 (formed on first use)."""
+        if self._gram is None:
+            self._gram = self.op.gram(self.weight)
+        return self._gram
+
+    @property
+    def factor(self) -> GramFactor:
+        if self._factor is None:
+            self._factor = factor_gram(self.gram, self.rank_tol, sync_free=self.regularise)
+        return self._factor
+
+    def row_sq_norms(self) -> Tensor:
+        if self.weight is None:  # the Gram matrix is needed anyway: its diagonal validates J for free
+            return torch.diagonal(self.gram)
+        return self.op.row_sq_norms()
+
+    def _wjt(self, y: Tensor, weight: Tensor | None) -> Tensor:
+        r = self.op.rmv(y.to(self.op.dtype))
+        return r if weight is None else r * weight
+
+    def project(self, x: Tensor) -> Tensor:
+        if self.op.m == 0:
+            return x
+        return x - self._wjt(self.factor.solve(self.op.mv(x)), self.weight)
+
+    def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:
+        if self.op.m == 0:
+            return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
+        F = damped(self.factor, damping, self.rank_tol, sync_free=self.regularise)
+        return self._wjt(F.solve(-c), self.weight)
+
+    def scaled_normal_step(
+        self, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(δ_n, v)`` as :func:`sqpoptim._linalg.scaled_normal_step`."""
+        v = self.normal_step(c, damping)
+        if not isinstance(gamma, Tensor):
+            return gamma * v, v
+        if self.op.m == 0:
+            return v, v
+        gmax = gamma.max()
+        w = gamma / gmax if self.weight is None else self.weight * (gamma / gmax)
+        Gw = self.op.gram(w)
+        Gw = Gw if damping is None else _damped_gram(Gw, damping)
+        Fw = factor_gram(Gw, self.rank_tol, sync_free=self.regularise)
+        return gmax * self._wjt(Fw.solve(-c), w), v
+
+    def step(
+        self, x: Tensor, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
+        u = -self.project(x)
+        delta_n, v = self.scaled_normal_step(c, gamma, damping)
+        return delta_n + u, step_info(c, self.factor if self.op.m else None, v, u)
+
+    def weighted(self, weight: Tensor) -> DenseSolver:
+        return DenseSolver(self.op, rank_tol=self.rank_tol, sync_free=self.sync_free, weight=weight)
+
+
+class KrylovSolver(ConstraintSolver):
+    """Matrix-free solves by CG (see :mod:`sqpoptim._krylov`). ``state`` is the optimizer's solver state:
+    ``{"multipliers": {slot: λ}, "penalty": π}``, read for warm starts and updated by :meth:`commit`."""
+
+    kind = "krylov"
+
+    def __init__(
+        self,
+        op: JacobianOperator,
+        options: KrylovOptions,
+        state: dict[str, Any],
+        *,
+        weight: Tensor | None = None,
+        updates: dict[str, Any] | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        self.op, self.options, self.state, self.weight = op, options, state, weight
+        self.updates: dict[str, Any] = {} if updates is None else updates
+        self.stats: dict[str, Any] = {"krylov_iterations": 0, "krylov_converged": True} if stats is None else stats
+        self._inv: Tensor | None = None
+        self._inv_done = False
+
+    def _inv_diag(self) -> Tensor | None:
+        if not self._inv_done:
+            try:
+                self._inv = _inv_diag(self.op, self.weight, self.options.jacobi)
+            except NotImplementedError:
+                self._inv = None
+            self._inv_done = True
+        return self._inv
+
+    def _warm(self, slot: str) -> Tensor | None:
+        lam = self.state.get("multipliers", {}).get(slot)
+        return lam if lam is not None and lam.shape == (self.op.m,) else None
+
+    def _record(self, slot: str, res: Any) -> None:
+        self.updates.setdefault("multipliers", {})[slot] = res.lam
+        self.stats["krylov_iterations"] += res.iterations
+        self.stats["krylov_converged"] = self.stats["krylov_converged"] and res.converged
+
+    def project(self, x: Tensor, slot: str = "gradient") -> Tensor:
+        if self.op.m == 0:
+            return x
+        y, res = krylov_project(
+            self.op, x, self._warm(slot), self.options, weight=self.weight, inv_diag=self._inv_diag()
+        )
+        self._record(slot, res)
+        return y
+
+    def normal_step(self, c: Tensor, damping: Tensor | None = None, *, weight: Tensor | None = None) -> Tensor:
+        r""":math:`-WJ^\top(G_W + \mu I)^{-1}c`, stopped at :math:`\|r\| \le \epsilon\|c\|` (Test II; ``rtol``
+        when set)."""
+        from ._krylov import conjugate_gradient
+
+        if self.op.m == 0:
+            return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
+        w = self.weight if weight is None else weight
+        b = -c.double()
+        shift = 0.0
+        if damping is not None:
+            shift = float(damping) * float(self.op.row_sq_norms(w).mean())
+        opt = self.options
+        target = (opt.rtol if opt.rtol is not None else opt.epsilon) * float(torch.linalg.vector_norm(b))
+        inv = self._inv_diag() if weight is None else _inv_diag(self.op, w, opt.jacobi)
+        if inv is not None and shift:
+            inv = 1.0 / (1.0 / inv + shift)
+        slot = "normal" if weight is None else "normal_scaled"
+        res = conjugate_gradient(
+            self.op,
+            b,
+            self._warm(slot),
+            weight=w,
+            shift=shift,
+            inv_diag=inv,
+            stop=lambda lam, z, r: float(torch.linalg.vector_norm(r)) <= target,
+            max_iter=opt.max_iter,
+        )
+        self._record(slot, res)
+        return res.z
+
+    def step(
+        self, x: Tensor, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
+        zero = torch.zeros((), dtype=torch.float64, device=c.device)
+        if self.op.m == 0:
+            return -x, step_info(c, None, torch.zeros_like(x), -x)
+        if damping is None and not isinstance(gamma, Tensor):
+            penalty = self.state.get("penalty")
+            penalty = self.options.penalty0 if penalty is None else float(penalty)
+            s, res, info = inexact_step(
+                self.op,
+                x,
+                c,
+                float(gamma),
+                self._warm("step"),
+                penalty,
+                self.options,
+                weight=self.weight,
+                inv_diag=self._inv_diag(),
+            )
+            self._record("step", res)
+            self.updates["penalty"] = torch.tensor(info["penalty"], dtype=torch.float64, device=c.device)
+            self.stats.update(krylov_test=info["krylov_test"], krylov_residual=info["krylov_residual"])
+            nan = zero + math.nan  # one solve gives γv + u, not its parts
+            return s, {
+                "c_inf": c.abs().max(),
+                "v_norm": nan,
+                "u_norm": nan,
+                "step_norm": torch.linalg.vector_norm(s),
+                "rank": zero.long() - 1,
+                "gram_cond": nan,
+                "truncated": False,
+            }
+        # damped or per-group normal step sizes: the two parts by separate solves
+        u = -self.project(x, slot="tangential")
+        v = self.normal_step(c, damping)
+        if isinstance(gamma, Tensor):
+            gmax = gamma.max()
+            w = gamma / gmax if self.weight is None else self.weight * (gamma / gmax)
+            delta_n = gmax * self.normal_step(c, damping, weight=w)
+        else:
+            delta_n = gamma * v
+        info = step_info(c, None, v, u)
+        info.update(rank=zero.long() - 1, gram_cond=zero + math.nan)
+        return delta_n + u, info
+
+    def weighted(self, weight: Tensor) -> KrylovSolver:
+        return KrylovSolver(self.op, self.options, self.state, weight=weight, updates=self.updates, stats=self.stats)
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"solver": self.kind, **self.stats}
+        if "penalty" in self.updates:
+            out["penalty"] = self.updates["penalty"]
+        return out
+
+    def commit(self) -> None:
+        multipliers = dict(self.state.get("multipliers", {}))
+        multipliers.update(self.updates.get("multipliers", {}))
+        self.state["multipliers"] = multipliers
+        if "penalty" in self.updates:
+            self.state["penalty"] = self.updates["penalty"]
+
+
+def as_solver(J: Tensor | ConstraintSolver, *, rank_tol: float, sync_free: bool) -> ConstraintSolver:
+    """An explicit ``[m, n]`` J becomes the dense reference solver; a solver passes through."""
+    if isinstance(J, ConstraintSolver):
+        return J
+    return DenseSolver(DenseJacobian(J), rank_tol=rank_tol, sync_free=sync_free)
+
+
+def choose(op: JacobianOperator, mode: str) -> str:
+    """``"dense"`` or ``"krylov"`` for ``mode="auto"`` (see the module docstring); other modes pass through."""
+    if mode != "auto":
+        return mode
+    m = op.m
+    if m == 0:
+        return "dense"
+    if 3 * 8 * m * m > AUTO_DENSE_BYTES:
+        return "krylov"
+    if op.device.type == "cuda":
+        return "dense"
+    dense_cost = op.gram_flops() + m**3 / 3.0
+    return "dense" if dense_cost <= AUTO_KRYLOV_PRODUCTS * op.product_flops() / 2.0 else "krylov"
+
+
+def make_solver(
+    op: JacobianOperator,
+    mode: str,
+    *,
+    rank_tol: float,
+    sync_free: bool,
+    options: KrylovOptions,
+    state: dict[str, Any],
+) -> ConstraintSolver:
+    """The solver for this step's operator: ``mode`` is ``"dense"``, ``"krylov"`` or ``"auto"``."""
+    if choose(op, mode) == "dense":
+        return DenseSolver(op, rank_tol=rank_tol, sync_free=sync_free)
+    return KrylovSolver(op, options, state)

@@ -1,0 +1,250 @@
+r"""Matrix-free solves with :math:`G_W = JWJ^\top`: preconditioned conjugate gradients and an inexact-SQP rule.
+
+Every step of the package solves systems with :math:`G_W` (module :mod:`sqpoptim._linalg`). Without J in memory
+they are solved by conjugate gradients on :math:`G_W\lambda = b`, each iteration one :math:`J^\top` and one
+:math:`J` product (:mod:`sqpoptim._jacobian_operator`). Why CG on :math:`G_W` (Craig's method, "CGNE"), and not
+MINRES on :math:`G_W` or LSQR/LSMR on J: the unknowns are m-vectors (the multipliers), so warm starts from the
+last step's multipliers and the Jacobi preconditioner :math:`\operatorname{diag}(G_W)` (free from the row
+norms) apply directly; and CG on :math:`G_W` minimises :math:`\|\lambda - \lambda^*\|_{G_W}`, which is the
+error of the *step* :math:`\|s - s^*\|_{W^{-1}}`, over the Krylov space, so early iterates are short steps in the
+well-determined directions of J and the step error decreases monotonically. (MINRES would minimise the
+residual instead, which the termination tests below read but need not decrease monotonically for them to work;
+LSQR is CG on the same normal equations with better rounding behaviour, at the price of n-vectors in the
+recurrences and no multiplier warm start.)
+
+The step. With :math:`H = W^{-1}` and the model gradient :math:`p = Hx` (x the tangential direction the method
+wants: Adam's :math:`D^{-1}p`, the heavy-ball momentum, :math:`\alpha g`), the step :math:`s = \gamma v_W - P_W x`
+solves
+
+.. math::
+
+    \begin{bmatrix} H & J^\top \\ J & 0 \end{bmatrix} \begin{bmatrix} s \\ \lambda \end{bmatrix}
+    = -\begin{bmatrix} p \\ \gamma c \end{bmatrix},
+    \qquad G_W\lambda = \gamma c - Jx,\quad s = -x - WJ^\top\lambda .
+
+For any iterate :math:`\lambda_j` the first block holds exactly (dual residual :math:`\rho_j = 0`) and the primal
+residual is the CG residual, :math:`r_j = \gamma c + Js_j = (\gamma c - Jx) - G_W\lambda_j`. Iterations stop at
+the first iterate that passes one of the termination tests of Byrd, Curtis and Nocedal ("An inexact SQP method
+for equality constrained optimization", SIAM J. Optim. 19(1), 2008), with :math:`\rho = 0`, the merit function
+:math:`\phi_\pi(x) = f(x) + \pi\|c(x)\|` and its model reduction
+:math:`\operatorname{mred}_\pi(s) = -p^\top s + \pi(\|\gamma c\| - \|r\|)`:
+
+* Test I: :math:`\|r_j\| \le \kappa\,\|(p + J^\top\lambda_0,\ \gamma c)\|` and
+  :math:`\operatorname{mred}_\pi(s_j) \ge \tfrac12 s_j^\top H s_j + \sigma\pi\max(\|\gamma c\|, \|r_j\| - \|\gamma c\|)`
+  (λ₀ the warm start, the last step's multipliers);
+* Test II: :math:`\|r_j\| \le \epsilon\|\gamma c\|`; then π is raised to
+  :math:`\max\{\pi,\ (p^\top s + \tfrac12 s^\top H s)/((1-\tau)(\|\gamma c\| - \|r\|)) + 10^{-4}\}`.
+
+With :math:`\sigma = \tau(1-\epsilon)` either test gives :math:`\operatorname{mred}_\pi(s) \ge \tfrac12 s^\top Hs
++ \sigma\pi\|\gamma c\|`, so the directional derivative of :math:`\phi_\pi` along s (the stochastic gradient in
+place of :math:`\nabla f`) is negative: every accepted step is a descent step for the merit function, however
+inexact. π is optimizer state (it persists between steps, as in the paper). Deviations: H is the method's
+positive-definite diagonal metric, so the paper's :math:`\max(\tfrac12 s^\top Hs, \theta\|s\|^2)` is
+:math:`\tfrac12 s^\top Hs`; the iteration count is capped (``max_iter``), and a capped solve is reported
+(``krylov_converged=False``) and its last iterate used; ``rtol`` replaces both tests by the classical
+:math:`\|r\| \le \text{rtol}\,\|b\|` (solving "to tolerance", the oracle comparisons of the tests). Projections
+that do not enter the step (the projected gradient fed to a method's moments) stop at
+:math:`\|r\| \le \text{projection\_rtol}\,\|Jx\|`.
+
+Precision: the m-vectors (λ, r, the search directions) are float64; the products run in the parameters' dtype.
+Every iteration reads one scalar on the host (the termination tests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._jacobian_operator import JacobianOperator
+
+__all__ = ["CGResult", "KrylovOptions", "conjugate_gradient", "inexact_step", "krylov_project"]
+
+
+@dataclass(frozen=True)
+class KrylovOptions:
+    """Settings of the matrix-free solves (see the module docstring for their meaning)."""
+
+    max_iter: int = 200
+    kappa: float = 0.1  # Test I: residual relative to the KKT residual at the warm start
+    epsilon: float = 0.1  # Test II: residual relative to ||γ c||
+    tau: float = 0.1  # share of the model reduction kept when π is raised (σ = τ(1 - ε))
+    penalty0: float = 1.0  # π before the first step
+    projection_rtol: float = 1e-2
+    rtol: float | None = None  # solve every system to ||r|| <= rtol ||b|| instead of the tests
+    jacobi: bool = True  # diagonal preconditioner diag(G_W)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ValueError(f"Invalid krylov max_iter: {self.max_iter!r} (a positive int)")
+        for name in ("kappa", "epsilon", "tau", "projection_rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+                raise ValueError(f"Invalid krylov {name}: {value!r} (expected 0 < {name} < 1)")
+        if not (isinstance(self.penalty0, (int, float)) and self.penalty0 > 0.0):
+            raise ValueError(f"Invalid krylov penalty0: {self.penalty0!r} (expected > 0)")
+        if self.rtol is not None and not (isinstance(self.rtol, (int, float)) and 0.0 < self.rtol < 1.0):
+            raise ValueError(f"Invalid krylov rtol: {self.rtol!r} (None or 0 < rtol < 1)")
+
+
+@dataclass
+class CGResult:
+    """λ, :math:`z = WJ^\\top\\lambda` (parameters' dtype), the recurrence residual r (float64), iterations,
+    and whether a stopping rule (rather than the cap) ended the iteration."""
+
+    lam: Tensor
+    z: Tensor
+    r: Tensor
+    iterations: int
+    converged: bool
+
+
+def conjugate_gradient(
+    op: JacobianOperator,
+    b: Tensor,
+    lam0: Tensor | None,
+    *,
+    weight: Tensor | None,
+    shift: float | Tensor = 0.0,
+    inv_diag: Tensor | None,
+    stop: Callable[[Tensor, Tensor, Tensor], bool],
+    max_iter: int,
+) -> CGResult:
+    r"""Preconditioned CG on :math:`(JWJ^\top + \mu I)\lambda = b` (float64 ``b``), keeping
+    :math:`z = WJ^\top\lambda` alongside so that callers can form the step without another product.
+    ``stop(lam, z, r)`` is asked at the start and after every iteration."""
+    dtype = op.dtype
+
+    def wjt(y: Tensor) -> Tensor:
+        t = op.rmv(y.to(dtype))
+        return t if weight is None else t * weight
+
+    if lam0 is None or not bool(lam0.any()):
+        lam = torch.zeros_like(b)
+        z = torch.zeros(op.n, dtype=dtype, device=b.device)
+        r = b.clone()
+    else:
+        lam = lam0.to(b.dtype).clone()
+        z = wjt(lam)
+        r = b - op.mv(z).double() - shift * lam
+    p = None
+    rz = None
+    for it in range(max_iter + 1):
+        if stop(lam, z, r):
+            return CGResult(lam, z, r, it, True)
+        if it == max_iter:
+            break
+        y = r if inv_diag is None else r * inv_diag
+        ry = torch.dot(r, y)
+        p = y if p is None else y + (ry / rz) * p
+        rz = ry
+        t = wjt(p)
+        q = op.mv(t).double() + shift * p
+        pq = torch.dot(p, q)
+        if not bool(pq > 0):  # breakdown: p in the null space of G (rank-deficient J, consistent part solved)
+            return CGResult(lam, z, r, it, False)
+        alpha = rz / pq
+        lam = lam + alpha * p
+        z = z + alpha.to(dtype) * t
+        r = r - alpha * q
+    return CGResult(lam, z, r, max_iter, False)
+
+
+def _inv_diag(op: JacobianOperator, weight: Tensor | None, enabled: bool) -> Tensor | None:
+    if not enabled:
+        return None
+    d = op.row_sq_norms(weight)
+    return torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), torch.ones_like(d))
+
+
+def krylov_project(
+    op: JacobianOperator,
+    x: Tensor,
+    lam0: Tensor | None,
+    options: KrylovOptions,
+    *,
+    weight: Tensor | None = None,
+    inv_diag: Tensor | None = None,
+) -> tuple[Tensor, CGResult]:
+    r""":math:`P_W x = x - WJ^\top\lambda` with :math:`G_W\lambda \approx Jx` (stopping at
+    :math:`\|r\| \le \text{projection\_rtol}\,\|Jx\|`, or ``rtol`` when set); warm-started from ``lam0``."""
+    b = op.mv(x).double()
+    target = (options.rtol if options.rtol is not None else options.projection_rtol) * float(
+        torch.linalg.vector_norm(b)
+    )
+    res = conjugate_gradient(
+        op,
+        b,
+        lam0,
+        weight=weight,
+        inv_diag=inv_diag,
+        stop=lambda lam, z, r: float(torch.linalg.vector_norm(r)) <= target,
+        max_iter=options.max_iter,
+    )
+    return x - res.z, res
+
+
+def inexact_step(
+    op: JacobianOperator,
+    x: Tensor,
+    c: Tensor,
+    gamma: float,
+    lam0: Tensor | None,
+    penalty: float,
+    options: KrylovOptions,
+    *,
+    weight: Tensor | None = None,
+    inv_diag: Tensor | None = None,
+) -> tuple[Tensor, CGResult, dict[str, float]]:
+    r"""``(s, cg, info)``: the step :math:`s = \gamma v_W - P_W x` of the module docstring from one CG solve
+    with the termination tests of Byrd, Curtis and Nocedal (2008); ``info`` has the test that ended it
+    (1, 2, 0 for ``rtol``, -1 when capped), the new penalty π and the final relative residual."""
+    gc = gamma * c.double()
+    b = gc - op.mv(x).double()
+    gc_norm = float(torch.linalg.vector_norm(gc))
+    H = None if weight is None else weight.reciprocal()
+    p = x if H is None else H * x
+    sigma = options.tau * (1.0 - options.epsilon)
+    which = [-1]
+    kkt0 = [math.nan]
+
+    def stop(lam: Tensor, z: Tensor, r: Tensor) -> bool:
+        rn = float(torch.linalg.vector_norm(r))
+        if options.rtol is not None:
+            which[0] = 0
+            return rn <= options.rtol * max(float(torch.linalg.vector_norm(b)), 1e-300)
+        s = -(x + z)
+        if math.isnan(kkt0[0]):  # dual residual at the warm start: p + J^T λ0 = H(x + z0)
+            dual = x + z if H is None else H * (x + z)
+            kkt0[0] = math.hypot(float(torch.linalg.vector_norm(dual)), gc_norm)
+        if rn <= options.epsilon * gc_norm:
+            which[0] = 2
+            return True
+        Hs = s if H is None else H * s
+        sHs = float(torch.dot(s, Hs))
+        mred = -float(torch.dot(p, s)) + penalty * (gc_norm - rn)
+        if rn <= options.kappa * kkt0[0] and mred >= 0.5 * sHs + sigma * penalty * max(gc_norm, rn - gc_norm):
+            which[0] = 1
+            return True
+        return False
+
+    res = conjugate_gradient(op, b, lam0, weight=weight, inv_diag=inv_diag, stop=stop, max_iter=options.max_iter)
+    s = -(x + res.z)
+    rn = float(torch.linalg.vector_norm(res.r))
+    if not res.converged:
+        which[0] = -1
+    new_penalty = penalty
+    if which[0] == 2 and gc_norm > rn:
+        Hs = s if H is None else H * s
+        trial = (float(torch.dot(p, s)) + 0.5 * float(torch.dot(s, Hs))) / ((1.0 - options.tau) * (gc_norm - rn))
+        if trial > penalty:
+            new_penalty = trial + 1e-4
+    info = {
+        "krylov_test": float(which[0]),
+        "penalty": new_penalty,
+        "krylov_residual": rn / max(float(torch.linalg.vector_norm(b)), 1e-300),
+    }
+    return s, res, info
