@@ -15,7 +15,7 @@ Two implementations, chosen per step by :func:`make_solver`:
   ``EXACT_RANK_MAX`` constraints the exact mode's fallback for an ill-conditioned :math:`G` (a truncated
   eigendecomposition, about nine Cholesky factorisations' worth of work) is replaced by the regularised
   Cholesky factorisation of the sync-free mode; the diagnostics then report ``rank = -1``.
-* :class:`KrylovSolver` — conjugate gradients with only :math:`Jx` and :math:`J^\top y`, warm-started from the
+* :class:`KrylovSolver` — MINRES with only :math:`Jx` and :math:`J^\top y`, warm-started from the
   last step's multipliers, the step by the inexact-SQP termination tests (:mod:`sqpoptim._krylov`).
 
 ``make_solver(..., mode="auto")`` takes the dense solver unless its cost — the Gram matrix plus a Cholesky
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._jacobian_operator import DenseJacobian, JacobianOperator
-from ._krylov import KrylovOptions, _inv_diag, inexact_step, krylov_project
+from ._krylov import KrylovOptions, _inv_diag, inexact_step, krylov_project, minres
 from ._linalg import GramFactor, _damped_gram, damped, factor_gram, step_info
 
 __all__ = [
@@ -166,7 +166,7 @@ class DenseSolver(ConstraintSolver):
 
 
 class KrylovSolver(ConstraintSolver):
-    """Matrix-free solves by CG (see :mod:`sqpoptim._krylov`). ``state`` is the optimizer's solver state:
+    """Matrix-free solves by MINRES (see :mod:`sqpoptim._krylov`). ``state`` is the optimizer's solver state:
     ``{"multipliers": {slot: λ}, "penalty": π}``, read for warm starts and updated by :meth:`commit`."""
 
     kind = "krylov"
@@ -217,8 +217,6 @@ class KrylovSolver(ConstraintSolver):
     def normal_step(self, c: Tensor, damping: Tensor | None = None, *, weight: Tensor | None = None) -> Tensor:
         r""":math:`-WJ^\top(G_W + \mu I)^{-1}c`, stopped at :math:`\|r\| \le \epsilon\|c\|` (Test II; ``rtol``
         when set)."""
-        from ._krylov import conjugate_gradient
-
         if self.op.m == 0:
             return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
         w = self.weight if weight is None else weight
@@ -232,7 +230,7 @@ class KrylovSolver(ConstraintSolver):
         if inv is not None and shift:
             inv = 1.0 / (1.0 / inv + shift)
         slot = "normal" if weight is None else "normal_scaled"
-        res = conjugate_gradient(
+        res = minres(
             self.op,
             b,
             self._warm(slot),
