@@ -40,6 +40,7 @@ __all__ = [
     "AUTO_DENSE_BYTES",
     "AUTO_KRYLOV_PRODUCTS",
     "EXACT_RANK_MAX",
+    "SOLVER_MODES",
     "ConstraintSolver",
     "DenseSolver",
     "KrylovSolver",
@@ -47,6 +48,7 @@ __all__ = [
     "make_solver",
 ]
 
+SOLVER_MODES = ("auto", "dense", "krylov")
 EXACT_RANK_MAX = 256  # largest m handled by the truncated eigendecomposition in exact mode
 AUTO_KRYLOV_PRODUCTS = 400  # the dense solver's cost is compared with this many J / J^T products
 AUTO_DENSE_BYTES = 3 << 30  # float64 m x m matrices (G, its factor, a temporary) the dense solver may hold
@@ -59,24 +61,39 @@ class ConstraintSolver:
     op: JacobianOperator
     weight: Tensor | None
 
-    def project(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def project(self, x: Tensor, *, multipliers: bool = False) -> Any:  # pragma: no cover - abstract
+        r""":math:`P_W x`; with ``multipliers`` the pair :math:`(P_W x, \lambda)`,
+        :math:`\lambda = -G_W^{-1}Jx` (float64 ``[m]``, so that :math:`P_W x = x + WJ^\top\lambda`)."""
         raise NotImplementedError
 
-    def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
+    def normal_part(
+        self, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:  # pragma: no cover - abstract
+        """``(δ_n, v)`` formed ahead of the step (so that a method can check it before its state changes), or
+        ``None`` when the solver forms the normal part inside :meth:`step`."""
         raise NotImplementedError
 
     def step(
-        self, x: Tensor, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+        self,
+        x: Tensor,
+        c: Tensor,
+        gamma: float | Tensor,
+        damping: Tensor | None = None,
+        normal: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
+        r""":math:`\gamma v_W - P_W x` (``normal``: the result of :meth:`normal_part`, if formed) and the step's
+        diagnostics (:func:`sqpoptim._linalg.step_info`)."""
         raise NotImplementedError
 
     def weighted(self, weight: Tensor) -> ConstraintSolver:  # pragma: no cover - abstract
         """The same solver for the metric W = diag(weight)."""
         raise NotImplementedError
 
-    def row_sq_norms(self) -> Tensor:
-        """diag(JJᵀ) in float64 (validation: zero rows, non-finite entries)."""
-        return self.op.row_sq_norms()
+    def row_check(self) -> Tensor:
+        """A float64 ``[m]`` vector that is zero exactly at the all-zero rows of J and non-finite exactly at rows
+        with a non-finite entry: the step's validation, without another pass over J where the solver has
+        the Gram matrix (its diagonal)."""
+        return self.op.row_check()
 
     def info(self) -> dict[str, Any]:
         """Solver diagnostics of the step (merged into ``optimizer.diagnostics()``)."""
@@ -98,8 +115,10 @@ class DenseSolver(ConstraintSolver):
         rank_tol: float,
         sync_free: bool,
         weight: Tensor | None = None,
+        needs_gram: bool = True,
     ) -> None:
         self.op, self.weight, self.rank_tol, self.sync_free = op, weight, rank_tol, sync_free
+        self.needs_gram = needs_gram  # the unweighted Gram matrix will be factored (validation reads its diagonal)
         # the exact mode's eigendecomposition costs about nine Cholesky factorisations: only for small m
         self.regularise = sync_free or op.m > EXACT_RANK_MAX
         self._gram: Tensor | None = None
@@ -118,19 +137,21 @@ class DenseSolver(ConstraintSolver):
             self._factor = factor_gram(self.gram, self.rank_tol, sync_free=self.regularise)
         return self._factor
 
-    def row_sq_norms(self) -> Tensor:
-        if self.weight is None:  # the Gram matrix is needed anyway: its diagonal validates J for free
+    def row_check(self) -> Tensor:
+        if self.weight is None and self.needs_gram:  # formed anyway: its diagonal validates J for free
             return torch.diagonal(self.gram)
-        return self.op.row_sq_norms()
+        return self.op.row_check()
 
     def _wjt(self, y: Tensor, weight: Tensor | None) -> Tensor:
         r = self.op.rmv(y.to(self.op.dtype))
         return r if weight is None else r * weight
 
-    def project(self, x: Tensor) -> Tensor:
+    def project(self, x: Tensor, *, multipliers: bool = False) -> Any:
         if self.op.m == 0:
-            return x
-        return x - self._wjt(self.factor.solve(self.op.mv(x)), self.weight)
+            return (x, x.new_zeros(0, dtype=torch.float64)) if multipliers else x
+        y = self.factor.solve(self.op.mv(x))
+        px = x - self._wjt(y, self.weight)
+        return (px, -y) if multipliers else px
 
     def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:
         if self.op.m == 0:
@@ -154,11 +175,21 @@ class DenseSolver(ConstraintSolver):
         Fw = factor_gram(Gw, self.rank_tol, sync_free=self.regularise)
         return gmax * self._wjt(Fw.solve(-c), w), v
 
+    def normal_part(
+        self, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        return self.scaled_normal_step(c, gamma, damping)
+
     def step(
-        self, x: Tensor, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+        self,
+        x: Tensor,
+        c: Tensor,
+        gamma: float | Tensor,
+        damping: Tensor | None = None,
+        normal: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         u = -self.project(x)
-        delta_n, v = self.scaled_normal_step(c, gamma, damping)
+        delta_n, v = self.scaled_normal_step(c, gamma, damping) if normal is None else normal
         return delta_n + u, step_info(c, self.factor if self.op.m else None, v, u)
 
     def weighted(self, weight: Tensor) -> DenseSolver:
@@ -205,14 +236,14 @@ class KrylovSolver(ConstraintSolver):
         self.stats["krylov_iterations"] += res.iterations
         self.stats["krylov_converged"] = self.stats["krylov_converged"] and res.converged
 
-    def project(self, x: Tensor, slot: str = "gradient") -> Tensor:
+    def project(self, x: Tensor, *, multipliers: bool = False, slot: str = "gradient") -> Any:
         if self.op.m == 0:
-            return x
+            return (x, x.new_zeros(0, dtype=torch.float64)) if multipliers else x
         y, res = krylov_project(
             self.op, x, self._warm(slot), self.options, weight=self.weight, inv_diag=self._inv_diag()
         )
         self._record(slot, res)
-        return y
+        return (y, -res.lam) if multipliers else y
 
     def normal_step(self, c: Tensor, damping: Tensor | None = None, *, weight: Tensor | None = None) -> Tensor:
         r""":math:`-WJ^\top(G_W + \mu I)^{-1}c`, stopped at :math:`\|r\| \le \epsilon\|c\|` (Test II; ``rtol``
@@ -243,13 +274,36 @@ class KrylovSolver(ConstraintSolver):
         self._record(slot, res)
         return res.z
 
+    def _fused(self, gamma: float | Tensor, damping: Tensor | None) -> bool:
+        return damping is None and not isinstance(gamma, Tensor)
+
+    def normal_part(
+        self, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        if self._fused(gamma, damping):
+            return None  # one solve for the whole step
+        return self._normal_parts(c, gamma, damping)
+
+    def _normal_parts(self, c: Tensor, gamma: float | Tensor, damping: Tensor | None) -> tuple[Tensor, Tensor]:
+        v = self.normal_step(c, damping)
+        if not isinstance(gamma, Tensor):
+            return gamma * v, v
+        gmax = gamma.max()
+        w = gamma / gmax if self.weight is None else self.weight * (gamma / gmax)
+        return gmax * self.normal_step(c, damping, weight=w), v
+
     def step(
-        self, x: Tensor, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
+        self,
+        x: Tensor,
+        c: Tensor,
+        gamma: float | Tensor,
+        damping: Tensor | None = None,
+        normal: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         zero = torch.zeros((), dtype=torch.float64, device=c.device)
         if self.op.m == 0:
             return -x, step_info(c, None, torch.zeros_like(x), -x)
-        if damping is None and not isinstance(gamma, Tensor):
+        if normal is None and self._fused(gamma, damping):
             penalty = self.state.get("penalty")
             penalty = self.options.penalty0 if penalty is None else float(penalty)
             s, res, info = inexact_step(
@@ -278,13 +332,7 @@ class KrylovSolver(ConstraintSolver):
             }
         # damped or per-group normal step sizes: the two parts by separate solves
         u = -self.project(x, slot="tangential")
-        v = self.normal_step(c, damping)
-        if isinstance(gamma, Tensor):
-            gmax = gamma.max()
-            w = gamma / gmax if self.weight is None else self.weight * (gamma / gmax)
-            delta_n = gmax * self.normal_step(c, damping, weight=w)
-        else:
-            delta_n = gamma * v
+        delta_n, v = self._normal_parts(c, gamma, damping) if normal is None else normal
         info = step_info(c, None, v, u)
         info.update(rank=zero.long() - 1, gram_cond=zero + math.nan)
         return delta_n + u, info
@@ -336,8 +384,10 @@ def make_solver(
     sync_free: bool,
     options: KrylovOptions,
     state: dict[str, Any],
+    needs_gram: bool = True,
 ) -> ConstraintSolver:
-    """The solver for this step's operator: ``mode`` is ``"dense"``, ``"krylov"`` or ``"auto"``."""
+    """The solver for this step's operator: ``mode`` is ``"dense"``, ``"krylov"`` or ``"auto"``; ``needs_gram``
+    says whether the method factors the unweighted Gram matrix (then validation reads its diagonal)."""
     if choose(op, mode) == "dense":
-        return DenseSolver(op, rank_tol=rank_tol, sync_free=sync_free)
+        return DenseSolver(op, rank_tol=rank_tol, sync_free=sync_free, needs_gram=needs_gram)
     return KrylovSolver(op, options, state)

@@ -66,6 +66,11 @@ class JacobianOperator:
         exactly when the row holds a non-finite entry (squares summed in float64 never cancel)."""
         return _row_sq_norms(self.dense(), weight)
 
+    def row_check(self) -> Tensor:
+        """Float64 ``[m]``: zero exactly at all-zero rows, non-finite exactly at rows with a non-finite entry (the
+        step's validation). The squared row norms unless a subclass has a cheaper witness."""
+        return self.row_sq_norms()
+
     # cost model (floating-point operations), for the automatic choice of solver
     def product_flops(self) -> float:
         """One :math:`Jx` and one :math:`J^\\top y`."""
@@ -181,6 +186,17 @@ class AutogradJacobian(JacobianOperator):
         from ._jacobian import batched_jacobian
 
         return batched_jacobian(self.c, self.params, self.n)
+
+    def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:
+        raise NotImplementedError("the autograd operator has no cheap row norms (use row_check)")
+
+    def row_check(self) -> Tensor:
+        r""":math:`(J\xi)^2` for a Gaussian :math:`\xi` (one product): zero at an all-zero row and, for any other
+        row, with probability one nonzero; non-finite at a row with a non-finite entry (inf or NaN in J reach
+        :math:`J\xi` whatever ξ is)."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        xi = torch.randn(self.n, generator=gen, dtype=self.dtype, device=self.device)
+        return self.mv(xi).double().square()
 
     def product_flops(self) -> float:
         # a backward pass over the constraint graph per product; its size is unknown here, so count it like

@@ -4,12 +4,17 @@ A step reads
 
 1. **parse** the closure's output against the contract (:mod:`sqpoptim._closure`);
 2. **judge** the last step when the normal step is damped, and undo it if it failed (:mod:`sqpoptim._damping`);
-3. **form** the objective's gradient g and the constraint Jacobian J (:mod:`sqpoptim._gradient`,
-   :mod:`sqpoptim._jacobian`);
-4. **check** that they are finite (:mod:`sqpoptim._finite`);
-5. **direction**: the subclass turns (g, c, J) and its state into the displacement δ (``_direction``);
-6. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
-7. **record** the damping model for the next judgement and the step's diagnostics.
+3. **form** the constraint Jacobian J as an operator (:mod:`sqpoptim._jacobian_path`: per-sample layer factors,
+   an explicit matrix or autograd products), then the objective's gradient g (:mod:`sqpoptim._gradient`) —
+   J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s;
+4. **solver**: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
+   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``);
+5. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
+6. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
+7. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
+8. **record** the damping model for the next judgement, the matrix-free solver's warm starts and the step's
+   diagnostics (``jacobian``: the path used; ``solver``; for the matrix-free solver ``krylov_iterations``,
+   ``krylov_converged``, ``krylov_test``, ``krylov_residual`` and the merit penalty ``penalty``).
 
 Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
 (:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
@@ -32,10 +37,13 @@ from torch.optim import Optimizer
 
 from . import _damping
 from ._closure import StepInputs, parse_closure_output
+from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
 from ._hyperparameters import in_group
 from ._jacobian import jacobian
+from ._jacobian_path import JacobianPath
+from ._krylov import KrylovOptions
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
@@ -50,7 +58,9 @@ class RankDeficiencyWarning(UserWarning):
 
 @dataclass
 class StepContext:
-    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``; ``ok`` (sync-free
+    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J (the constraint solver over
+    this step's Jacobian, :mod:`sqpoptim._constraint_solver`; the direction functions also take an explicit
+    ``[m, n]`` tensor); ``ok`` (sync-free
     mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
     (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
     k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
@@ -59,7 +69,7 @@ class StepContext:
     loss: Tensor
     g: Tensor
     c: Tensor
-    J: Tensor
+    J: ConstraintSolver
     ok: Tensor | None
     stats: Tensor | None
     step: Tensor
@@ -73,20 +83,30 @@ class ConstrainedOptimizer(Optimizer):
 
     _flat_state_names: ClassVar[tuple[str, ...]] = ()
     _state_type: ClassVar[type[OptimizerState]] = OptimizerState
+    _forms_jacobian: ClassVar[bool] = True  # False: the method ignores the constraints (no layer recording)
 
     def __init__(
         self,
         params: Any,
         defaults: dict[str, Any],
         *,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
     ) -> None:
-        if jacobian not in ("batched", "loop"):
-            raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
+        path = JacobianPath(jacobian, chunk_size)  # validates jacobian
+        if solver not in SOLVER_MODES:
+            raise ValueError(f"Invalid solver {solver!r}: expected one of {SOLVER_MODES}")
+        if krylov is not None and not isinstance(krylov, dict):
+            raise TypeError(f"krylov must be a dict of matrix-free solver options; got {type(krylov).__name__}")
+        try:
+            krylov_options = KrylovOptions(**(krylov or {}))
+        except TypeError as err:
+            raise ValueError(f"Invalid krylov options {krylov!r}: {err}") from None
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
         if rank_tol is not None and not 0.0 < rank_tol < 1.0:
@@ -101,6 +121,9 @@ class ConstrainedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.normal_damping = None if normal_damping is None else float(normal_damping)
         self.jacobian_mode = jacobian
+        self.solver_mode = solver
+        self.krylov_options = krylov_options
+        self._jacobian_path = path
         self.chunk_size = chunk_size
         self.rank_tol = rank_tol
         self.sync_free = sync_free
@@ -170,6 +193,7 @@ class ConstrainedOptimizer(Optimizer):
         self._flat.invalidate()
         self._diagnostics = {}
         self._multipliers = None
+        self._jacobian_path.reset()
         # refused steps recorded before the checkpoint were reported then
         seen = new_global.nonfinite_steps
         self._guard.reset(0 if seen is None else int(seen))
@@ -201,7 +225,9 @@ class ConstrainedOptimizer(Optimizer):
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         with torch.enable_grad():
-            inputs, c_out = self._read_closure(closure(), layout)
+            with self._jacobian_path.recording(self._forms_jacobian) as recorder:
+                out = closure()
+            inputs, c_out = self._read_closure(out, layout)
             m = inputs.c.shape[0]
             damping, verdict = None, None
             if self.normal_damping is not None and m:
@@ -209,12 +235,24 @@ class ConstrainedOptimizer(Optimizer):
                 verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
                     return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
-            # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
-            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
-            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            # J first: c's graph is retained by its backward when the objective shares it, and the objective's
+            # backward then frees its own graph unless the operator still needs c's
+            op, keep_graph = self._jacobian_path.operator(inputs.c, inputs.J, layout, recorder, solver=self.solver_mode)
+            g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
             loss, c = inputs.loss.detach(), inputs.c.detach()
+            if self._global.krylov is None:
+                self._global.krylov = {}
+            J = make_solver(
+                op,
+                self.solver_mode,
+                rank_tol=self._rank_tol(layout),
+                sync_free=sync_free,
+                options=self.krylov_options,
+                state=self._global.krylov,
+                needs_gram=self._factors_gram(),
+            )
             try:
-                bad = self._guard.check(loss, c, g, J, sync_free=sync_free)
+                bad = self._guard.check(loss, c, g, J.row_check() if m else None, sync_free=sync_free)
             except ZeroJacobianRows as err:
                 raise self._zero_rows_error(err.rows, inputs, layout) from None
         ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
@@ -244,6 +282,8 @@ class ConstrainedOptimizer(Optimizer):
                 )
             counted = stats
         self._commit_step(ctx, counted)
+        if ok is None or bool(applied):  # the matrix-free solver synchronises anyway
+            J.commit()
         self._warn_if_truncated(info, m)
         returned = (loss, c_out)
         if verdict is not None:
@@ -262,7 +302,7 @@ class ConstrainedOptimizer(Optimizer):
                 verdict,
                 loss=loss,
                 c=c,
-                Jdelta=J @ delta,
+                Jdelta=J.op.mv(delta),
                 normal_norm=gamma * info["v_norm"].double(),
                 u_norm=info["u_norm"],
                 x=x,
@@ -287,6 +327,8 @@ class ConstrainedOptimizer(Optimizer):
             self._multipliers = multipliers
         info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
         info["g_norm"] = torch.linalg.vector_norm(g)
+        if m:
+            info.update(J.info(), jacobian=self._jacobian_path.used)
         self._diagnostics = info
         return returned
 
@@ -294,6 +336,11 @@ class ConstrainedOptimizer(Optimizer):
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
+
+    def _factors_gram(self) -> bool:
+        """Whether the method factors the unweighted Gram matrix JJᵀ (then the inputs are validated from its
+        diagonal instead of another pass over J)."""
+        return True
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
