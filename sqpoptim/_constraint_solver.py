@@ -18,10 +18,14 @@ Two implementations, chosen per step by :func:`make_solver`:
 * :class:`KrylovSolver` — MINRES with only :math:`Jx` and :math:`J^\top y`, warm-started from the
   last step's multipliers, the step by the inexact-SQP termination tests (:mod:`sqpoptim._krylov`).
 
-``make_solver(..., mode="auto")`` takes the dense solver unless its cost — the Gram matrix plus a Cholesky
-factorisation, :math:`\text{gram\_flops} + m^3/3` — exceeds ``AUTO_KRYLOV_PRODUCTS`` products with J and
-:math:`J^\top`, or its float64 ``m × m`` matrices would not fit in ``AUTO_DENSE_BYTES``; on CUDA (where the
-Krylov iterations would each synchronise) only the memory bound applies.
+``make_solver(..., mode="auto")`` takes the dense solver — exact solves, the algorithm as published — unless
+it costs more than ``AUTO_KRYLOV_FACTOR`` times a matrix-free step at its iteration cap (two solves of at most
+``max_iter`` iterations, each a :math:`J` and a :math:`J^\top` product), counting
+:math:`\text{gram\_flops} + m^3/3` for the Gram matrix and its Cholesky factorisation, or unless its float64
+``m × m`` matrices would not fit in ``AUTO_DENSE_BYTES``. On the tanh MLP of the scaling benchmark
+(:math:`n \approx 10^5`, layer factors) the switch falls near m = 4,000; with an explicit J (Gram matrix
+:math:`2m^2n`) near m = 100. On CUDA (where every Krylov iteration would synchronise) only the memory bound
+applies.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ._linalg import GramFactor, _damped_gram, damped, factor_gram, step_info
 
 __all__ = [
     "AUTO_DENSE_BYTES",
-    "AUTO_KRYLOV_PRODUCTS",
+    "AUTO_KRYLOV_FACTOR",
     "EXACT_RANK_MAX",
     "SOLVER_MODES",
     "ConstraintSolver",
@@ -50,7 +54,7 @@ __all__ = [
 
 SOLVER_MODES = ("auto", "dense", "krylov")
 EXACT_RANK_MAX = 256  # largest m handled by the truncated eigendecomposition in exact mode
-AUTO_KRYLOV_PRODUCTS = 400  # the dense solver's cost is compared with this many J / J^T products
+AUTO_KRYLOV_FACTOR = 2.0  # the dense solver is kept while it costs at most this many capped matrix-free steps
 AUTO_DENSE_BYTES = 3 << 30  # float64 m x m matrices (G, its factor, a temporary) the dense solver may hold
 
 
@@ -120,7 +124,7 @@ class DenseSolver(ConstraintSolver):
         self.op, self.weight, self.rank_tol, self.sync_free = op, weight, rank_tol, sync_free
         self.needs_gram = needs_gram  # the unweighted Gram matrix will be factored (validation reads its diagonal)
         # the exact mode's eigendecomposition costs about nine Cholesky factorisations: only for small m
-        self.regularise = sync_free or op.m > EXACT_RANK_MAX
+        self.truncate = op.m <= EXACT_RANK_MAX
         self._gram: Tensor | None = None
         self._factor: GramFactor | None = None
 
@@ -134,7 +138,7 @@ class DenseSolver(ConstraintSolver):
     @property
     def factor(self) -> GramFactor:
         if self._factor is None:
-            self._factor = factor_gram(self.gram, self.rank_tol, sync_free=self.regularise)
+            self._factor = factor_gram(self.gram, self.rank_tol, sync_free=self.sync_free, truncate=self.truncate)
         return self._factor
 
     def row_check(self) -> Tensor:
@@ -156,7 +160,7 @@ class DenseSolver(ConstraintSolver):
     def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:
         if self.op.m == 0:
             return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
-        F = damped(self.factor, damping, self.rank_tol, sync_free=self.regularise)
+        F = damped(self.factor, damping, self.rank_tol, sync_free=self.sync_free or not self.truncate)
         return self._wjt(F.solve(-c), self.weight)
 
     def scaled_normal_step(
@@ -172,7 +176,7 @@ class DenseSolver(ConstraintSolver):
         w = gamma / gmax if self.weight is None else self.weight * (gamma / gmax)
         Gw = self.op.gram(w)
         Gw = Gw if damping is None else _damped_gram(Gw, damping)
-        Fw = factor_gram(Gw, self.rank_tol, sync_free=self.regularise)
+        Fw = factor_gram(Gw, self.rank_tol, sync_free=self.sync_free, truncate=self.truncate)
         return gmax * self._wjt(Fw.solve(-c), w), v
 
     def normal_part(
@@ -361,7 +365,7 @@ def as_solver(J: Tensor | ConstraintSolver, *, rank_tol: float, sync_free: bool)
     return DenseSolver(DenseJacobian(J), rank_tol=rank_tol, sync_free=sync_free)
 
 
-def choose(op: JacobianOperator, mode: str) -> str:
+def choose(op: JacobianOperator, mode: str, options: KrylovOptions) -> str:
     """``"dense"`` or ``"krylov"`` for ``mode="auto"`` (see the module docstring); other modes pass through."""
     if mode != "auto":
         return mode
@@ -373,7 +377,9 @@ def choose(op: JacobianOperator, mode: str) -> str:
     if op.device.type == "cuda":
         return "dense"
     dense_cost = op.gram_flops() + m**3 / 3.0
-    return "dense" if dense_cost <= AUTO_KRYLOV_PRODUCTS * op.product_flops() / 2.0 else "krylov"
+    # a step makes at most two capped solves (the projected gradient, the step), plus their starts
+    krylov_cost = (2 * options.max_iter + 4) * op.product_flops()
+    return "dense" if dense_cost <= AUTO_KRYLOV_FACTOR * krylov_cost else "krylov"
 
 
 def make_solver(
@@ -388,6 +394,6 @@ def make_solver(
 ) -> ConstraintSolver:
     """The solver for this step's operator: ``mode`` is ``"dense"``, ``"krylov"`` or ``"auto"``; ``needs_gram``
     says whether the method factors the unweighted Gram matrix (then validation reads its diagonal)."""
-    if choose(op, mode) == "dense":
+    if choose(op, mode, options) == "dense":
         return DenseSolver(op, rank_tol=rank_tol, sync_free=sync_free, needs_gram=needs_gram)
     return KrylovSolver(op, options, state)

@@ -55,6 +55,7 @@ __all__ = ["VERIFY_EVERY", "LayerFactors", "LinearCallRecorder", "layer_factors"
 VERIFY_EVERY = 50  # steps between two full verifications of the per-point structure
 _GRAM_CHUNK_BYTES = 1 << 27  # float64 temporaries of the Gram matrix, per row block
 _BLOCK_CHUNK_BYTES = 1 << 27  # explicit Jacobian blocks, per chunk of output units
+_GRAM_ROW_BLOCKS = 8  # row blocks of the unweighted Gram matrix (only the upper triangle is formed)
 
 
 @dataclass
@@ -150,7 +151,9 @@ class LayerFactors(JacobianOperator):
                 G.addmm_(block * weight[cols].to(torch.float64), block.T)
             return G
         f64 = [[(t.A.double(), t.D.double(), t) for t in group] for group in self.groups]
-        rows = max(1, _GRAM_CHUNK_BYTES // (8 * m))
+        # row blocks over the upper triangle: about half the products of the full matrix for 8+ blocks
+        rows = max(128, -(-m // _GRAM_ROW_BLOCKS), 1)
+        rows = max(1, min(rows, _GRAM_CHUNK_BYTES // (16 * m)))
         for start in range(0, m, rows):
             I = slice(start, min(start + rows, m))
             cols = slice(start, m)
@@ -158,30 +161,43 @@ class LayerFactors(JacobianOperator):
             for group in f64:
                 for Aa, Da, ta in group:
                     for Ab, Db, _ in group:
-                        inner = Aa[I] @ Ab[cols].T if ta.weight is not None else torch.zeros_like(K)
-                        if ta.bias is not None:
-                            inner += 1.0
-                        K += (Da[I] @ Db[cols].T) * inner
+                        if ta.weight is not None:
+                            inner = torch.mm(Aa[I], Ab[cols].T)
+                            if ta.bias is not None:
+                                inner.add_(1.0)
+                            K.addcmul_(torch.mm(Da[I], Db[cols].T), inner)
+                        else:
+                            K.addmm_(Da[I], Db[cols].T)
             G[I, cols] = K
             G[cols, I][I.stop - start :] = K.T[I.stop - start :]
         return G
 
     def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:
+        """diag(JWJᵀ) as float64 (the Jacobi preconditioner, the damping's scale), with the factors' dtype's
+        accuracy; validation uses :meth:`row_check`."""
         if weight is not None:
             out = torch.zeros(self.m, dtype=torch.float64, device=self.device)
             for cols, block in self._blocks():
                 out += (block * block * weight[cols].to(torch.float64)).sum(1)
             return out
-        out = torch.zeros(self.m, dtype=torch.float64, device=self.device)
+        out = torch.zeros(self.m, dtype=self.dtype, device=self.device)
         for group in self.groups:
             for ta in group:
                 for tb in group:
-                    inner = torch.zeros(self.m, dtype=torch.float64, device=self.device)
-                    if ta.weight is not None:
-                        inner += torch.linalg.vecdot(ta.A.double(), tb.A.double())
+                    inner = torch.linalg.vecdot(ta.A, tb.A) if ta.weight is not None else torch.zeros_like(out)
                     if ta.bias is not None:
                         inner += 1.0
-                    out += torch.linalg.vecdot(ta.D.double(), tb.D.double()) * inner
+                    out += torch.linalg.vecdot(ta.D, tb.D) * inner
+        return out.double()
+
+    def row_check(self) -> Tensor:
+        r""":math:`\sum_l \max_j|\delta_{l,ij}|\,(\max_k|a_{l,ik}| + 1_{\text{bias}})` in float64: zero exactly when
+        row i of J is zero (a product of float32 numbers in float64 never underflows), non-finite exactly when it
+        holds a non-finite entry — one pass over the factors, not over J."""
+        out = torch.zeros(self.m, dtype=torch.float64, device=self.device)
+        for t in self.terms:
+            a = t.A.abs().amax(1).double() if t.weight is not None else torch.zeros_like(out)
+            out += t.D.abs().amax(1).double() * (a + (1.0 if t.bias is not None else 0.0))
         return out
 
     def dense(self) -> Tensor:
