@@ -29,13 +29,14 @@ Detection (no help from the user). While the closure runs, a global forward hook
     the sum of :math:`\Delta^\top A` (weights) and :math:`\Delta^\top\mathbf 1` (biases) over the recorded calls —
     which fails when a parameter reaches ``c`` other than through a recorded call (another layer type, a
     functional ``F.linear``, derivatives with respect to the input built with ``create_graph``);
-(b) a second probe :math:`w'` gives the same per-point signals, :math:`\Delta'_i/w'_i = \Delta_i/w_i` — which
+(b) the probe gives the same per-point signals as the all-ones pass, :math:`\Delta^w_i/w_i = \Delta^1_i` — which
     fails when points are coupled (batch normalisation in training mode, a residual mixing several points, a
     permuted ``c``) — and every recorded input has a leading dimension m and was not modified in place.
 
-The probes' weights are drawn from [1, 2]. Both checks run at the first step, whenever the set of recorded
-calls changes and every ``VERIFY_EVERY`` steps; the other steps run a single backward pass for Δ. When the
-checks fail the optimizer falls back to the batched Jacobian (and stops recording).
+Every step runs one backward pass with :math:`w = \mathbf 1` for the signals (so the factors, hence the steps,
+do not depend on when a verification ran); the checks add one probe pass with weights drawn from [1, 2], at the
+first step, whenever the set of recorded calls changes and every ``VERIFY_EVERY`` steps. When they fail the
+optimizer falls back to the batched Jacobian (and stops recording).
 """
 
 from __future__ import annotations
@@ -260,12 +261,8 @@ def layer_factors(
         if (call.input._version, call.output._version) != call.versions:
             return "a linear layer's input or output was modified in place"
     dtype = layout.dtype
-    gen = torch.Generator(device=c.device).manual_seed(seed)
-    w1 = 1.0 + torch.rand(m, generator=gen, dtype=c.dtype, device=c.device) if verify else torch.ones_like(c)
     outputs = [call.output for call in candidates]
-    inputs = outputs + (list(layout.params) if verify else [])
-    grads = torch.autograd.grad(c, inputs, grad_outputs=w1, retain_graph=True, allow_unused=True)
-    signals = grads[: len(outputs)]
+    signals = torch.autograd.grad(c, outputs, grad_outputs=torch.ones_like(c), retain_graph=True, allow_unused=True)
     used = [(call, d) for call, d in zip(candidates, signals) if d is not None]
     if not used:
         return "c does not depend on any recorded nn.Linear call"
@@ -279,30 +276,35 @@ def layer_factors(
         mod = call.module
         weight = offsets.get(id(mod.weight)) if mod.weight.requires_grad else None
         bias = offsets.get(id(mod.bias)) if mod.bias is not None and mod.bias.requires_grad else None
-        D = (d / w1.unsqueeze(1)).to(dtype)
+        if weight is None and bias is None:
+            continue  # a frozen layer on the way: it passes the signal on and contributes no columns
+        D = d.detach().to(dtype)
         by_module.setdefault(id(mod), []).append(_Term(call.input.detach().to(dtype), D, weight, bias))
     factors = LayerFactors(list(by_module.values()), m, layout.n, dtype, c.device)
     if verify:
-        reason = _check(c, factors, used, grads[len(outputs) :], layout, w1, gen)
+        reason = _check(c, factors, used, layout, seed)
         if reason is not None:
             return reason
     return factors
 
 
 def _check(
-    c: Tensor,
-    factors: LayerFactors,
-    used: list[tuple[_Call, Tensor]],
-    vjp: tuple[Tensor | None, ...],
-    layout: FlatLayout,
-    w1: Tensor,
-    gen: torch.Generator,
+    c: Tensor, factors: LayerFactors, used: list[tuple[_Call, Tensor]], layout: FlatLayout, seed: int
 ) -> str | None:
-    """Checks (a) and (b) of the module docstring; ``None`` when both hold."""
+    """Checks (a) and (b) of the module docstring with one probe backward pass (weights w from [1, 2]) against
+    the signals of the all-ones pass that every step makes; ``None`` when both hold."""
     tol = torch.finfo(layout.dtype).eps ** 0.5
-    ours = factors.rmv(w1.to(layout.dtype))
+    gen = torch.Generator(device=c.device).manual_seed(seed)
+    w = 1.0 + torch.rand(c.shape[0], generator=gen, dtype=c.dtype, device=c.device)
+    outputs = [call.output for call, _ in used]
+    grads = torch.autograd.grad(c, outputs + list(layout.params), grad_outputs=w, retain_graph=True, allow_unused=True)
+    for (_, d1), d2 in zip(used, grads[: len(outputs)]):
+        s2 = d2 / w.unsqueeze(1)
+        if float((d1 - s2).abs().max()) > tol * float(d1.abs().max()):
+            return "the constraints couple the points (c_i depends on the model at other points than i)"
+    ours = factors.rmv(w.to(layout.dtype))
     start = 0
-    for p, size, ref in zip(layout.params, layout.sizes, vjp):
+    for p, size, ref in zip(layout.params, layout.sizes, grads[len(outputs) :]):
         mine = ours[start : start + size]
         start += size
         if ref is not None and ref.is_sparse:
@@ -312,10 +314,4 @@ def _check(
         if float(torch.linalg.vector_norm(mine - ref_flat)) > tol * float(scale):
             shape = tuple(p.shape)
             return f"a parameter of shape {shape} reaches c other than through the recorded nn.Linear calls"
-    w2 = 1.0 + torch.rand(c.shape[0], generator=gen, dtype=c.dtype, device=c.device)
-    second = torch.autograd.grad(c, [call.output for call, _ in used], grad_outputs=w2, retain_graph=True)
-    for (_, d1), d2 in zip(used, second):
-        s1, s2 = d1 / w1.unsqueeze(1), d2 / w2.unsqueeze(1)
-        if float((s1 - s2).abs().max()) > tol * float(s1.abs().max()):
-            return "the constraints couple the points (c_i depends on the model at other points than i)"
     return None
