@@ -69,7 +69,7 @@ def test_matrix_free_step_equals_the_dense_step_when_solved_to_tolerance(weighte
     if weighted:
         dense, krylov = dense.weighted(W), krylov.weighted(W)
     s_dense, _ = dense.step(x, c, 0.5)
-    s_krylov, info = krylov.step(x, c, 0.5)
+    s_krylov, _ = krylov.step(x, c, 0.5)
     assert _rel(s_krylov, s_dense) < 1e-6
     torch.testing.assert_close(J @ s_krylov, -0.5 * c, rtol=0, atol=1e-9)  # J v = -γc with J u = 0
     h = None if W is None else 1.0 / W

@@ -177,7 +177,7 @@ def test_auto_falls_back_for_input_derivatives_and_layers_refuses_them():
     assert opt.diagnostics()["jacobian"] == "batched"
     strict = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-3, jacobian="layers")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="jacobian='layers' does not apply.*reaches c other than"):
+    with pytest.raises(ValueError, match=r"jacobian='layers' does not apply.*reaches c other than"):
         strict.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="Invalid jacobian"):
