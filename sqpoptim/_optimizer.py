@@ -449,10 +449,15 @@ class ConstrainedOptimizer(Optimizer):
     def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
         """The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
         ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
-        was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
-        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), with ``normal_damping`` also
-        ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus
-        method-specific entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
+        was regularised, or with the matrix-free solver), ``gram_cond`` (estimated condition number of the Gram
+        matrix; NaN with the matrix-free solver), ``g_norm`` (‖g_k‖, the objective gradient the closure
+        produced), ``jacobian`` (how J was formed: ``"layers"``, ``"batched"``, ``"loop"``, ``"autograd"``,
+        ``"given"``), ``solver`` (``"dense"`` or ``"krylov"``; the matrix-free solver adds ``krylov_iterations``,
+        ``krylov_converged``, ``krylov_test`` — 1 or 2 for the termination test that stopped the step's solve,
+        0 for ``rtol``, -1 when capped —, ``krylov_residual`` (‖γc + Js‖/‖b‖) and the merit penalty ``penalty``;
+        its one-solve step leaves ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (ν),
+        ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus method-specific
+        entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""
         if not sync:
             return dict(self._diagnostics)
