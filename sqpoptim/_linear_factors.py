@@ -123,7 +123,7 @@ class LayerFactors(JacobianOperator):
         for t in self.terms:
             if t.weight is not None:
                 X = x[t.weight].view(t.D.shape[1], t.A.shape[1])
-                y += torch.linalg.vecdot(t.D @ X, t.A)
+                y += ((t.D @ X) * t.A).sum(1)  # (faster than linalg.vecdot on the CPU)
             if t.bias is not None:
                 y += t.D @ x[t.bias]
         return y
