@@ -57,6 +57,7 @@ VERIFY_EVERY = 50  # steps between two full verifications of the per-point struc
 _GRAM_CHUNK_BYTES = 1 << 27  # float64 temporaries of the Gram matrix, per row block
 _BLOCK_CHUNK_BYTES = 1 << 27  # explicit Jacobian blocks, per chunk of output units
 _GRAM_ROW_BLOCKS = 8  # row blocks of the unweighted Gram matrix (only the upper triangle is formed)
+_MV_BLOCK_ELEMENTS = 1 << 17  # entries of the [rows, d_in] temporary of J x, per block of rows
 
 
 @dataclass
@@ -123,7 +124,12 @@ class LayerFactors(JacobianOperator):
         for t in self.terms:
             if t.weight is not None:
                 X = x[t.weight].view(t.D.shape[1], t.A.shape[1])
-                y += ((t.D @ X) * t.A).sum(1)  # (faster than linalg.vecdot on the CPU)
+                # rows in blocks whose [rows, d_in] product stays in cache: half the time of one [m, d_in] product
+                # followed by the row sums (measured at m = 10,000, d = 224)
+                rows = max(64, _MV_BLOCK_ELEMENTS // t.A.shape[1])
+                for start in range(0, self.m, rows):
+                    block = slice(start, start + rows)
+                    y[block] += ((t.D[block] @ X) * t.A[block]).sum(1)
             if t.bias is not None:
                 y += t.D @ x[t.bias]
         return y
