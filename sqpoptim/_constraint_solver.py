@@ -18,13 +18,14 @@ Two implementations, chosen per step by :func:`make_solver`:
 * :class:`KrylovSolver` — MINRES with only :math:`Jx` and :math:`J^\top y`, warm-started from the
   last step's multipliers, the step by the inexact-SQP termination tests (:mod:`sqpoptim._krylov`).
 
-``make_solver(..., mode="auto")`` takes the dense solver — exact solves, the algorithm as published — unless
-it costs more than ``AUTO_KRYLOV_FACTOR`` times a matrix-free step at its iteration cap (two solves of at most
-``max_iter`` iterations, each a :math:`J` and a :math:`J^\top` product), counting
-:math:`\text{gram\_flops} + m^3/3` for the Gram matrix and its Cholesky factorisation, or unless its float64
-``m × m`` matrices would not fit in ``AUTO_DENSE_BYTES``. On the tanh MLP of the scaling benchmark
-(:math:`n \approx 10^5`, layer factors) the switch falls near m = 4,000; with an explicit J (Gram matrix
-:math:`2m^2n`) near m = 100. On CUDA (where every Krylov iteration would synchronise) only the memory bound
+``make_solver(..., mode="auto")`` takes the dense solver — exact solves, the algorithm as published — for up
+to ``AUTO_DENSE_M`` constraints, and above while it costs no more than a matrix-free step at its iteration cap
+(two solves of at most ``max_iter`` iterations, each a :math:`J` and a :math:`J^\top` product), counting
+:math:`\text{gram\_flops} + m^3/3` for the Gram matrix and its Cholesky factorisation, at twice the price of a
+float32 flop (``AUTO_FLOAT64_COST``); and never when its float64 ``m × m`` matrices would not fit in
+``AUTO_DENSE_BYTES``. On the tanh MLPs of the scaling benchmark (layer factors) the switch falls near m = 2,400
+for :math:`n \approx 10^5` and between m = 1,000 and 10,000 for :math:`n \approx 10^6`, where the measured
+costs cross too (BENCHMARKS.md). On CUDA (where every Krylov iteration would synchronise) only the memory bound
 applies.
 """
 
@@ -42,7 +43,8 @@ from ._linalg import GramFactor, _damped_gram, damped, factor_gram, step_info
 
 __all__ = [
     "AUTO_DENSE_BYTES",
-    "AUTO_KRYLOV_FACTOR",
+    "AUTO_DENSE_M",
+    "AUTO_FLOAT64_COST",
     "EXACT_RANK_MAX",
     "SOLVER_MODES",
     "ConstraintSolver",
@@ -54,7 +56,8 @@ __all__ = [
 
 SOLVER_MODES = ("auto", "dense", "krylov")
 EXACT_RANK_MAX = 256  # largest m handled by the truncated eigendecomposition in exact mode
-AUTO_KRYLOV_FACTOR = 2.0  # the dense solver is kept while it costs at most this many capped matrix-free steps
+AUTO_DENSE_M = 512  # up to this many constraints the dense solver is always taken (exact steps, the published method)
+AUTO_FLOAT64_COST = 2.0  # float64 GEMM and Cholesky run at about half the float32 rate (measured: 39 vs 78 GFLOP/s)
 AUTO_DENSE_BYTES = 3 << 30  # float64 m x m matrices (G, its factor, a temporary) the dense solver may hold
 
 
@@ -374,12 +377,12 @@ def choose(op: JacobianOperator, mode: str, options: KrylovOptions) -> str:
         return "dense"
     if 3 * 8 * m * m > AUTO_DENSE_BYTES:
         return "krylov"
-    if op.device.type == "cuda":
+    if op.device.type == "cuda" or m <= AUTO_DENSE_M:
         return "dense"
-    dense_cost = op.gram_flops() + m**3 / 3.0
+    dense_cost = AUTO_FLOAT64_COST * (op.gram_flops() + m**3 / 3.0)
     # a step makes at most two capped solves (the projected gradient, the step), plus their starts
     krylov_cost = (2 * options.max_iter + 4) * op.product_flops()
-    return "dense" if dense_cost <= AUTO_KRYLOV_FACTOR * krylov_cost else "krylov"
+    return "dense" if dense_cost <= krylov_cost else "krylov"
 
 
 def make_solver(

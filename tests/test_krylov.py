@@ -157,7 +157,7 @@ def test_auto_choice_and_options_validation():
     small = DenseJacobian(torch.randn(10, 1000, dtype=f64))
     assert choose(small, "auto", KrylovOptions()) == "dense"
     assert choose(small, "krylov", KrylovOptions()) == "krylov"
-    big = DenseJacobian(torch.randn(2000, 3000))  # explicit Gram 2 m² n >> capped matrix-free steps
+    big = DenseJacobian(torch.randn(2000, 3000))  # explicit Gram 2 m² n >> capped matrix-free steps (m > 512)
     assert choose(big, "auto", KrylovOptions()) == "krylov"
     S = make_solver(small, "auto", rank_tol=1e-7, sync_free=False, options=KrylovOptions(), state={})
     assert S.kind == "dense"
