@@ -67,7 +67,8 @@ def _order(run: dict[str, Any]) -> tuple:
     cfg = run["config"]
     names = list(METHODS)
     base = cfg["method"].split(":")[0]
-    return (names.index(base) if base in names else len(names), cfg["method"], -cfg["lr"], cfg["batch"], cfg["seed"])
+    rank = names.index(base) if base in names else len(names)
+    return (rank, cfg["method"], -cfg["lr"], cfg["batch"], cfg.get("seed", 0))
 
 
 def make_figures(runs: list[dict[str, Any]], problem: str) -> dict[str, Figure]:
