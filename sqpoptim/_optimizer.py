@@ -22,8 +22,7 @@ rejected steps are masked no-ops and non-finite inputs are reported at a later s
 
 from __future__ import annotations
 
-import math
-import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,25 +33,32 @@ from torch.optim import Optimizer
 
 from . import _damping
 from ._closure import StepInputs, parse_closure_output
-from ._finite import FiniteGuard
+from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
+from ._hyperparameters import in_group
 from ._jacobian import jacobian
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
+from ._warnings import warn_user
 
-__all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
+__all__ = ["ConstrainedOptimizer", "InfeasibilityWarning", "RankDeficiencyWarning", "StepContext"]
 
 
 class RankDeficiencyWarning(UserWarning):
     """The constraint Jacobian was rank-deficient or ill-conditioned; the step used its independent part."""
 
 
+class InfeasibilityWarning(UserWarning):
+    """The constraint violation stalled while the linearised constraints could not reduce it."""
+
+
 @dataclass
 class StepContext:
-    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``, the step count
-    k (0-d float64, this step's), ``ok`` (sync-free mode: 0-d bool "apply this step"; ``None`` when the inputs
-    were checked on the host) and ν of the damped normal step (``None``: undamped)."""
+    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``; ``ok`` (sync-free
+    mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
+    (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
+    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
 
     layout: FlatLayout
     loss: Tensor
@@ -60,7 +66,9 @@ class StepContext:
     c: Tensor
     J: Tensor
     ok: Tensor | None
+    stats: Tensor | None
     step: Tensor
+    sync_free: bool
     damping: Tensor | None = None
 
 
@@ -103,22 +111,35 @@ class ConstrainedOptimizer(Optimizer):
         self.sync_free = sync_free
         self._global: OptimizerState = self._state_type()
         self._diagnostics: dict[str, Any] = {}
+        self._multipliers: Tensor | None = None
         self._guard = FiniteGuard()
         self._flat = FlatState(self._flat_state_names)
         self._layout_cache: FlatLayout | None = None
         self._jacobian_warned = [False]
         self._rank_warned = False
+        self._violations: deque[tuple[float, float]] = deque(maxlen=20)
+        self._infeasibility_warned = False
 
-    # ------------------------------------------------------------------ validation helpers
-    @staticmethod
-    def _check_lr(lr: float, name: str = "learning rate") -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
-            raise ValueError(f"Invalid {name}: {lr}")
+    # ------------------------------------------------------------------ hyperparameters
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a hyperparameter of ``group`` the method cannot use (subclasses)."""
 
-    @staticmethod
-    def _check_beta(beta: float, name: str) -> None:
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid {name}: {beta} (expected 0 <= {name} < 1)")
+    def _check_groups(self) -> None:
+        """Check every param group, at the start of every step and before anything changes (hyperparameters
+        can be changed after construction); subclasses add checks across groups."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                self._check_group(group)
+            except ValueError as err:
+                raise in_group(i, group, err) from None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError as err:
+            self.param_groups.pop()  # refused: the optimizer is as it was
+            raise in_group(len(self.param_groups), param_group, err) from None
 
     # ------------------------------------------------------------------ layout and state
     def _layout(self) -> FlatLayout:
@@ -155,6 +176,7 @@ class ConstrainedOptimizer(Optimizer):
         self._layout_cache = None
         self._flat.invalidate()
         self._diagnostics = {}
+        self._multipliers = None
         # refused steps recorded before the checkpoint were reported then
         seen = new_global.nonfinite_steps
         self._guard.reset(0 if seen is None else int(seen))
@@ -175,7 +197,10 @@ class ConstrainedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """One step; see the class docstring for the algorithm and :mod:`sqpoptim._closure` for the contract.
-        Returns the detached ``(loss, c)`` the closure gave."""
+
+        Returns the detached ``(loss, c)`` at the point the step was taken from — as ``torch.optim`` returns
+        the closure's loss —, except after a rejected damped step, when the parameters went back to the last
+        accepted point: then the values at that point."""
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
         self._guard.raise_pending(wait=False)
@@ -194,36 +219,67 @@ class ConstrainedOptimizer(Optimizer):
             # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
             g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
             J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
-        loss, c = inputs.loss.detach(), inputs.c.detach()
-        ok = self._guard.check(self._global, loss, c, g, J, sync_free=sync_free)
+            loss, c = inputs.loss.detach(), inputs.c.detach()
+            try:
+                bad = self._guard.check(loss, c, g, J, sync_free=sync_free)
+            except ZeroJacobianRows as err:
+                raise self._zero_rows_error(err.rows, inputs, layout) from None
+        ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
         reject = None
         if verdict is not None and ok is not None:  # sync-free: a rejected step is a no-op on the state ...
             reject = verdict.reject & ok  # (non-finite inputs are never rejected: the usual refusal)
             ok = ok & ~verdict.reject
-        k = self._next_step_count(ok, layout.device)
-        ctx = StepContext(layout, loss, g, c, J, ok, k, None if verdict is None else verdict.nu)
+        # the statistics (moments, step count) are fed only by a fresh gradient: not again after a rejection,
+        # when this step retakes the rejected one from the same point with a larger damping
+        retry = None if damping is None else damping.retry
+        stats = ok if retry is None else (~retry if ok is None else ok & ~retry)
+        ctx = StepContext(layout, loss, g, c, J, ok, stats, self._next_step_count(stats, layout.device), sync_free)
+        ctx.damping = None if verdict is None else verdict.nu
         delta, info = self._direction(ctx)
-        self._global.step = k
+        formed = info.pop("formed", None)
+        if sync_free:
+            formed = delta.isfinite().all() if formed is None else formed & delta.isfinite().all()
+            self._guard.commit(self._global, bad, formed, reject)
+            applied = formed if ok is None else ok & formed
+            delta = torch.where(applied, delta, torch.zeros_like(delta))
+            counted = formed if stats is None else stats & formed
+        else:
+            if not bool(delta.isfinite().all()):  # from finite inputs and a finite projected gradient: overflow
+                raise FloatingPointError(
+                    "the step could not be formed: non-finite displacement from finite inputs (an overflowing "
+                    "linear system); the step was refused and the parameters are unchanged"
+                )
+            counted = stats
+        self._commit_step(ctx, counted)
         self._warn_if_truncated(info, m)
-        if ok is not None:
-            delta = torch.where(ok, delta, torch.zeros_like(delta))
+        returned = (loss, c_out)
+        Jdelta = None
+        if m and (verdict is not None or sync_free or info.get("truncated")):
+            Jdelta = J @ delta
+        if m:
+            info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
         if verdict is not None:
-            assert damping is not None
+            assert damping is not None and Jdelta is not None
             x = layout.gather()
             x_prev = damping.x_accepted
             if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
                 delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
+                Jdelta = J @ delta
+                returned = _damping.values_after(damping, reject, loss, c_out)
+                for key in ("v_norm", "u_norm"):
+                    info[key] = torch.where(reject, torch.zeros_like(info[key]), info[key])
             gamma = self._normal_step_sizes(layout)
             gamma = gamma.max().double() if isinstance(gamma, Tensor) else gamma
             self._global.damping = _damping.record(
                 damping,
                 verdict,
+                loss=loss,
                 c=c,
-                Jdelta=J @ delta,
+                Jdelta=Jdelta,
                 normal_norm=gamma * info["v_norm"].double(),
                 u_norm=info["u_norm"],
                 x=x,
-                ok=ok,
+                ok=None if ok is None else applied,
                 reject=reject,
             )
             info.update(
@@ -233,9 +289,53 @@ class ConstrainedOptimizer(Optimizer):
                 rejected_steps=_rejected_count(self._global.damping),
             )
         layout.add_(delta)
+        info["step_norm"] = torch.linalg.vector_norm(delta)
+        multipliers = info.pop("multipliers", None)
+        if multipliers is not None:
+            if ok is not None:  # a refused step keeps the last estimates (NaN when there are none of this size)
+                last = self._multipliers
+                if last is None or last.shape != multipliers.shape:
+                    last = torch.full_like(multipliers, float("nan"))
+                multipliers = torch.where(applied, multipliers, last)
+            self._multipliers = multipliers
+        info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
         info["g_norm"] = torch.linalg.vector_norm(g)
         self._diagnostics = info
-        return loss, c_out
+        if m and not sync_free:
+            self._watch_feasibility(c, info["c_predicted"])
+        return returned
+
+    def _predicted_violation(self, layout: FlatLayout, c: Tensor, Jdelta: Tensor | None) -> Tensor:
+        r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|`, the part of the violation the linearised step leaves (0 for
+        the full Gauss–Newton step of a full-rank J; near 1 when the linearisation cannot reduce c). Without
+        ``Jdelta`` the step is undamped and full rank, so :math:`J\delta = -\gamma_{\max} c` exactly."""
+        c64 = c.double()
+        c_norm = torch.linalg.vector_norm(c64)
+        if Jdelta is None:
+            gamma = self._normal_step_sizes(layout)
+            gamma = float(gamma.max()) if isinstance(gamma, Tensor) else gamma
+            return torch.full_like(c_norm, abs(1.0 - gamma))
+        left = torch.linalg.vector_norm(c64 + Jdelta.double())
+        return torch.where(c_norm > 0, left / torch.where(c_norm > 0, c_norm, 1.0), torch.zeros_like(left))
+
+    def _watch_feasibility(self, c: Tensor, predicted: Tensor) -> None:
+        """Exact mode: warn once when ‖c‖ has stalled for a window of steps while the linearised step could not
+        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0)."""
+        c_norm = float(torch.linalg.vector_norm(c.double()))
+        self._violations.append((c_norm, float(predicted)))
+        window = self._violations
+        if self._infeasibility_warned or len(window) < window.maxlen:
+            return
+        first, last = window[0][0], window[-1][0]
+        if last > 1e-6 and last > 0.99 * first and all(p > 0.5 for _, p in window):
+            self._infeasibility_warned = True
+            warn_user(
+                f"the constraint violation has stalled at ‖c‖ = {last:.3g} for {len(window)} steps while the "
+                f"linearised constraints cannot remove it (‖c + Jδ‖/‖c‖ = {window[-1][1]:.2f}): the constraints "
+                "may be infeasible, or the iterate is near a stationary point of ‖c‖² (see "
+                "optimizer.diagnostics()['c_predicted'])",
+                InfeasibilityWarning,
+            )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
@@ -256,25 +356,36 @@ class ConstrainedOptimizer(Optimizer):
             warned=self._jacobian_warned,
         )
 
-    def _next_step_count(self, ok: Tensor | None, device: torch.device) -> Tensor:
-        """k for this step (refused steps do not count); stored once the direction has been formed."""
+    def _next_step_count(self, counted: Tensor | None, device: torch.device) -> Tensor:
+        """k for this step: the steps counted so far plus this one if ``counted`` (``None``: counted)."""
         k = self._global.step
         k = torch.zeros((), dtype=torch.float64, device=device) if k is None else k
-        return k + (1.0 if ok is None else ok.to(k.dtype))
+        return k + (1.0 if counted is None else counted.to(k.dtype))
 
-    def _check_groups(self) -> None:
-        """Refuse a step whose param-group settings the method cannot use, before anything changes."""
+    def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
+        """Store the step count once the step is known to be taken (``counted``: as in
+        :meth:`_next_step_count`); subclasses with per-parameter counts extend this."""
+        self._global.step = self._next_step_count(counted, ctx.layout.device)
 
     def _reject_last_step(
         self, layout: FlatLayout, damping: DampingState, verdict: _damping.Verdict, loss: Tensor, c: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Exact mode: move the parameters back to the last accepted point and keep the escalated ν."""
+        """Exact mode: move the parameters back to the last accepted point, keep the escalated ν and return the
+        values at that point. The diagnostics keep their keys: no displacement was formed (``v_norm`` and
+        ``u_norm`` are 0); ``rank``, ``gram_cond`` and ``g_norm`` are those of the last formed step."""
         assert damping.x_accepted is not None
+        x_rejected = layout.gather()
         with torch.no_grad():  # called from inside the closure's enable_grad block
             layout.assign(damping.x_accepted)
         self._global.damping = _damping.rejected(damping, verdict)
+        loss, c = _damping.values_after(damping, None, loss, c)
+        zero = torch.zeros((), dtype=layout.dtype, device=layout.device)
         self._diagnostics = {
+            **self._diagnostics,
             "c_inf": c.abs().max(),
+            "v_norm": zero,
+            "u_norm": zero,
+            "step_norm": torch.linalg.vector_norm(damping.x_accepted - x_rejected),
             "rejected": True,
             "damping": verdict.nu,
             "damping_ratio": verdict.rho,
@@ -282,27 +393,68 @@ class ConstrainedOptimizer(Optimizer):
         }
         return loss, c
 
+    def _zero_rows_error(self, rows: list[int], inputs: StepInputs, layout: FlatLayout) -> ValueError:
+        """Say why Jacobian rows of unsatisfied constraints can be zero: c_i does not depend on the parameters
+        (autograd cannot tell this apart from a zero derivative: a row of ``torch.cat`` has a graph to every
+        part), or c_i is stationary here — an infeasible constraint at a minimum of |c_i|, or units saturated,
+        typically by the optimizer's own large previous step, which the message then names."""
+        shown = rows[:10]
+        values = ", ".join(f"{inputs.c[i].item():.3g}" for i in shown)
+        moved = ""
+        if "step_norm" in self._diagnostics:
+            step_norm = float(self._diagnostics["step_norm"])
+            x_norm = float(torch.linalg.vector_norm(layout.gather().detach()))
+            if step_norm > 0.5 * max(x_norm, 1e-12):
+                moved = (
+                    f" The optimizer's previous step moved the parameters by ‖δ‖ = {step_norm:.3g} against "
+                    f"‖x‖ = {x_norm:.3g}, which can saturate units: globalise the normal step (normal_damping) "
+                    "or lower normal_lr."
+                )
+        given = " (in the given J)" if inputs.J is not None and not inputs.c.requires_grad else ""
+        return ValueError(
+            f"constraint(s) {shown} cannot be reduced from this point: all-zero Jacobian rows{given} while "
+            f"c = [{values}]. Either they do not depend on the parameters at all (remove them, or check that "
+            "c is computed from the model), or they are stationary here: an infeasible constraint at a local "
+            f"minimum of |c_i|, or units saturated by a large step.{moved} The step was refused and the "
+            "parameters and optimizer state are unchanged."
+        )
+
     def _warn_if_truncated(self, info: dict[str, Any], m: int) -> None:
         if info.get("truncated") and not self._rank_warned:
             self._rank_warned = True
-            warnings.warn(
+            warn_user(
                 f"the constraint Jacobian is rank-deficient or ill-conditioned (rank used {int(info['rank'])} "
                 f"of {m}); steps use its independent part (see optimizer.diagnostics())",
                 RankDeficiencyWarning,
-                stacklevel=4,
             )
 
     # ------------------------------------------------------------------ reporting
+    @property
+    def multipliers(self) -> Tensor | None:
+        r"""Least-squares Lagrange multiplier estimates of the last step, ``[m]`` float64:
+        :math:`\lambda_k = -(J_kJ_k^\top)^{-1}J_kg_k`, the λ that minimises :math:`\|g_k + J_k^\top\lambda\|`
+        (so :math:`g_k + J_k^\top\lambda_k` is the projected gradient). At a solution
+        :math:`\nabla f + J^\top\lambda = 0`: if constraint i were relaxed to :math:`c_i(x) = \varepsilon_i`,
+        the optimal loss would change by :math:`-\lambda_i\varepsilon_i` to first order. From mini-batch
+        gradients they are as noisy as g. ``None`` before the first step. Methods that form no Euclidean Gram
+        matrix (``projection="scaled"`` with unprojected gradients, i.e. :class:`~sqpoptim.ConstrainedAdam`)
+        estimate λ in their own metric W, :math:`-(JWJ^\top)^{-1}JWg`, which agrees at a KKT point."""
+        return self._multipliers
+
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` if a step since the last check was refused for non-finite inputs
         (``sync_free`` mode). Waits for the device."""
         self._guard.raise_pending(wait=True)
 
     def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
-        """The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
+        r"""The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
         ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
         was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
-        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), with ``normal_damping`` also
+        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), ``step_norm`` (‖δ_k‖, the displacement
+        applied), ``c_predicted`` (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the
+        linearised step leaves: 0 for a full Gauss–Newton step, near 1 when the constraints cannot be reduced
+        from here — with a stalling ‖c‖ this warns once with :class:`InfeasibilityWarning`, in exact mode),
+        with ``normal_damping`` also
         ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus
         method-specific entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._closure import parse_closure_output
+from ._hyperparameters import check_nonnegative
 from ._layout import as_real
 from ._optimizer import ConstrainedOptimizer
 from ._state import OptimizerState
@@ -67,8 +68,7 @@ class PrimalDual(ConstrainedOptimizer):
         inner: type[torch.optim.Optimizer] | str = torch.optim.Adam,
         **inner_kwargs: Any,
     ) -> None:
-        self._check_lr(lr)
-        self._check_lr(dual_lr, "dual_lr")
+        self._check_group(dict(lr=lr, dual_lr=dual_lr))
         if isinstance(inner, str):  # a torch.optim class by name ("Adam", "SGD", ...), e.g. from a command line
             name = inner
             inner = getattr(torch.optim, name, None)
@@ -77,6 +77,10 @@ class PrimalDual(ConstrainedOptimizer):
         super().__init__(params, dict(lr=lr, dual_lr=dual_lr), sync_free=False)
         # The inner optimizer shares the param-group dicts, so schedulers acting on this optimizer reach it.
         self.inner = inner(self.param_groups, lr=lr, **inner_kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_nonnegative(group["dual_lr"], "dual_lr")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -113,7 +117,7 @@ class PrimalDual(ConstrainedOptimizer):
                 for gp, v in zip(grads, layout.views)
             ]
         )
-        self._guard.check(self._global, loss.detach(), c.detach(), flat, None, sync_free=False)
+        self._guard.check(loss.detach(), c.detach(), flat, None, sync_free=False)
         for p, gp in zip(layout.params, grads):
             p.grad = None if gp is None else gp.detach()
         self.inner.step()
