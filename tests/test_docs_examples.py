@@ -179,6 +179,14 @@ def test_input_derivatives_through_a_compiled_module_are_a_double_backward():
         compiled_steps("ode", donated_buffer=False)
 
 
+def test_compiling_the_step_fails_under_aot_autograd():
+    model, t, u_data, t_c = ode_problem()
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
+    closure = make_closure(model, model, t, u_data, t_c, "values")
+    with compile_backend("aot_eager"), pytest.raises(IndexError, match="Dimension out of range"):
+        torch.compile(opt.step)(closure)
+
+
 # ------------------------------------------------------------------------------------------------------- AMP
 def test_amp_example_meets_the_constraints_far_better_than_constraints_under_autocast():
     ns = run_example("amp_bf16.py")

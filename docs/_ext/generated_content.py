@@ -24,26 +24,33 @@ _IDENT = re.compile(r"(layers\.)?[A-Z][A-Za-z]+")
 
 
 def _implementation_cell(text: str) -> str:
-    """``ProjectedAdamSQP(projection='scaled')`` -> a class reference followed by the arguments as code."""
+    """``ProjectedAdamSQP(projection='scaled')`` -> a class reference followed by its arguments as code; other
+    text (``+ AdamUnc``, ``penalty on the outputs``) stays prose."""
     import sqpoptim
     from sqpoptim import layers
 
     parts: list[str] = []
     pos = 0
+
+    def text_until(end: int) -> None:
+        segment = text[pos:end]
+        if not segment:
+            return
+        if segment.startswith("("):  # the arguments of the class before it
+            parts.append(rf"\ ``{segment}``")
+        else:
+            parts.append(re.sub(r"([*`|_\\])", r"\\\1", segment))
+
     for match in _IDENT.finditer(text):
         name = match.group(0)
         module, _, attr = name.rpartition(".")
-        owner = layers if module else sqpoptim
-        if attr not in owner.__all__:
+        if attr not in (layers if module else sqpoptim).__all__:
             continue
-        if match.start() > pos:
-            parts.append(f"``{text[pos : match.start()]}``")
-        target = f"sqpoptim.{name}"
-        parts.append(f":class:`{name} <{target}>`")
+        text_until(match.start())
+        parts.append(f":class:`{name} <sqpoptim.{name}>`")
         pos = match.end()
-    if pos < len(text):
-        parts.append(f"``{text[pos:]}``")
-    return r"\ ".join(parts)
+    text_until(len(text))
+    return "".join(parts)
 
 
 class MethodTable(SphinxDirective):
