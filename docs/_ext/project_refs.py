@@ -1,5 +1,7 @@
 """Cross-references into this project, and a check that the public API is documented.
 
+* A full name that is not where the object is documented (``problems.runner.loop.run``, documented as
+  ``problems.runner.run``) resolves to the documented entry of the same object.
 * A short name in a docstring that does not resolve where it is written is looked up, first as a member of the
   enclosing class's bases (``:meth:`diagnostics``` in an optimizer that inherits it), then by suffix among this
   project's documented objects, as Sphinx does for ``.name`` targets (``:class:`Problem``` in
@@ -31,6 +33,13 @@ def _resolve_short_name(
     if not f"{node.get('py:module') or ''}.".startswith(PROJECT_PREFIXES):
         return None  # only docstrings of this project
     domain = env.domains["py"]
+    documented = _documented_name_of(env, _import(node["reftarget"]))
+    if documented is not None:
+        retry = node.deepcopy()
+        retry["reftarget"] = documented
+        found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], documented, retry, contnode)
+        if found is not None:
+            return found
     for base in _bases(node.get("py:module"), node.get("py:class")):
         for owner in _documented_names(base):
             qualified = f"{owner}.{node['reftarget']}"
@@ -47,6 +56,47 @@ def _resolve_short_name(
     if found is None or not str(found.get("reftitle", "")).startswith(PROJECT_PREFIXES):
         return None
     return found
+
+
+_MISSING = object()
+
+
+def _import(path: str) -> Any:
+    """The object at a dotted path (a module, then attributes), or ``_MISSING``."""
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return _MISSING
+        return obj
+    return _MISSING
+
+
+_BY_IDENTITY: dict[int, dict[int, str]] = {}
+
+
+def _documented_name_of(env: BuildEnvironment, obj: Any) -> str | None:
+    """The name under which ``obj`` is documented (functions and classes of this project only)."""
+    if obj is _MISSING or not callable(obj):
+        return None
+    index = _BY_IDENTITY.get(id(env))
+    if index is None:
+        index = {}
+        for name, entry in env.domains["py"].objects.items():
+            if entry.aliased or not name.startswith(PROJECT_PREFIXES):
+                continue
+            target = _import(name)
+            if target is not _MISSING and callable(target):
+                index.setdefault(id(target), name)
+        _BY_IDENTITY.clear()
+        _BY_IDENTITY[id(env)] = index
+    return index.get(id(obj))
 
 
 def _bases(module: str | None, cls: str | None) -> list[type]:
