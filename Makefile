@@ -5,6 +5,7 @@
 #
 #   make demo           the small problem-suite run (spring, three methods) ending in a convergence plot
 #   make test           ruff, then the test suite (what CI runs)
+#   make docs           build the documentation (warnings are errors) into docs/_build/html
 #   make readme-table   re-run the main job in a fresh folder and print README's table with the time it took
 #   make clean-env      remove .venv
 
@@ -14,13 +15,13 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test readme-table clean-env
+.PHONY: demo test docs readme-table clean-env
 
 $(STAMP): pyproject.toml scripts/install_torch.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	TORCH_VERSION=$(TORCH_VERSION) bash scripts/install_torch.sh $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,6 +30,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
+
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 readme-table: $(STAMP)
 	$(BIN)/python scripts/readme_table.py

@@ -10,7 +10,7 @@ Conventions
 * ``objective(model, batch)`` returns a scalar tensor with a graph to the model parameters. ``batch=None`` is
   the full batch. Terms that need derivatives with respect to the model *inputs* build them with
   ``torch.autograd.grad(..., create_graph=True)``.
-* ``constraints(model)`` returns a 1-D tensor of length :attr:`num_constraints` (the residuals at the fixed
+* ``constraints(model)`` returns a 1-D tensor of length :attr:`Problem.num_constraints` (the residuals at the fixed
   constraint points; the constrained methods drive it to zero). Constraints are deterministic: never
   subsampled.
 * ``sample_batch(generator)`` returns an opaque :class:`Batch` (named index tensors into the problem's data).
