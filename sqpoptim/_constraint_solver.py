@@ -106,6 +106,11 @@ class ConstraintSolver:
         """Solver diagnostics of the step (merged into ``optimizer.diagnostics()``)."""
         return {"solver": self.kind}
 
+    def exact(self, info: dict[str, Any]) -> bool:
+        r"""Whether the step's normal part solved :math:`J\delta_n = -\gamma c` exactly (a full-rank Cholesky
+        solve): then the residual :math:`c + J\delta` needs no product to be known."""
+        return False
+
     def commit(self) -> None:
         """Keep what the next step reuses (warm starts); called once the step is applied."""
 
@@ -198,6 +203,11 @@ class DenseSolver(ConstraintSolver):
         u = -self.project(x)
         delta_n, v = self.scaled_normal_step(c, gamma, damping) if normal is None else normal
         return delta_n + u, step_info(c, self.factor if self.op.m else None, v, u)
+
+    def exact(self, info: dict[str, Any]) -> bool:
+        if self.op.m == 0 or self._factor is None or self._factor.chol is None:
+            return self.op.m == 0
+        return self.truncate or self.sync_free or int(self._factor.rank) >= 0  # (one host read, exact mode)
 
     def weighted(self, weight: Tensor) -> DenseSolver:
         return DenseSolver(self.op, rank_tol=self.rank_tol, sync_free=self.sync_free, weight=weight)
