@@ -4,8 +4,8 @@ The model is a tanh MLP 8 → w → w → w → 1 (w = 224 for n ≈ 1e5, w = 70
 squared error over a batch of 1024, the constraints its output at m random points equal to random targets in
 [0, 1] (c_i = f(x_i) - y_i). Each cell of the grid — (m, n, variant) with variant one of ``dense``
 (``solver="dense"``), ``krylov`` (``solver="krylov"``), ``auto`` (the defaults), ``batched`` (the batched
-Jacobian with the dense solver: the path before the layer factors; only where m·n ≤ 1.1e8) — runs in a fresh process, so that its peak
-resident memory (``ru_maxrss``) is its own. In the process the optimizer's step and a ``torch.optim.Adam`` step
+Jacobian with the dense solver: the path before the layer factors; only where m·n ≤ 1.1e8) — runs in a fresh
+process, so that its peak resident memory (``ru_maxrss``) is its own. In the process the optimizer's step and a ``torch.optim.Adam`` step
 on a copy of the model are interleaved; the ratio is median(process CPU time of a step) / median(Adam's), with
 wall times beside. ``c10`` is max|c| after 10 steps from the random network (the closure's value at step 11).
 
@@ -103,8 +103,8 @@ def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: floa
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| m | n | variant | path | ms / step | Adam ms | ratio (CPU) | ratio (wall) | peak GiB | max\\|c\\| at 0 → 10 | "
-        "Krylov it. / step |",
+        "| m | n | variant | path | ms / step | Adam ms | ratio (CPU) | ratio (wall) | peak GiB "
+        "| max\\|c\\| at 0 → 10 | Krylov it. / step |",
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
