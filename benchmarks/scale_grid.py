@@ -5,9 +5,10 @@ squared error over a batch of 1024, the constraints its output at m random point
 [0, 1] (c_i = f(x_i) - y_i). Each cell of the grid — (m, n, variant) with variant one of ``dense``
 (``solver="dense"``), ``krylov`` (``solver="krylov"``), ``auto`` (the defaults), ``batched`` (the batched
 Jacobian with the dense solver: the path before the layer factors; only where m·n ≤ 1.1e8) — runs in a fresh
-process, so that its peak resident memory (``ru_maxrss``) is its own. In the process the optimizer's step and a ``torch.optim.Adam`` step
-on a copy of the model are interleaved; the ratio is median(process CPU time of a step) / median(Adam's), with
-wall times beside. ``c10`` is max|c| after 10 steps from the random network (the closure's value at step 11).
+process, so that its peak resident memory (``ru_maxrss``) is its own. In the process the optimizer's step and
+a ``torch.optim.Adam`` step on a copy of the model are interleaved; the ratio is median(process CPU time of a
+step) / median(Adam's), with wall times beside. ``c10`` is max|c| after 10 steps from the random network (the
+closure's value at step 11).
 
     python benchmarks/scale_grid.py --threads 1 > grid.jsonl          # the whole grid, one process per cell
     python benchmarks/scale_grid.py --cell 1000,1e5,auto --steps 12   # one cell, printed as a JSON line
