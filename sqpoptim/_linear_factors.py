@@ -157,7 +157,11 @@ class LayerFactors(JacobianOperator):
             for cols, block in self._blocks():
                 G.addmm_(block * weight[cols].to(torch.float64), block.T)
             return G
-        f64 = [[(t.A.double(), t.D.double(), t) for t in group] for group in self.groups]
+        def inputs(t: _Term) -> Tensor:  # [A, 1] when the bias is trained: A Aᵀ + 1 in the same product
+            A = t.A.double()
+            return torch.cat([A, A.new_ones(m, 1)], 1) if t.bias is not None else A
+
+        f64 = [[(inputs(t) if t.weight is not None else None, t.D.double()) for t in group] for group in self.groups]
         # row blocks over the upper triangle: about half the products of the full matrix for 8+ blocks
         rows = max(128, -(-m // _GRAM_ROW_BLOCKS), 1)
         rows = max(1, min(rows, _GRAM_CHUNK_BYTES // (16 * m)))
@@ -166,14 +170,11 @@ class LayerFactors(JacobianOperator):
             cols = slice(start, m)
             K = torch.zeros((I.stop - start, m - start), dtype=torch.float64, device=self.device)
             for group in f64:
-                for Aa, Da, ta in group:
-                    for Ab, Db, _ in group:
-                        if ta.weight is not None:
-                            inner = torch.mm(Aa[I], Ab[cols].T)
-                            if ta.bias is not None:
-                                inner.add_(1.0)
-                            K.addcmul_(torch.mm(Da[I], Db[cols].T), inner)
-                        else:
+                for Aa, Da in group:
+                    for Ab, Db in group:
+                        if Aa is not None:
+                            K.addcmul_(torch.mm(Da[I], Db[cols].T), torch.mm(Aa[I], Ab[cols].T))
+                        else:  # bias only
                             K.addmm_(Da[I], Db[cols].T)
             G[I, cols] = K
             G[cols, I][I.stop - start :] = K.T[I.stop - start :]
