@@ -4,7 +4,8 @@ The model is a tanh MLP 8 → w → w → w → 1 (w = 224 for n ≈ 1e5, w = 70
 squared error over a batch of 1024, the constraints its output at m random points equal to random targets in
 [0, 1] (c_i = f(x_i) - y_i). Each cell of the grid — (m, n, variant) with variant one of ``dense``
 (``solver="dense"``), ``krylov`` (``solver="krylov"``), ``auto`` (the defaults), ``batched`` (the batched
-Jacobian with the dense solver: the path before the layer factors; only where m·n ≤ 1.1e8) — runs in a fresh
+Jacobian with the dense solver: the path before the layer factors; only where m·n ≤ 1.1e8); ``dense64`` (the
+float64 dense reference) and ``damped`` (``normal_damping=0.1``) on request — runs in a fresh
 process, so that its peak resident memory (``ru_maxrss``) is its own. In the process the optimizer's step and
 a ``torch.optim.Adam`` step on a copy of the model are interleaved; the ratio is median(process CPU time of a
 step) / median(Adam's), with wall times beside. ``c10`` is max|c| after 10 steps from the random network (the
@@ -35,6 +36,9 @@ VARIANTS = {
     "krylov": dict(solver="krylov"),
     "auto": {},
     "batched": dict(jacobian="batched", solver="dense"),
+    # not in the default grid: the float64 dense reference and the globalised normal step
+    "dense64": dict(solver="dense"),
+    "damped": dict(normal_damping=0.1),
 }
 
 
@@ -48,13 +52,15 @@ def mlp(width: int) -> nn.Module:
 def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: float) -> dict:
     import sqpoptim
 
+    dtype = torch.float64 if variant.endswith("64") else torch.float32
     torch.manual_seed(0)
-    model = mlp(WIDTHS[n])
-    twin = mlp(WIDTHS[n])
+    model = mlp(WIDTHS[n]).to(dtype)
+    twin = mlp(WIDTHS[n]).to(dtype)
     twin.load_state_dict(model.state_dict())
     gen = torch.Generator().manual_seed(1)
     X, Y = torch.rand(1024, 8, generator=gen), torch.rand(1024, 1, generator=gen)
     Xc, Yc = torch.rand(m, 8, generator=gen), torch.rand(m, generator=gen)
+    X, Y, Xc, Yc = (t.to(dtype) for t in (X, Y, Xc, Yc))
     opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=lr, **VARIANTS[variant])
     adam = torch.optim.Adam(twin.parameters(), lr=lr)
 
@@ -95,6 +101,7 @@ def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: floa
         peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         c0=c_max[0],
         c10=c_max[10] if len(c_max) > 10 else None,
+        c20=c_max[20] if len(c_max) > 20 else None,
         jacobian=last.get("jacobian"),
         solver=last.get("solver"),
         krylov_iterations=statistics.median(d.get("krylov_iterations", 0) for d in diags),
