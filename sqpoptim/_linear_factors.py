@@ -157,6 +157,7 @@ class LayerFactors(JacobianOperator):
             for cols, block in self._blocks():
                 G.addmm_(block * weight[cols].to(torch.float64), block.T)
             return G
+
         def inputs(t: _Term) -> Tensor:  # [A, 1] when the bias is trained: A Aᵀ + 1 in the same product
             A = t.A.double()
             return torch.cat([A, A.new_ones(m, 1)], 1) if t.bias is not None else A
