@@ -186,6 +186,7 @@ def test_input_derivatives_through_a_compiled_module_are_a_double_backward():
         compiled_steps("ode", donated_buffer=False)
 
 
+@pytest.mark.slow  # compiling the step with its graph breaks takes 10-20 s
 def test_compiling_the_step_runs_the_eager_batched_path_under_aot_autograd():
     # dynamo breaks the graph around the step's host logic; the layer recording sees no nn.Linear call through it,
     # so the step takes the batched Jacobian, and then the iterates of eager mode on that path

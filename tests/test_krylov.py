@@ -144,7 +144,8 @@ def test_warm_start_from_the_last_multipliers():
     assert set(state) == {"multipliers", "penalty"}
     again = KrylovSolver(DenseJacobian(J), EXACT, state)
     s2, _ = again.step(x, c, 1.0)
-    assert again.stats["krylov_iterations"] == 0 < first.stats["krylov_iterations"]
+    # the stored multipliers solve the same system (to rtol): at most one polishing iteration instead of a solve
+    assert again.stats["krylov_iterations"] <= 1 and first.stats["krylov_iterations"] >= 10
     assert _rel(s2, s1) < 1e-10
     # multipliers of another size are not used
     J3, x3, c3 = _problem(m=5)
