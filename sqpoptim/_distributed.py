@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ._jacobian import PointwiseConstraints
 
-__all__ = ["RankGroup", "Sharded", "gram_block_rows"]
+__all__ = ["RankGroup", "Sharded", "gram_block_rows", "strip_sharded"]
 
 
 class Sharded:
@@ -77,6 +77,13 @@ class Sharded:
 
     def __repr__(self) -> str:
         return f"Sharded({self.c!r})"
+
+
+def strip_sharded(out: Any) -> tuple[Any, bool]:
+    """A closure's output with a :class:`Sharded` marker replaced by what it wraps, and whether there was one."""
+    if isinstance(out, (tuple, list)) and len(out) >= 2 and isinstance(out[1], Sharded):
+        return (out[0], out[1].c, *out[2:]), True
+    return out, False
 
 
 def _ring_all_reduce_bytes(nbytes: int, world: int) -> int:

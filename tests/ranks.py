@@ -10,6 +10,7 @@ name instead of blocking the suite. Results travel as ``torch.save`` files read 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import tempfile
 import time
@@ -84,3 +85,11 @@ def run_ranks(
                 raise AssertionError(f"rank {r} raised:\n{out['error']}")
             results.append(out["result"])
         return results
+
+
+@functools.cache
+def two_rank_results() -> list[dict[str, Any]]:
+    """Every scenario of :mod:`tests.distributed_scenarios` on two ranks, run once per test session."""
+    from .distributed_scenarios import all_scenarios
+
+    return run_ranks(all_scenarios, world=2, timeout=300.0, collective_timeout=60.0)
