@@ -181,7 +181,7 @@ def run(
             break
         train_loss[it] = loss.detach().double()
         train_c[it] = c.detach().abs().max().double() if c.numel() else 0.0
-        g_norm = opt.state.get("global", {}).get("diagnostics", {}).get("g_norm")
+        g_norm = opt.diagnostics(sync=False).get("g_norm") if hasattr(opt, "diagnostics") else None
         if g_norm is not None:
             train_g[it] = g_norm.double()
         done = it + 1
@@ -238,13 +238,10 @@ def run(
 
 
 def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's last-step diagnostics, plus the count of rejected steps (``normal_damping``)."""
+    """The optimizer's last-step diagnostics (with ``normal_damping``, the count of rejected steps among them)."""
     if not hasattr(opt, "diagnostics"):
         return {}
-    out = _plain(opt.diagnostics())
-    if getattr(opt, "normal_damping", None) is not None:
-        out["rejected_steps"] = float(opt.state.get("global", {}).get("rejected_steps", 0))
-    return out
+    return _plain(opt.diagnostics())
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

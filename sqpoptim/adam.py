@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import ConstrainedOptimizer, StepContext
 from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
+from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedAdamSQP", "adam_sqp_direction"]
 
@@ -68,7 +68,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     :math:`v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k`, :math:`\mu_k = \nu_k\,\operatorname{mean}\operatorname{diag}
     (JJ^\top)`, ν follows Nielsen's ratio rule, and a step that increased ‖c‖ while its normal part dominated
     is rejected (the parameters go back; no extra closure calls: the rejection happens at the next ``step``,
-    which then returns without moving on). See ``ConstrainedOptimizer._judge_last_step``. Measured (RESULTS.md
+    which then returns without moving on). See :mod:`sqpoptim._damping`. Measured (RESULTS.md
     §5): ``normal_damping=0.1`` turns the blow-ups on two of the layer papers' tasks into fits better than the
     unconstrained network's, but makes spring 3–10× worse at 1,500 steps; ``1e-6`` (Gauss–Newton until a step
     fails) changes nothing where Gauss–Newton works and rescues one of the two. The default stays undamped
@@ -140,17 +140,16 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         self.bias_correction = bias_correction
         self.project_gradients = project_gradients
 
-    def _update(self, ctx: StepContext) -> Tensor:
+    def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
         layout, groups = ctx.layout, self.param_groups
         flat = self._flat_state(layout)
-        k = self._next_step_count(ctx)
-        delta, info = adam_sqp_direction(
+        return adam_sqp_direction(
             ctx.g,
             ctx.c,
             ctx.J,
             flat["exp_avg"],
             flat["exp_avg_sq"],
-            k,
+            ctx.step,
             lr=self._per_coordinate(layout, [g["lr"] for g in groups]),
             beta1=self._per_coordinate(layout, [g["betas"][0] for g in groups]),
             beta2=self._per_coordinate(layout, [g["betas"][1] for g in groups]),
@@ -164,7 +163,6 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             ok=ctx.ok,
             damping=ctx.damping,
         )
-        return self._finish(ctx, delta, info)
 
 
 def adam_sqp_direction(

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import ConstrainedOptimizer, StepContext
 from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
+from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
 
@@ -56,17 +56,15 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         chunk_size: rows of J per batched backward (bounds memory for large m).
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
-            :mod:`sqpoptim._base`.
+            :mod:`sqpoptim._finite`.
         normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-6, 1e4], the initial
             relative Levenberg–Marquardt damping of the normal step, :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c`
             with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`; ν is adapted by a ratio
-            test and steps that increase ‖c‖ are rejected
-            (:meth:`~sqpoptim._base.ConstrainedOptimizer._judge_last_step`). For strongly nonlinear or nearly
+            test and steps that increase ‖c‖ are rejected (:mod:`sqpoptim._damping`). For strongly nonlinear or nearly
             rank-deficient constraints where the full step overshoots: ``1e-6`` is the safe switch (no change
             where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
             networks (RESULTS.md §5). ``diagnostics()`` then
-            has ``damping`` (ν), ``damping_ratio`` (ρ) and ``rejected``; ``state["global"]["rejected_steps"]``
-            counts the rejections.
+            has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
@@ -105,11 +103,10 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             normal_damping=normal_damping,
         )
 
-    def _update(self, ctx: StepContext) -> Tensor:
+    def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
         layout, groups = ctx.layout, self.param_groups
         flat = self._flat_state(layout)
-        self._next_step_count(ctx)
-        delta, info = heavy_ball_sqp_direction(
+        return heavy_ball_sqp_direction(
             ctx.g,
             ctx.c,
             ctx.J,
@@ -122,7 +119,6 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             ok=ctx.ok,
             damping=ctx.damping,
         )
-        return self._finish(ctx, delta, info)
 
 
 def heavy_ball_sqp_direction(

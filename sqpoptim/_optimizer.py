@@ -1,0 +1,315 @@
+r"""The base class of the constrained optimizers: one ``step()`` that orchestrates, and nothing of an algorithm.
+
+A step reads
+
+1. **parse** the closure's output against the contract (:mod:`sqpoptim._closure`);
+2. **judge** the last step when the normal step is damped, and undo it if it failed (:mod:`sqpoptim._damping`);
+3. **form** the objective's gradient g and the constraint Jacobian J (:mod:`sqpoptim._gradient`,
+   :mod:`sqpoptim._jacobian`);
+4. **check** that they are finite (:mod:`sqpoptim._finite`);
+5. **direction**: the subclass turns (g, c, J) and its state into the displacement δ (``_direction``);
+6. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
+7. **record** the damping model for the next judgement and the step's diagnostics.
+
+Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
+(:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
+last step and is never checkpointed.
+
+Synchronisation: ``sync_free=False`` (the default on CPU) checks inputs with one host read per step and handles
+rank deficiency exactly; ``sync_free=True`` (the default on CUDA) never waits for the device — refused or
+rejected steps are masked no-ops and non-finite inputs are reported at a later step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _damping
+from ._closure import StepInputs, parse_closure_output
+from ._finite import FiniteGuard
+from ._gradient import flat_gradient
+from ._jacobian import jacobian
+from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
+from ._linalg import default_rank_tol
+from ._state import GLOBAL_KEY, DampingState, OptimizerState
+
+__all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
+
+
+class RankDeficiencyWarning(UserWarning):
+    """The constraint Jacobian was rank-deficient or ill-conditioned; the step used its independent part."""
+
+
+@dataclass
+class StepContext:
+    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``, the step count
+    k (0-d float64, this step's), ``ok`` (sync-free mode: 0-d bool "apply this step"; ``None`` when the inputs
+    were checked on the host) and ν of the damped normal step (``None``: undamped)."""
+
+    layout: FlatLayout
+    loss: Tensor
+    g: Tensor
+    c: Tensor
+    J: Tensor
+    ok: Tensor | None
+    step: Tensor
+    damping: Tensor | None = None
+
+
+class ConstrainedOptimizer(Optimizer):
+    """Base class. Subclasses set ``_flat_state_names`` (per-parameter state kept as flat buffers), optionally
+    ``_state_type`` (their optimizer-wide state), and implement :meth:`_direction`."""
+
+    _flat_state_names: ClassVar[tuple[str, ...]] = ()
+    _state_type: ClassVar[type[OptimizerState]] = OptimizerState
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        jacobian: str = "batched",
+        chunk_size: int | None = None,
+        rank_tol: float | None = None,
+        sync_free: bool | None = None,
+        normal_damping: float | None = None,
+    ) -> None:
+        if jacobian not in ("batched", "loop"):
+            raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
+        if rank_tol is not None and not 0.0 < rank_tol < 1.0:
+            raise ValueError(f"Invalid rank_tol: {rank_tol} (expected 0 < rank_tol < 1)")
+        if normal_damping is not None and not (
+            isinstance(normal_damping, (int, float)) and _damping.NU_MIN <= normal_damping <= _damping.NU_MAX
+        ):
+            raise ValueError(
+                f"Invalid normal_damping: {normal_damping!r} (None, or the initial relative damping ν0 in "
+                f"[{_damping.NU_MIN:g}, {_damping.NU_MAX:g}])"
+            )
+        super().__init__(params, defaults)
+        self.normal_damping = None if normal_damping is None else float(normal_damping)
+        self.jacobian_mode = jacobian
+        self.chunk_size = chunk_size
+        self.rank_tol = rank_tol
+        self.sync_free = sync_free
+        self._global: OptimizerState = self._state_type()
+        self._diagnostics: dict[str, Any] = {}
+        self._guard = FiniteGuard()
+        self._flat = FlatState(self._flat_state_names)
+        self._layout_cache: FlatLayout | None = None
+        self._jacobian_warned = [False]
+        self._rank_warned = False
+
+    # ------------------------------------------------------------------ validation helpers
+    @staticmethod
+    def _check_lr(lr: float, name: str = "learning rate") -> None:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"Invalid {name}: {lr}")
+
+    @staticmethod
+    def _check_beta(beta: float, name: str) -> None:
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid {name}: {beta} (expected 0 <= {name} < 1)")
+
+    # ------------------------------------------------------------------ layout and state
+    def _layout(self) -> FlatLayout:
+        key = layout_key(self.param_groups)
+        if self._layout_cache is None or self._layout_cache.key != key:
+            self._layout_cache = build_layout(self.param_groups)
+        return self._layout_cache
+
+    def _flat_state(self, layout: FlatLayout) -> dict[str, Tensor]:
+        """Flat ``[n]`` buffers of the per-parameter state; ``self.state[p][name]`` are views into them."""
+        return self._flat.buffers(layout, self.state)
+
+    @property
+    def global_state(self) -> OptimizerState:
+        """The optimizer-wide state (typed; read it, do not write it)."""
+        return self._global
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        glob = self._global.to_dict()
+        if glob:
+            sd["state"] = {**sd["state"], GLOBAL_KEY: glob}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        state = dict(state_dict["state"])
+        glob = state.pop(GLOBAL_KEY, None) or {}
+        state_dict["state"] = state
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        new_global = self._state_type.from_dict(glob, device)  # before anything changes: may raise
+        super().load_state_dict(state_dict)
+        self._global = new_global
+        self._layout_cache = None
+        self._flat.invalidate()
+        self._diagnostics = {}
+        # refused steps recorded before the checkpoint were reported then
+        seen = new_global.nonfinite_steps
+        self._guard.reset(0 if seen is None else int(seen))
+
+    def _per_coordinate(self, layout: FlatLayout, values: list[float]) -> float | Tensor:
+        return per_coordinate(layout, values)
+
+    def _rank_tol(self, layout: FlatLayout) -> float:
+        return self.rank_tol if self.rank_tol is not None else default_rank_tol(layout.dtype)
+
+    def _normal_step_sizes(self, layout: FlatLayout) -> float | Tensor:
+        """γ per group: ``normal_lr``, or the group's ``lr`` where it is ``None``."""
+        return per_coordinate(
+            layout, [g["lr"] if g["normal_lr"] is None else g["normal_lr"] for g in self.param_groups]
+        )
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """One step; see the class docstring for the algorithm and :mod:`sqpoptim._closure` for the contract.
+        Returns the detached ``(loss, c)`` the closure gave."""
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
+        self._guard.raise_pending(wait=False)
+        self._check_groups()
+        layout = self._layout()
+        sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
+        with torch.enable_grad():
+            inputs, c_out = self._read_closure(closure(), layout)
+            m = inputs.c.shape[0]
+            damping, verdict = None, None
+            if self.normal_damping is not None and m:
+                damping = self._global.damping or _damping.initial_state(self.normal_damping, layout.device)
+                verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
+                if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
+                    return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
+            # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
+            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+        loss, c = inputs.loss.detach(), inputs.c.detach()
+        ok = self._guard.check(self._global, loss, c, g, J, sync_free=sync_free)
+        reject = None
+        if verdict is not None and ok is not None:  # sync-free: a rejected step is a no-op on the state ...
+            reject = verdict.reject & ok  # (non-finite inputs are never rejected: the usual refusal)
+            ok = ok & ~verdict.reject
+        k = self._next_step_count(ok, layout.device)
+        ctx = StepContext(layout, loss, g, c, J, ok, k, None if verdict is None else verdict.nu)
+        delta, info = self._direction(ctx)
+        self._global.step = k
+        self._warn_if_truncated(info, m)
+        if ok is not None:
+            delta = torch.where(ok, delta, torch.zeros_like(delta))
+        if verdict is not None:
+            assert damping is not None
+            x = layout.gather()
+            x_prev = damping.x_accepted
+            if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
+                delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
+            gamma = self._normal_step_sizes(layout)
+            gamma = gamma.max().double() if isinstance(gamma, Tensor) else gamma
+            self._global.damping = _damping.record(
+                damping,
+                verdict,
+                c=c,
+                Jdelta=J @ delta,
+                normal_norm=gamma * info["v_norm"].double(),
+                u_norm=info["u_norm"],
+                x=x,
+                ok=ok,
+                reject=reject,
+            )
+            info.update(
+                rejected=False if reject is None else reject,
+                damping=verdict.nu,
+                damping_ratio=verdict.rho,
+                rejected_steps=_rejected_count(self._global.damping),
+            )
+        layout.add_(delta)
+        info["g_norm"] = torch.linalg.vector_norm(g)
+        self._diagnostics = info
+        return loss, c_out
+
+    def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
+        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
+        inputs = parse_closure_output(out, layout, max_constraints=layout.n)
+        return inputs, inputs.c.detach()
+
+    def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
+        """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
+        raise NotImplementedError
+
+    def _form_jacobian(self, c: Tensor, layout: FlatLayout) -> Tensor:
+        return jacobian(
+            c,
+            layout.params,
+            layout.n,
+            mode=self.jacobian_mode,
+            chunk_size=self.chunk_size,
+            warned=self._jacobian_warned,
+        )
+
+    def _next_step_count(self, ok: Tensor | None, device: torch.device) -> Tensor:
+        """k for this step (refused steps do not count); stored once the direction has been formed."""
+        k = self._global.step
+        k = torch.zeros((), dtype=torch.float64, device=device) if k is None else k
+        return k + (1.0 if ok is None else ok.to(k.dtype))
+
+    def _check_groups(self) -> None:
+        """Refuse a step whose param-group settings the method cannot use, before anything changes."""
+
+    def _reject_last_step(
+        self, layout: FlatLayout, damping: DampingState, verdict: _damping.Verdict, loss: Tensor, c: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Exact mode: move the parameters back to the last accepted point and keep the escalated ν."""
+        assert damping.x_accepted is not None
+        with torch.no_grad():  # called from inside the closure's enable_grad block
+            layout.assign(damping.x_accepted)
+        self._global.damping = _damping.rejected(damping, verdict)
+        self._diagnostics = {
+            "c_inf": c.abs().max(),
+            "rejected": True,
+            "damping": verdict.nu,
+            "damping_ratio": verdict.rho,
+            "rejected_steps": _rejected_count(self._global.damping),
+        }
+        return loss, c
+
+    def _warn_if_truncated(self, info: dict[str, Any], m: int) -> None:
+        if info.get("truncated") and not self._rank_warned:
+            self._rank_warned = True
+            warnings.warn(
+                f"the constraint Jacobian is rank-deficient or ill-conditioned (rank used {int(info['rank'])} "
+                f"of {m}); steps use its independent part (see optimizer.diagnostics())",
+                RankDeficiencyWarning,
+                stacklevel=4,
+            )
+
+    # ------------------------------------------------------------------ reporting
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a step since the last check was refused for non-finite inputs
+        (``sync_free`` mode). Waits for the device."""
+        self._guard.raise_pending(wait=True)
+
+    def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
+        """The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
+        ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
+        was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
+        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), with ``normal_damping`` also
+        ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus
+        method-specific entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
+        tensors themselves (for logging without a synchronisation)."""
+        if not sync:
+            return dict(self._diagnostics)
+        return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._diagnostics.items()}
+
+
+def _rejected_count(damping: DampingState) -> Tensor | int:
+    return 0 if damping.rejected_steps is None else damping.rejected_steps
