@@ -94,13 +94,16 @@ def _nonfinite_flags(tensors: Sequence[Tensor | None]) -> list[bool]:
 
 @dataclass
 class LocalInputs:
-    """One rank's step inputs before any exchange (``J`` ``None`` when not formed: constraints unused)."""
+    """One rank's step inputs before any exchange: its mean loss, constraint rows c, gradient g and, when the
+    method uses the constraints (``uses_c``), their Jacobian J. A method that only reports c (Adam(unc)) has
+    its rows gathered for the report but neither checked nor used."""
 
     loss: Tensor
     c: Tensor
     g: Tensor
     J: Tensor | None
     sharded: bool
+    uses_c: bool = True
 
 
 @dataclass
@@ -162,7 +165,7 @@ def agree(
         head[1], head[2] = n, -n
         head[3], head[4] = code, -code
         head[5], head[6] = int(local.sharded), -int(local.sharded)
-        rows = [] if local.sharded else [local.c] + ([] if local.J is None else [local.J])
+        rows = [] if (local.sharded or not local.uses_c) else [local.c] + ([] if local.J is None else [local.J])
         s = torch.stack([checksum(params, device), checksum(rows, device)]).to(ctrl)
         head[7:11] = torch.stack([s[0], -s[0], s[1], -s[1]])
         slots[r] = local.c.shape[0]
@@ -202,7 +205,7 @@ def agree(
             f"non-finite values (NaN or inf) in {'; '.join(where)} at this step; the step was refused on every "
             "rank and the parameters and optimizer state are unchanged"
         )
-    if not local.sharded:
+    if not local.sharded and local.uses_c:
         if min(counts) != max(counts):
             raise ValueError(
                 f"replicated constraints: the ranks returned {min(counts)} to {max(counts)} rows; return "

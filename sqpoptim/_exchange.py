@@ -27,7 +27,7 @@ __all__ = ["GlobalInputs", "exchange", "form_locally"]
 @dataclass
 class GlobalInputs:
     """The step's inputs, the same on every rank: mean loss, all constraint rows, mean gradient, all rows of J
-    (``None`` when the constraints are not used), and each rank's row count."""
+    (``None`` when the constraints are not used or J is to be formed), and each rank's row count."""
 
     loss: Tensor
     c: Tensor
@@ -54,7 +54,7 @@ def exchange(
     flat = _with_loss(local.g, local.loss)
     group.average_(flat)
     g, loss = flat[:-1], flat[-1].to(local.loss.dtype)
-    c, J = local.c, local.J
+    c, J = local.c, local.J if local.uses_c else None
     if local.sharded:
         c, J = group.gather_constraints(c, J, agreement.counts)
     return GlobalInputs(loss, c, g, J, agreement.counts)

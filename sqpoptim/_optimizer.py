@@ -33,7 +33,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _damping
+from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
+from ._distributed import RankGroup, strip_sharded
+from ._exchange import exchange, form_locally
 from ._finite import FiniteGuard
 from ._gradient import flat_gradient
 from ._jacobian import jacobian
@@ -81,6 +84,7 @@ class ConstrainedOptimizer(Optimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         if jacobian not in ("batched", "loop"):
             raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
@@ -108,6 +112,10 @@ class ConstrainedOptimizer(Optimizer):
         self._layout_cache: FlatLayout | None = None
         self._jacobian_warned = [False]
         self._rank_warned = False
+        self.process_group = process_group
+        self._ranks = None if process_group is None else RankGroup(process_group)
+        if process_group is None:
+            _warn_if_distributed(type(self).__name__)
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -178,12 +186,19 @@ class ConstrainedOptimizer(Optimizer):
         Returns the detached ``(loss, c)`` the closure gave."""
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
-        self._guard.raise_pending(wait=False)
+        # With a process group every rank must decide alike, so it waits for the flag (the agreement round waits
+        # for the device anyway).
+        self._guard.raise_pending(wait=self._ranks is not None)
         self._check_groups()
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
+        sent = 0 if self._ranks is None else self._ranks.sent_bytes
+        g: Tensor | None = None
         with torch.enable_grad():
-            inputs, c_out = self._read_closure(closure(), layout)
+            if self._ranks is None:
+                inputs, c_out = self._read_closure(strip_sharded(closure())[0], layout)
+            else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
+                inputs, c_out, g = self._exchanged_inputs(closure, layout)
             m = inputs.c.shape[0]
             damping, verdict = None, None
             if self.normal_damping is not None and m:
@@ -191,8 +206,9 @@ class ConstrainedOptimizer(Optimizer):
                 verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
                     return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
-            # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
-            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            if g is None:
+                # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
+                g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
             J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
         loss, c = inputs.loss.detach(), inputs.c.detach()
         ok = self._guard.check(self._global, loss, c, g, J, sync_free=sync_free)
@@ -234,6 +250,8 @@ class ConstrainedOptimizer(Optimizer):
             )
         layout.add_(delta)
         info["g_norm"] = torch.linalg.vector_norm(g)
+        if self._ranks is not None:
+            info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
         return loss, c_out
 
@@ -241,6 +259,47 @@ class ConstrainedOptimizer(Optimizer):
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
+
+    def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
+        (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
+        of every rank. Whatever fails on one rank (the closure, its parsing, g, J) is raised on every rank, and
+        nothing has changed when it is."""
+        assert self._ranks is not None
+
+        def form() -> LocalInputs:
+            out, sharded = strip_sharded(closure())
+            inputs, c_out = self._read_closure(out, layout)
+            uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
+            m = inputs.c.shape[0]
+            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            J = inputs.J if inputs.J is not None or not uses_c else self._form_jacobian(inputs.c, layout)
+            return LocalInputs(inputs.loss.detach(), c_out, g, J, sharded, uses_c)
+
+        local, error = form_locally(form)
+        shared = exchange(self._ranks, local, error, layout.params, layout.n)
+        assert local is not None
+        if not local.uses_c:
+            return StepInputs(shared.loss, shared.c.new_zeros(0), None), shared.c, shared.g
+        if shared.c.shape[0] > layout.n:  # sharded rows: only now is m known (the same decision on every rank)
+            raise ValueError(
+                f"more constraints than parameters: m = {shared.c.shape[0]} > n = {layout.n} over all ranks; "
+                "the linearised constraints J d = -c cannot have full row rank"
+            )
+        return StepInputs(shared.loss, shared.c, shared.J), shared.c, shared.g
+
+    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(loss, c, g, J)`` at the current parameters (every rank's, exchanged, with a process group): for
+        extra evaluations of the closure within a step."""
+        if self._ranks is not None:
+            inputs, _, g = self._exchanged_inputs(closure, layout)
+        else:
+            inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
+            g = None
+        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+        if g is None:
+            g = flat_gradient(inputs.loss, layout)
+        return inputs.loss, inputs.c, g, J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
@@ -309,6 +368,21 @@ class ConstrainedOptimizer(Optimizer):
         if not sync:
             return dict(self._diagnostics)
         return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._diagnostics.items()}
+
+
+def _warn_if_distributed(name: str) -> None:
+    """Without a process group every rank steps on its own: say so where that is likely a mistake."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            warnings.warn(
+                f"torch.distributed is initialised with {world} ranks but {name} was given no process_group: "
+                "each rank steps on its own gradient and constraints, and replicas drift apart (wrapping the "
+                "model in DistributedDataParallel does not average the gradients this optimizer forms); pass "
+                "process_group=torch.distributed.group.WORLD to step together",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _rejected_count(damping: DampingState) -> Tensor | int:

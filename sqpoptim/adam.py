@@ -112,6 +112,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_lr(lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -135,6 +136,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            process_group=process_group,
         )
         self.projection = projection
         self.bias_correction = bias_correction

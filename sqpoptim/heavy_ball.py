@@ -87,6 +87,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_lr(lr)
         self._check_beta(momentum, "momentum")
@@ -101,6 +102,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            process_group=process_group,
         )
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:

@@ -10,8 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._closure import parse_closure_output
-from ._gradient import flat_gradient
 from ._linalg import factor_gram, gram, normal_step, project, scaled_normal_step, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 from ._state import OptimizerState
@@ -105,6 +103,7 @@ class StochasticSQP(ConstrainedOptimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_lr(lr)
         if normal_lr is not None:
@@ -135,6 +134,7 @@ class StochasticSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            process_group=process_group,
         )
         self.step_rule = step_rule
         self.rule = dict(tau0=tau0, xi0=xi0, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi)
@@ -226,9 +226,7 @@ class StochasticSQP(ConstrainedOptimizer):
                 e = e * (radius / torch.linalg.vector_norm(e))
                 layout.assign(x0 + e)
                 with torch.enable_grad():
-                    inputs = parse_closure_output(self._closure(), layout, max_constraints=layout.n)
-                    J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
-                    g = flat_gradient(inputs.loss, layout)
+                    _, _, g, J = self._evaluate(self._closure, layout)
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)

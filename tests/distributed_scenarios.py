@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 import sqpoptim
+from sqpoptim import Sharded
 from sqpoptim._agreement import LocalInputs, agree, checksum
-from sqpoptim._distributed import RankGroup, Sharded, gram_block_rows
+from sqpoptim._distributed import RankGroup, gram_block_rows
 
 from .helpers import TinyPINN, burgers_residual, burgers_residual_pointwise
 
