@@ -47,30 +47,46 @@ _HEAD = 12  # fixed entries of the agreement vector before the per-rank slots
 
 def checksum(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
     r"""An int64 0-d tensor summarising the bits of ``tensors``: :math:`\sum_p (p+1)\,w_p \bmod 2^{62}` over
-    their bytes read as int64 words :math:`w_p` (a trailing part word as bytes), positions running on across
-    the tensors. One integer pass (a matrix-vector product on the CPU); on their device (``device`` when there
-    are none), without host synchronisation."""
-    total = torch.zeros((), dtype=torch.int64, device=device if not tensors else tensors[0].device)
-    offset = 0
+    the bytes of the tensors, concatenated, read as int64 words :math:`w_p` (a trailing part word as bytes).
+    One integer pass (a matrix-vector product on the CPU); on the tensors' device (``device`` when there are
+    none), without host synchronisation. Small tensors are concatenated first, so that a model's many biases
+    cost one pass, not one each."""
+    raws = []
     for t in tensors:
-        if t.numel() == 0:
-            continue
-        raw = t.detach().contiguous().reshape(-1)
-        if raw.is_complex():
-            raw = torch.view_as_real(raw).reshape(-1)
-        raw = raw.view(torch.uint8)
+        if t.numel():
+            raw = t.detach().contiguous().reshape(-1)
+            raw = torch.view_as_real(raw).reshape(-1) if raw.is_complex() else raw
+            raws.append(raw.view(torch.uint8))
+    dev = raws[0].device if raws else device
+    total = torch.zeros((), dtype=torch.int64, device=dev)
+    weights = torch.arange(1, _BLOCK + 1, dtype=torch.int64, device=dev)
+    offset = 0
+    pending: list[Tensor] = []
+
+    def add(raw: Tensor) -> None:
+        nonlocal total, offset
         whole = raw.numel() // 8
         words = raw[: whole * 8].view(torch.int64)
-        weights = torch.arange(1, _BLOCK + 1, dtype=torch.int64, device=raw.device)
         blocks = whole // _BLOCK
         if blocks:
             v = words[: blocks * _BLOCK].view(blocks, _BLOCK)
             within = v @ weights if v.device.type == "cpu" else (v * weights).sum(dim=1)
-            starts = torch.arange(blocks, dtype=torch.int64, device=raw.device) * _BLOCK + offset
+            starts = torch.arange(blocks, dtype=torch.int64, device=dev) * _BLOCK + offset
             total = total + within.sum() + (v.sum(dim=1) * starts).sum()
         tail = torch.cat([words[blocks * _BLOCK :], raw[whole * 8 :].to(torch.int64)])
         total = total + (tail * weights[: tail.numel()]).sum() + tail.sum() * (offset + blocks * _BLOCK)
         offset += blocks * _BLOCK + tail.numel()
+
+    for raw in raws:
+        if raw.numel() < 8 * _BLOCK:
+            pending.append(raw)
+            continue
+        if pending:
+            add(torch.cat(pending))
+            pending = []
+        add(raw)
+    if pending:
+        add(torch.cat(pending))
     return total & _MASK
 
 

@@ -123,3 +123,32 @@ def test_checksum_sees_bits_and_positions():
 def test_sharded_marker_checks_its_argument():
     with pytest.raises(TypeError, match="Sharded wraps"):
         Sharded([1.0, 2.0])
+
+
+def test_sharded_in_one_process_is_the_plain_closure():
+    """Without a process group a Sharded closure is this process's rows, that is all of them."""
+    import sqpoptim
+
+    from .distributed_scenarios import FACTORIES, PTS, X, Y
+    from .helpers import TinyPINN, burgers_residual
+
+    runs = []
+    for wrap in (lambda c: c, Sharded):
+        model = TinyPINN(seed=4)
+        opt = FACTORIES["penalty"](model.parameters(), None)
+        opt2_model = TinyPINN(seed=4)
+        opt2 = sqpoptim.ProjectedAdamSQP(opt2_model.parameters(), lr=1e-2)
+        for _ in range(3):
+            opt.step(lambda m=model, w=wrap: (((m(X) - Y) ** 2).mean(), w(burgers_residual(m, PTS))))
+            opt2.step(lambda m=opt2_model, w=wrap: (((m(X) - Y) ** 2).mean(), w(burgers_residual(m, PTS))))
+        runs.append(torch.cat([p.detach().reshape(-1) for p in [*model.parameters(), *opt2_model.parameters()]]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_process_group_needs_torch_distributed():
+    import sqpoptim
+
+    from .helpers import TinyPINN
+
+    with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialised"):
+        sqpoptim.ProjectedAdamSQP(TinyPINN().parameters(), process_group=object())

@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 
-from .distributed_scenarios import CASES, FAIL_AT, PTS, STEPS, case_key, run_case
+from .distributed_scenarios import CASES, PTS, STEPS, case_key, run_case
 from .helpers import TinyPINN, burgers_residual
 from .ranks import two_rank_results
 
@@ -21,8 +21,14 @@ def ranks():
 
 
 @functools.cache
+def _single_process(name):
+    return run_case((name, "replicated", "autograd"), None, None)
+
+
 def single_process(case):
-    return run_case(case, None, None)
+    """The run on the union: every mode and every way of giving J of one optimizer has the same one (the
+    sharded rows, in rank order, are the replicated rows)."""
+    return _single_process(case[0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_key)
@@ -60,8 +66,13 @@ def test_a_failing_rank_makes_every_rank_refuse(ranks, case):
 
 def test_the_problem_is_constrained_and_moves():
     """The oracle is not trivial: the constraints start violated and the SQP steps reduce them."""
-    ref = single_process(("sqp-hb", "sharded", "autograd"))
+    ref = single_process(("sqp-hb", "replicated", "autograd"))
     assert (ref["params"][-1] - ref["params"][0]).abs().max() > 1e-3
     model = TinyPINN(seed=4)
     c0 = burgers_residual(model, PTS).detach()
     assert c0.abs().max() > 1e-2 and ref["c"].abs().max() < 0.1 * c0.abs().max()
+
+
+def test_without_a_process_group_each_rank_is_warned(ranks):
+    for r in ranks:
+        assert "no process_group" in r["warning"] and "drift apart" in r["warning"]
