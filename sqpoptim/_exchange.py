@@ -9,6 +9,14 @@ Each rank forms its own :math:`(f_r, c_r, g_r, J_r)` from its closure; then, in 
 
 After that every rank holds bit-identical :math:`(f, c, g, J)` and computes the same step. Nothing before the
 agreement changes any state, so a refusal leaves every rank as it was.
+
+Deviations from a single process. A step rejected by the damping (:mod:`sqpoptim._damping`) has formed g and J
+first (one process skips them), because the judgement needs every rank's c. The step reads the agreement on
+the host, so with a process group ``sync_free`` saves the other host reads but not this one, and non-finite
+inputs raise at once on every rank instead of being reported later. The loss is averaged in the parameters'
+dtype. The gradient is formed after the closure rather than overlapped with its backward pass (as
+``DistributedDataParallel`` does with its buckets): overlapping needs a second agreement before the
+all-reduce starts, and on a CPU rank with one thread there is nothing to overlap with.
 """
 
 from __future__ import annotations

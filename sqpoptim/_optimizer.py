@@ -11,6 +11,10 @@ A step reads
 6. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
 7. **record** the damping model for the next judgement and the step's diagnostics.
 
+With a ``process_group`` each rank first parses its own closure and forms its own g and J (steps 1 and 3), then
+the ranks exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the
+rows of sharded constraints); steps 2 and 4–7 then run on the same numbers on every rank.
+
 Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
 (:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
 last step and is never checkpointed.

@@ -91,7 +91,8 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: ``"defossez"`` or ``"standard"``.
         project_gradients: feed :math:`P_k g_k` (True, the paper) or :math:`g_k` (False: Adam(con)) to the
             moments.
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
     _flat_state_names = ("exp_avg", "exp_avg_sq")

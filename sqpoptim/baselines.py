@@ -74,7 +74,8 @@ class AdamUnc(ProjectedAdamSQP):
 
     ``torch.optim.Adam`` puts ε outside the square root (:math:`\sqrt{\hat w} + \epsilon`); the SQP paper's
     baselines use it inside, with ε = 1e-7. The closure may return ``loss`` or ``(loss, c)``; ``c`` is not
-    used for the step, only returned.
+    used for the step, only returned (with a ``process_group``: all ranks' rows, for logging).
+    ``process_group``: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
     def __init__(
@@ -107,7 +108,10 @@ class PenaltyAdam(AdamUnc):
 
     The soft approach the Lagrangian/SQP methods are compared against: the violation shrinks only like
     :math:`O(1/\rho)` and large ρ makes the problem ill-conditioned. ``step`` returns the *unpenalised*
-    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``.
+    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``. With a
+    ``process_group`` the penalty is that of all ranks' rows (a sharded rank weighs its own rows' penalty by the
+    number of ranks, as the gradients are averaged) and the returned loss is the ranks' mean (one more
+    all-reduce of a scalar).
     """
 
     def __init__(

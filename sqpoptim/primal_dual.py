@@ -58,6 +58,9 @@ class PrimalDual(ConstrainedOptimizer):
         lr: the inner optimizer's learning rate.
         dual_lr: η_λ ≥ 0.
         inner: a ``torch.optim.Optimizer`` class, or its name in ``torch.optim`` (``"SGD"``).
+        process_group: see :class:`~sqpoptim.ProjectedHeavyBallSQP`. The multipliers of all rows, sharded or
+            not, are kept on every rank, so one rank's ``state_dict`` is the whole state. A parameter that no
+            rank's Lagrangian reaches gets a zero gradient rather than ``None``.
         **inner_kwargs: passed to ``inner``.
     """
 

@@ -77,7 +77,8 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`
             (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
     """
 
