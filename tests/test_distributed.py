@@ -152,3 +152,19 @@ def test_process_group_needs_torch_distributed():
 
     with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialised"):
         sqpoptim.ProjectedAdamSQP(TinyPINN().parameters(), process_group=object())
+
+
+def _one_rank_stalls(rank: int, world: int) -> None:
+    import time
+
+    if rank == 1:
+        time.sleep(60)  # never reaches the collective
+    torch.distributed.barrier()
+
+
+@pytest.mark.slow
+def test_the_harness_names_a_hung_rank_instead_of_hanging():
+    from .ranks import run_ranks
+
+    with pytest.raises(AssertionError, match=r"rank\(s\) \[(0, )?1\] still running"):
+        run_ranks(_one_rank_stalls, timeout=15.0, collective_timeout=5.0)
