@@ -34,6 +34,7 @@ flag on the host, to return early.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from ._state import DampingState
 
-__all__ = ["NU_MAX", "NU_MIN", "Verdict", "judge", "record", "rejected"]
+__all__ = ["NU_MAX", "NU_MIN", "Verdict", "initial_state", "judge", "record", "rejected", "values_after"]
 
 NU_MIN, NU_MAX = 1e-6, 1e4  # range of ν
 _NU_RELAX = 0.9  # ν's factor per step while the tangential step dominates
@@ -111,19 +112,31 @@ def rejected(state: DampingState, verdict: Verdict) -> DampingState:
     assert state.model is not None
     count = state.rejected_steps
     count = torch.zeros((), dtype=torch.long, device=verdict.nu.device) if count is None else count
-    return DampingState(
+    return dataclasses.replace(
+        state,
         nu=verdict.nu,
         escalation=verdict.escalation,
         model=_unjudged(state.model),
-        x_accepted=state.x_accepted,
+        retry=torch.ones((), dtype=torch.bool, device=verdict.nu.device),
         rejected_steps=count + 1,
     )
+
+
+def values_after(state: DampingState, reject: Tensor | None, loss: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """What ``step`` returns: the closure's ``(loss, c)``, or — where the last step is rejected (``reject``;
+    ``None``: rejected) — the values at the accepted point the parameters go back to."""
+    if state.accepted_loss is None or state.accepted_c is None or state.accepted_c.shape != c.shape:
+        return loss, c
+    if reject is None:
+        return state.accepted_loss, state.accepted_c
+    return torch.where(reject, state.accepted_loss, loss), torch.where(reject, state.accepted_c, c)
 
 
 def record(
     state: DampingState,
     verdict: Verdict,
     *,
+    loss: Tensor,
     c: Tensor,
     Jdelta: Tensor,
     normal_norm: Tensor,
@@ -132,12 +145,13 @@ def record(
     ok: Tensor | None,
     reject: Tensor | None,
 ) -> DampingState:
-    """The state after this step: ν, the point x_k it was taken from and its model (‖c_k‖, ‖c_k + J_kδ_k‖,
-    whether the normal displacement ``normal_norm`` = ‖γv_k‖ exceeded ``u_norm`` = ‖u_k‖).
+    """The state after this step: ν, the point x_k it was taken from with its ``loss`` and ``c``, and its model
+    (‖c_k‖, ‖c_k + J_kδ_k‖, whether the normal displacement ``normal_norm`` = ‖γv_k‖ exceeded ``u_norm`` =
+    ‖u_k‖).
 
     Exact mode (``ok`` and ``reject`` are ``None``): the step was accepted. Sync-free mode: ``ok`` says the step
-    was applied, ``reject`` that it moved back to ``state.x_accepted``; neither means it was refused for
-    non-finite inputs, which leaves ν unchanged."""
+    was applied, ``reject`` that it moved back to ``state.x_accepted``; neither means it was refused, which
+    leaves ν unchanged."""
     c64 = c.double()
     model = torch.stack(
         [
@@ -148,16 +162,23 @@ def record(
     )
     nu, escalation = verdict.nu, verdict.escalation
     count = state.rejected_steps
+    no = torch.zeros((), dtype=torch.bool, device=nu.device)
     if ok is None:
-        return DampingState(nu, escalation, model, x, count)
+        return DampingState(nu, escalation, model, x, loss, c, no, count)
     assert reject is not None
     if state.model is not None:
         model = torch.where(ok, model, torch.where(reject, _unjudged(state.model), state.model))
-    keep = ~(ok | reject)  # refused for non-finite inputs: ν unchanged
+    keep = ~(ok | reject)  # refused: ν unchanged
     nu = torch.where(keep, state.nu, nu)
     escalation = torch.where(keep, state.escalation, escalation)
     x_prev = state.x_accepted
-    fresh = x_prev is None or x_prev.numel() != x.numel()
-    x_new = x if fresh else torch.where(ok, x, x_prev)
+    if x_prev is None or x_prev.numel() != x.numel():
+        x_new, loss_new, c_new = x, loss, c
+    else:
+        x_new = torch.where(ok, x, x_prev)
+        same = state.accepted_c is not None and state.accepted_c.shape == c.shape
+        loss_new = torch.where(ok, loss, state.accepted_loss) if same else loss
+        c_new = torch.where(ok, c, state.accepted_c) if same else c
+    retry = reject | (state.retry if state.retry is not None else no) & keep
     count = torch.zeros((), dtype=torch.long, device=x.device) if count is None else count
-    return DampingState(nu, escalation, model, x_new, count + reject.long())
+    return DampingState(nu, escalation, model, x_new, loss_new, c_new, retry, count + reject.long())

@@ -17,16 +17,36 @@ from torch import Tensor
 
 from ._state import OptimizerState
 
-__all__ = ["FiniteGuard"]
+__all__ = ["FiniteGuard", "ZeroJacobianRows", "require_finite"]
 
-_FLAG_NAMES = ("loss", "constraint values c", "gradient", "Jacobian J")
+_FLAG_NAMES = (
+    "loss",
+    "constraint values c",
+    "gradient",
+    "Jacobian J",
+    "Jacobian (all-zero rows of unsatisfied constraints)",
+    "step (a singular or overflowing linear system)",
+)
+
+
+class ZeroJacobianRows(ValueError):
+    """Exact mode: constraints with ``c_i != 0`` whose Jacobian rows are all zero (``rows``: their indices); the
+    optimizer turns this into a message that says why (:meth:`ConstrainedOptimizer._zero_rows_error`)."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"constraint(s) {rows} have all-zero Jacobian rows")
+        self.rows = rows
 
 
 def nonfinite_message(flags: Sequence[bool], *, deferred: bool) -> str:
     what = ", ".join(name for name, f in zip(_FLAG_NAMES, flags) if f) or "inputs"
-    when = "an earlier step" if deferred else "this step"
+    if deferred:
+        return (
+            f"non-finite values (NaN or inf) or an unusable {what} at an earlier step; that step was refused and "
+            "the parameters and optimizer state were left unchanged"
+        )
     return (
-        f"non-finite values (NaN or inf) in the {what} at {when}; the step was refused and the parameters "
+        f"non-finite values (NaN or inf) in the {what} at this step; the step was refused and the parameters "
         "and optimizer state are unchanged"
     )
 
@@ -43,32 +63,39 @@ class FiniteGuard:
         """Forget unread records; ``seen`` refused steps count as reported (after ``load_state_dict``)."""
         self._pending, self._seen = None, seen
 
-    def check(
-        self, state: OptimizerState, loss: Tensor, c: Tensor, g: Tensor, J: Tensor | None, *, sync_free: bool
-    ) -> Tensor | None:
-        """Exact mode: raise on non-finite inputs or all-zero Jacobian rows and return ``None``. Sync-free
-        mode: return the 0-d device flag "inputs finite" and count refused steps in ``state``."""
+    def check(self, loss: Tensor, c: Tensor, g: Tensor, J: Tensor | None, *, sync_free: bool) -> Tensor | None:
+        """Exact mode: raise on non-finite inputs (``FloatingPointError``) or on all-zero Jacobian rows of
+        unsatisfied constraints (:class:`ZeroJacobianRows`) and return ``None``. Sync-free mode: return the
+        device flags ``[5]`` of what is wrong (all False: the step may go on); report them with :meth:`commit`.
+
+        A zero row of a satisfied constraint (c_i = 0, e.g. c = x² at x = 0) is not an error: the constraint is
+        dropped from this step's linearisation like any dependent row."""
         flags = [~loss.isfinite(), ~c.isfinite().all(), ~g.isfinite().all()]
-        flags.append(~J.isfinite().all() if J is not None else torch.zeros_like(flags[0]))
-        bad = torch.stack(flags)
-        if sync_free:
-            count = state.nonfinite_steps
-            count = torch.zeros((), dtype=torch.long, device=g.device) if count is None else count
-            state.nonfinite_steps = count + bad.any().long()
-            self._post(torch.cat([state.nonfinite_steps.reshape(1), bad.long()]))
-            return ~bad.any()
+        no = torch.zeros_like(flags[0])
+        flags.append(~J.isfinite().all() if J is not None else no)
         m = c.shape[0]
-        zero_rows = (J == 0).all(dim=1) if J is not None and m else torch.zeros(0, dtype=torch.bool, device=g.device)
-        host = torch.cat([bad, zero_rows]).tolist()  # the one host read of this step's checks
+        zero_rows = (J == 0).all(dim=1) & (c != 0) if J is not None and m else None
+        if sync_free:
+            flags.append(zero_rows.any() if zero_rows is not None else no)
+            return torch.stack(flags)
+        bad = torch.stack(flags)
+        host = torch.cat([bad, zero_rows if zero_rows is not None else bad[:0]]).tolist()  # the one host read
         if any(host[:4]):
             raise FloatingPointError(nonfinite_message(host[:4], deferred=False))
         if any(host[4:]):
-            rows = [i for i, z in enumerate(host[4:]) if z][:10]
-            raise ValueError(
-                f"constraint(s) {rows} do not depend on the parameters (all-zero Jacobian rows); "
-                "remove them or check that c is computed from the model"
-            )
+            raise ZeroJacobianRows([i for i, z in enumerate(host[4:]) if z])
         return None
+
+    def commit(self, state: OptimizerState, bad: Tensor, formed: Tensor, rejected: Tensor | None) -> None:
+        """Sync-free mode: count this step in ``state.nonfinite_steps`` if it was refused (``bad`` inputs, or a
+        step not ``formed`` from them unless it was ``rejected`` anyway) and post the record for a later report."""
+        not_formed = ~formed if rejected is None else ~formed & ~rejected
+        flags = torch.cat([bad, not_formed.reshape(1) & ~bad.any()])
+        refused = flags.any()
+        count = state.nonfinite_steps
+        count = torch.zeros((), dtype=torch.long, device=bad.device) if count is None else count
+        state.nonfinite_steps = count + refused.long()
+        self._post(torch.cat([state.nonfinite_steps.reshape(1), flags.long()]))
 
     def _post(self, record: Tensor) -> None:
         if record.device.type == "cuda":
@@ -99,3 +126,34 @@ class FiniteGuard:
         if record[0] > self._seen:
             self._seen = record[0]
             raise FloatingPointError(nonfinite_message(record[1:], deferred=True))
+
+
+def require_finite(*, sync_free: bool, **named: Tensor) -> Tensor | None:
+    """Intermediate quantities of a direction (a projected gradient, a normal step) that must be finite before
+    they touch the optimizer's state; non-finite ones come from finite inputs only through a singular system or
+    an overflow. Exact mode: raise ``FloatingPointError`` naming them (one host read) and return ``None``.
+    Sync-free mode: return "all finite" as a 0-d bool on the device.
+
+    A value is "finite" here when its square is: moments store squares, and a float32 entry above ~1.8e19
+    would write inf into them."""
+    flags = [value.abs().amax() < torch.finfo(value.dtype).max ** 0.5 for value in named.values() if value.numel()]
+    if not flags:
+        return None if not sync_free else torch.ones((), dtype=torch.bool, device=next(iter(named.values())).device)
+    good = torch.stack(flags).all()
+    if sync_free:
+        return good
+    if not bool(good):
+        bad = [name.replace("_", " ") for name, f in zip(named, flags) if not bool(f)]
+        raise FloatingPointError(
+            f"the step could not be formed: non-finite or overflowing {', '.join(bad)} from finite inputs "
+            "(a singular or overflowing linear system); the step was refused and the parameters and optimizer "
+            "state are unchanged"
+        )
+    return None
+
+
+def both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a & b`` where ``None`` means True."""
+    if a is None:
+        return b
+    return a if b is None else a & b

@@ -137,3 +137,45 @@ class FlatState:
                         st[name] = st[name].clone()
         self._buffers, self._key = flat, layout.key
         return flat
+
+
+class StepCounts:
+    r"""Per-parameter step counts ``state[p]["step"]`` (0-d float64, ``torch.optim``'s layout) for bias
+    corrections: a parameter added later (``add_param_group``, ``requires_grad`` turned on) starts from its own
+    first step, not from the optimizer's. Kept as views of one ``[P]`` buffer; while every trainable parameter
+    has taken the same number of steps (read once, when the trainable set changes) the count is a 0-d tensor,
+    otherwise a per-coordinate ``[n]`` tensor."""
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._key: tuple | None = None
+        self._uniform = True
+        self._sizes: Tensor | None = None
+
+    def invalidate(self) -> None:
+        self._buffer, self._key = None, None
+
+    def _counts(self, layout: FlatLayout, state: dict[Any, dict[str, Any]]) -> Tensor:
+        if self._buffer is not None and self._key == layout.key:
+            return self._buffer
+        buf = torch.zeros(len(layout.params), dtype=torch.float64, device=layout.device)
+        for i, p in enumerate(layout.params):
+            old = state[p].get("step") if p in state else None
+            if old is not None:
+                buf[i] = torch.as_tensor(old, dtype=torch.float64).to(layout.device)
+            state[p]["step"] = buf[i]
+        self._uniform = bool((buf == buf[0]).all())  # one host read, only when the trainable set changes
+        self._sizes = torch.tensor(layout.sizes, device=layout.device)
+        self._buffer, self._key = buf, layout.key
+        return buf
+
+    def step_for(self, layout: FlatLayout, state: dict[Any, dict[str, Any]], counted: Tensor | None) -> Tensor:
+        """k of this step (counts so far, plus one if ``counted``; ``None``: counted): 0-d or ``[n]``."""
+        k = self._counts(layout, state) + (1.0 if counted is None else counted.double())
+        if self._uniform:
+            return k[0]
+        return k.repeat_interleave(self._sizes, output_size=layout.n)
+
+    def advance(self, layout: FlatLayout, state: dict[Any, dict[str, Any]], counted: Tensor | None) -> None:
+        """Add this step to every trainable parameter's count."""
+        self._counts(layout, state).add_(1.0 if counted is None else counted.double())

@@ -26,8 +26,6 @@ rejected steps are masked no-ops and non-finite inputs are reported at a later s
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -41,12 +39,14 @@ from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
 from ._distributed import RankGroup, strip_sharded
 from ._exchange import exchange, form_locally
-from ._finite import FiniteGuard
+from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
+from ._hyperparameters import in_group
 from ._jacobian import jacobian
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
+from ._warnings import warn_user
 
 __all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
 
@@ -57,9 +57,10 @@ class RankDeficiencyWarning(UserWarning):
 
 @dataclass
 class StepContext:
-    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``, the step count
-    k (0-d float64, this step's), ``ok`` (sync-free mode: 0-d bool "apply this step"; ``None`` when the inputs
-    were checked on the host) and ν of the damped normal step (``None``: undamped)."""
+    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``; ``ok`` (sync-free
+    mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
+    (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
+    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
 
     layout: FlatLayout
     loss: Tensor
@@ -67,7 +68,9 @@ class StepContext:
     c: Tensor
     J: Tensor
     ok: Tensor | None
+    stats: Tensor | None
     step: Tensor
+    sync_free: bool
     damping: Tensor | None = None
 
 
@@ -111,6 +114,7 @@ class ConstrainedOptimizer(Optimizer):
         self.sync_free = sync_free
         self._global: OptimizerState = self._state_type()
         self._diagnostics: dict[str, Any] = {}
+        self._multipliers: Tensor | None = None
         self._guard = FiniteGuard()
         self._flat = FlatState(self._flat_state_names)
         self._layout_cache: FlatLayout | None = None
@@ -121,16 +125,26 @@ class ConstrainedOptimizer(Optimizer):
         if process_group is None:
             _warn_if_distributed(type(self).__name__)
 
-    # ------------------------------------------------------------------ validation helpers
-    @staticmethod
-    def _check_lr(lr: float, name: str = "learning rate") -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
-            raise ValueError(f"Invalid {name}: {lr}")
+    # ------------------------------------------------------------------ hyperparameters
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a hyperparameter of ``group`` the method cannot use (subclasses)."""
 
-    @staticmethod
-    def _check_beta(beta: float, name: str) -> None:
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid {name}: {beta} (expected 0 <= {name} < 1)")
+    def _check_groups(self) -> None:
+        """Check every param group, at the start of every step and before anything changes (hyperparameters
+        can be changed after construction); subclasses add checks across groups."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                self._check_group(group)
+            except ValueError as err:
+                raise in_group(i, group, err) from None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError as err:
+            self.param_groups.pop()  # refused: the optimizer is as it was
+            raise in_group(len(self.param_groups), param_group, err) from None
 
     # ------------------------------------------------------------------ layout and state
     def _layout(self) -> FlatLayout:
@@ -167,6 +181,7 @@ class ConstrainedOptimizer(Optimizer):
         self._layout_cache = None
         self._flat.invalidate()
         self._diagnostics = {}
+        self._multipliers = None
         # refused steps recorded before the checkpoint were reported then
         seen = new_global.nonfinite_steps
         self._guard.reset(0 if seen is None else int(seen))
@@ -187,19 +202,22 @@ class ConstrainedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """One step; see the class docstring for the algorithm and :mod:`sqpoptim._closure` for the contract.
-        Returns the detached ``(loss, c)`` the closure gave."""
+
+        Returns the detached ``(loss, c)`` at the point the step was taken from — as ``torch.optim`` returns
+        the closure's loss —, except after a rejected damped step, when the parameters went back to the last
+        accepted point: then the values at that point."""
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
         # With a process group every rank must decide alike, so it waits for the flag (the agreement round waits
         # for the device anyway).
         self._guard.raise_pending(wait=self._ranks is not None)
-        self._check_groups()
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         sent = 0 if self._ranks is None else self._ranks.sent_bytes
         g: Tensor | None = None
         with torch.enable_grad():
             if self._ranks is None:
+                self._check_groups()
                 inputs, c_out = self._read_closure(strip_sharded(closure())[0], layout)
             else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
                 inputs, c_out, g = self._exchanged_inputs(closure, layout)
@@ -214,36 +232,61 @@ class ConstrainedOptimizer(Optimizer):
                 # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
                 g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
             J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
-        loss, c = inputs.loss.detach(), inputs.c.detach()
-        ok = self._guard.check(self._global, loss, c, g, J, sync_free=sync_free)
+            loss, c = inputs.loss.detach(), inputs.c.detach()
+            try:
+                bad = self._guard.check(loss, c, g, J, sync_free=sync_free)
+            except ZeroJacobianRows as err:
+                raise self._zero_rows_error(err.rows, inputs, layout) from None
+        ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
         reject = None
         if verdict is not None and ok is not None:  # sync-free: a rejected step is a no-op on the state ...
             reject = verdict.reject & ok  # (non-finite inputs are never rejected: the usual refusal)
             ok = ok & ~verdict.reject
-        k = self._next_step_count(ok, layout.device)
-        ctx = StepContext(layout, loss, g, c, J, ok, k, None if verdict is None else verdict.nu)
+        # the statistics (moments, step count) are fed only by a fresh gradient: not again after a rejection,
+        # when this step retakes the rejected one from the same point with a larger damping
+        retry = None if damping is None else damping.retry
+        stats = ok if retry is None else (~retry if ok is None else ok & ~retry)
+        ctx = StepContext(layout, loss, g, c, J, ok, stats, self._next_step_count(stats, layout.device), sync_free)
+        ctx.damping = None if verdict is None else verdict.nu
         delta, info = self._direction(ctx)
-        self._global.step = k
+        formed = info.pop("formed", None)
+        if sync_free:
+            formed = delta.isfinite().all() if formed is None else formed & delta.isfinite().all()
+            self._guard.commit(self._global, bad, formed, reject)
+            applied = formed if ok is None else ok & formed
+            delta = torch.where(applied, delta, torch.zeros_like(delta))
+            counted = formed if stats is None else stats & formed
+        else:
+            if not bool(delta.isfinite().all()):  # from finite inputs and a finite projected gradient: overflow
+                raise FloatingPointError(
+                    "the step could not be formed: non-finite displacement from finite inputs (an overflowing "
+                    "linear system); the step was refused and the parameters are unchanged"
+                )
+            counted = stats
+        self._commit_step(ctx, counted)
         self._warn_if_truncated(info, m)
-        if ok is not None:
-            delta = torch.where(ok, delta, torch.zeros_like(delta))
+        returned = (loss, c_out)
         if verdict is not None:
             assert damping is not None
             x = layout.gather()
             x_prev = damping.x_accepted
             if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
                 delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
+                returned = _damping.values_after(damping, reject, loss, c_out)
+                for key in ("v_norm", "u_norm"):
+                    info[key] = torch.where(reject, torch.zeros_like(info[key]), info[key])
             gamma = self._normal_step_sizes(layout)
             gamma = gamma.max().double() if isinstance(gamma, Tensor) else gamma
             self._global.damping = _damping.record(
                 damping,
                 verdict,
+                loss=loss,
                 c=c,
                 Jdelta=J @ delta,
                 normal_norm=gamma * info["v_norm"].double(),
                 u_norm=info["u_norm"],
                 x=x,
-                ok=ok,
+                ok=None if ok is None else applied,
                 reject=reject,
             )
             info.update(
@@ -253,11 +296,21 @@ class ConstrainedOptimizer(Optimizer):
                 rejected_steps=_rejected_count(self._global.damping),
             )
         layout.add_(delta)
+        info["step_norm"] = torch.linalg.vector_norm(delta)
+        multipliers = info.pop("multipliers", None)
+        if multipliers is not None:
+            if ok is not None:  # a refused step keeps the last estimates (NaN when there are none of this size)
+                last = self._multipliers
+                if last is None or last.shape != multipliers.shape:
+                    last = torch.full_like(multipliers, float("nan"))
+                multipliers = torch.where(applied, multipliers, last)
+            self._multipliers = multipliers
+        info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
         info["g_norm"] = torch.linalg.vector_norm(g)
         if self._ranks is not None:
             info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
-        return loss, c_out
+        return returned
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
@@ -267,11 +320,12 @@ class ConstrainedOptimizer(Optimizer):
     def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
         """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
         (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
-        of every rank. Whatever fails on one rank (the closure, its parsing, g, J) is raised on every rank, and
-        nothing has changed when it is."""
+        of every rank. Whatever fails on one rank (a param group's settings, the closure, its parsing, g, J) is
+        raised on every rank, and nothing has changed when it is."""
         assert self._ranks is not None
 
         def form() -> LocalInputs:
+            self._check_groups()
             out, sharded = strip_sharded(closure())
             inputs, c_out = self._read_closure(out, layout)
             uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
@@ -292,18 +346,16 @@ class ConstrainedOptimizer(Optimizer):
             )
         return StepInputs(shared.loss, shared.c, shared.J), shared.c, shared.g
 
-    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(loss, c, g, J)`` at the current parameters (every rank's, exchanged, with a process group): for
-        extra evaluations of the closure within a step."""
+    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """``(inputs, g, J)`` at the current parameters — every rank's, exchanged, with a process group — for
+        extra evaluations of the closure within a step (the inputs as parsed, J formed when not given)."""
         if self._ranks is not None:
             inputs, _, g = self._exchanged_inputs(closure, layout)
-        else:
-            inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
-            g = None
+            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            return inputs, g, J
+        inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
         J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
-        if g is None:
-            g = flat_gradient(inputs.loss, layout)
-        return inputs.loss, inputs.c, g, J
+        return inputs, flat_gradient(inputs.loss, layout), J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
@@ -319,25 +371,36 @@ class ConstrainedOptimizer(Optimizer):
             warned=self._jacobian_warned,
         )
 
-    def _next_step_count(self, ok: Tensor | None, device: torch.device) -> Tensor:
-        """k for this step (refused steps do not count); stored once the direction has been formed."""
+    def _next_step_count(self, counted: Tensor | None, device: torch.device) -> Tensor:
+        """k for this step: the steps counted so far plus this one if ``counted`` (``None``: counted)."""
         k = self._global.step
         k = torch.zeros((), dtype=torch.float64, device=device) if k is None else k
-        return k + (1.0 if ok is None else ok.to(k.dtype))
+        return k + (1.0 if counted is None else counted.to(k.dtype))
 
-    def _check_groups(self) -> None:
-        """Refuse a step whose param-group settings the method cannot use, before anything changes."""
+    def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
+        """Store the step count once the step is known to be taken (``counted``: as in
+        :meth:`_next_step_count`); subclasses with per-parameter counts extend this."""
+        self._global.step = self._next_step_count(counted, ctx.layout.device)
 
     def _reject_last_step(
         self, layout: FlatLayout, damping: DampingState, verdict: _damping.Verdict, loss: Tensor, c: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Exact mode: move the parameters back to the last accepted point and keep the escalated ν."""
+        """Exact mode: move the parameters back to the last accepted point, keep the escalated ν and return the
+        values at that point. The diagnostics keep their keys: no displacement was formed (``v_norm`` and
+        ``u_norm`` are 0); ``rank``, ``gram_cond`` and ``g_norm`` are those of the last formed step."""
         assert damping.x_accepted is not None
+        x_rejected = layout.gather()
         with torch.no_grad():  # called from inside the closure's enable_grad block
             layout.assign(damping.x_accepted)
         self._global.damping = _damping.rejected(damping, verdict)
+        loss, c = _damping.values_after(damping, None, loss, c)
+        zero = torch.zeros((), dtype=layout.dtype, device=layout.device)
         self._diagnostics = {
+            **self._diagnostics,
             "c_inf": c.abs().max(),
+            "v_norm": zero,
+            "u_norm": zero,
+            "step_norm": torch.linalg.vector_norm(damping.x_accepted - x_rejected),
             "rejected": True,
             "damping": verdict.nu,
             "damping_ratio": verdict.rho,
@@ -345,17 +408,54 @@ class ConstrainedOptimizer(Optimizer):
         }
         return loss, c
 
+    def _zero_rows_error(self, rows: list[int], inputs: StepInputs, layout: FlatLayout) -> ValueError:
+        """Say why Jacobian rows of unsatisfied constraints can be zero: c_i does not depend on the parameters
+        (autograd cannot tell this apart from a zero derivative: a row of ``torch.cat`` has a graph to every
+        part), or c_i is stationary here — an infeasible constraint at a minimum of |c_i|, or units saturated,
+        typically by the optimizer's own large previous step, which the message then names."""
+        shown = rows[:10]
+        values = ", ".join(f"{inputs.c[i].item():.3g}" for i in shown)
+        moved = ""
+        if "step_norm" in self._diagnostics:
+            step_norm = float(self._diagnostics["step_norm"])
+            x_norm = float(torch.linalg.vector_norm(layout.gather().detach()))
+            if step_norm > 0.5 * max(x_norm, 1e-12):
+                moved = (
+                    f" The optimizer's previous step moved the parameters by ‖δ‖ = {step_norm:.3g} against "
+                    f"‖x‖ = {x_norm:.3g}, which can saturate units: globalise the normal step (normal_damping) "
+                    "or lower normal_lr."
+                )
+        given = " (in the given J)" if inputs.J is not None and not inputs.c.requires_grad else ""
+        return ValueError(
+            f"constraint(s) {shown} cannot be reduced from this point: all-zero Jacobian rows{given} while "
+            f"c = [{values}]. Either they do not depend on the parameters at all (remove them, or check that "
+            "c is computed from the model), or they are stationary here: an infeasible constraint at a local "
+            f"minimum of |c_i|, or units saturated by a large step.{moved} The step was refused and the "
+            "parameters and optimizer state are unchanged."
+        )
+
     def _warn_if_truncated(self, info: dict[str, Any], m: int) -> None:
         if info.get("truncated") and not self._rank_warned:
             self._rank_warned = True
-            warnings.warn(
+            warn_user(
                 f"the constraint Jacobian is rank-deficient or ill-conditioned (rank used {int(info['rank'])} "
                 f"of {m}); steps use its independent part (see optimizer.diagnostics())",
                 RankDeficiencyWarning,
-                stacklevel=4,
             )
 
     # ------------------------------------------------------------------ reporting
+    @property
+    def multipliers(self) -> Tensor | None:
+        r"""Least-squares Lagrange multiplier estimates of the last step, ``[m]`` float64:
+        :math:`\lambda_k = -(J_kJ_k^\top)^{-1}J_kg_k`, the λ that minimises :math:`\|g_k + J_k^\top\lambda\|`
+        (so :math:`g_k + J_k^\top\lambda_k` is the projected gradient). At a solution
+        :math:`\nabla f + J^\top\lambda = 0`: if constraint i were relaxed to :math:`c_i(x) = \varepsilon_i`,
+        the optimal loss would change by :math:`-\lambda_i\varepsilon_i` to first order. From mini-batch
+        gradients they are as noisy as g. ``None`` before the first step. Methods that form no Euclidean Gram
+        matrix (``projection="scaled"`` with unprojected gradients, i.e. :class:`~sqpoptim.ConstrainedAdam`)
+        estimate λ in their own metric W, :math:`-(JWJ^\top)^{-1}JWg`, which agrees at a KKT point."""
+        return self._multipliers
+
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` if a step since the last check was refused for non-finite inputs
         (``sync_free`` mode). Waits for the device."""
@@ -379,13 +479,12 @@ def _warn_if_distributed(name: str) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         if world > 1:
-            warnings.warn(
+            warn_user(
                 f"torch.distributed is initialised with {world} ranks but {name} was given no process_group: "
                 "each rank steps on its own gradient and constraints, and replicas drift apart (wrapping the "
                 "model in DistributedDataParallel does not average the gradients this optimizer forms); pass "
                 "process_group=torch.distributed.group.WORLD to step together",
                 UserWarning,
-                stacklevel=3,
             )
 
 

@@ -39,12 +39,18 @@ class DampingState:
 
     ``nu`` (ν, relative damping) and ``escalation`` (factor applied to ν on the next failure) are 0-d float64;
     ``model`` is ``[‖c_k‖, ‖c_k + J_kδ_k‖, normal part dominated]`` of the last step (float64 ``[3]``), ``None``
-    before the first; ``x_accepted`` the last accepted point ``[n]``; ``rejected_steps`` counts rejections."""
+    before the first; ``x_accepted`` the point the last accepted step was taken from ``[n]``, with the loss and
+    c the closure gave there (``accepted_loss``, ``accepted_c``: what ``step`` returns after moving back);
+    ``retry`` (0-d bool) says the last step was rejected, so the next one retakes it from the same point;
+    ``rejected_steps`` counts rejections."""
 
     nu: Tensor
     escalation: Tensor
     model: Tensor | None = None
     x_accepted: Tensor | None = None
+    accepted_loss: Tensor | None = None
+    accepted_c: Tensor | None = None
+    retry: Tensor | None = None
     rejected_steps: Tensor | None = None
 
 

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
+from ._finite import both, require_finite
+from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
+from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
@@ -101,10 +103,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         normal_damping: float | None = None,
         process_group: Any = None,
     ) -> None:
-        self._check_lr(lr)
-        self._check_beta(momentum, "momentum")
-        if normal_lr is not None:
-            self._check_lr(normal_lr, "normal_lr")
+        self._check_group(dict(lr=lr, momentum=momentum, normal_lr=normal_lr))
         defaults = dict(lr=lr, momentum=momentum, normal_lr=normal_lr)
         super().__init__(
             params,
@@ -116,6 +115,11 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             normal_damping=normal_damping,
             process_group=process_group,
         )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_beta(group["momentum"], "momentum")
+        check_optional_nonnegative(group["normal_lr"], "normal_lr")
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
         layout, groups = ctx.layout, self.param_groups
@@ -129,8 +133,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             momentum=self._per_coordinate(layout, [g["momentum"] for g in groups]),
             normal_lr=self._normal_step_sizes(layout),
             rank_tol=self._rank_tol(layout),
-            sync_free=ctx.ok is not None,
-            ok=ctx.ok,
+            sync_free=ctx.sync_free,
+            ok=ctx.stats,
             damping=ctx.damping,
         )
 
@@ -152,20 +156,26 @@ def heavy_ball_sqp_direction(
     """Functional form of one :class:`ProjectedHeavyBallSQP` step on flat vectors.
 
     Updates ``momentum_buffer`` in place and returns ``(δ, diagnostics)`` with :math:`x_{k+1} = x_k + δ`.
-    Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool, sync-free mode) turns the
-    step into a no-op on the state when False.
+    Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool) turns the step into a no-op
+    on the momentum when False. The projected gradient and the normal step are checked before the momentum
+    changes (:func:`sqpoptim._finite.require_finite`); ``multipliers`` in the diagnostics are the least-squares
+    estimates :math:`-(JJ^\top)^{-1}Jg`.
     """
     m = c.shape[0]
     F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m else None
-    gbar = project(J, g, F) if m else g  # [n]
+    if m:
+        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
+        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
+    else:
+        gbar, lam = g, None
+        delta_n = v = torch.zeros_like(g)
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
+    ok = both(ok, formed)
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
         weight = masked(ok, weight, 0.0, g)
     momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
     u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
-    if m:
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    else:
-        delta_n = v = torch.zeros_like(g)
-    return delta_n + u, step_info(c, F, v, u)
+    info = step_info(c, F, v, u)
+    return delta_n + u, {**info, "formed": formed, "multipliers": lam}

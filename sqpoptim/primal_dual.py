@@ -14,6 +14,7 @@ from ._agreement import LocalInputs
 from ._closure import parse_closure_output
 from ._distributed import strip_sharded
 from ._exchange import exchange, form_locally
+from ._hyperparameters import check_nonnegative
 from ._layout import FlatLayout, as_real
 from ._optimizer import ConstrainedOptimizer
 from ._state import OptimizerState
@@ -77,8 +78,7 @@ class PrimalDual(ConstrainedOptimizer):
         process_group: Any = None,
         **inner_kwargs: Any,
     ) -> None:
-        self._check_lr(lr)
-        self._check_lr(dual_lr, "dual_lr")
+        self._check_group(dict(lr=lr, dual_lr=dual_lr))
         if isinstance(inner, str):  # a torch.optim class by name ("Adam", "SGD", ...), e.g. from a command line
             name = inner
             inner = getattr(torch.optim, name, None)
@@ -88,14 +88,18 @@ class PrimalDual(ConstrainedOptimizer):
         # The inner optimizer shares the param-group dicts, so schedulers acting on this optimizer reach it.
         self.inner = inner(self.param_groups, lr=lr, **inner_kwargs)
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_nonnegative(group["dual_lr"], "dual_lr")
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         if closure is None:
             raise RuntimeError("PrimalDual.step() needs a closure returning (loss, c)")
-        self._check_groups()
         layout = self._layout()
         if self._ranks is not None:
             return self._distributed_step(closure, layout)
+        self._check_groups()
         with torch.enable_grad():
             inputs = parse_closure_output(strip_sharded(closure())[0], layout)
             loss, c = inputs.loss, inputs.c
@@ -110,7 +114,7 @@ class PrimalDual(ConstrainedOptimizer):
             # Dual step first, with this iterate's c (alternating / Arrow-Hurwicz order; see the class docstring).
             lam = lam + self._dual_lr() * c.detach()
             flat, grads = self._lagrangian_gradient(loss, c, lam, 1, layout)
-        self._guard.check(self._global, loss.detach(), c.detach(), flat, None, sync_free=False)
+        self._guard.check(loss.detach(), c.detach(), flat, None, sync_free=False)
         return self._primal_step(layout, flat, grads, loss.detach(), c.detach(), lam)
 
     def _dual_lr(self) -> float:
@@ -166,6 +170,7 @@ class PrimalDual(ConstrainedOptimizer):
         lam_all, counts_before = self._global.multipliers, self._global.multiplier_counts
 
         def form() -> LocalInputs:
+            self._check_groups()
             out, sharded = strip_sharded(closure())
             inputs = parse_closure_output(out, layout)
             loss, c = inputs.loss, inputs.c
@@ -193,7 +198,7 @@ class PrimalDual(ConstrainedOptimizer):
         if lam_all is not None and lam_all.shape[0] != m:
             raise ValueError(f"the number of constraints changed from {lam_all.shape[0]} to {m}")
         lam_all = (lam_all if lam_all is not None else shared.c.new_zeros(m)) + self._dual_lr() * shared.c
-        self._guard.check(self._global, shared.loss, shared.c, shared.g, None, sync_free=False)
+        self._guard.check(shared.loss, shared.c, shared.g, None, sync_free=False)
         self._global.multiplier_counts = torch.tensor(shared.counts) if local.sharded else None
         # the averaged gradient as p.grad (a parameter no rank's Lagrangian reaches gets zeros, not None)
         grads = [

@@ -10,7 +10,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._linalg import factor_gram, gram, normal_step, project, scaled_normal_step, step_info
+from ._finite import both, require_finite
+from ._hyperparameters import check_nonnegative, check_optional_nonnegative
+from ._linalg import (
+    factor_gram,
+    gram,
+    normal_step,
+    project,
+    project_with_multipliers,
+    scaled_normal_step,
+    step_info,
+)
 from ._optimizer import ConstrainedOptimizer, StepContext
 from ._state import OptimizerState
 
@@ -106,9 +116,7 @@ class StochasticSQP(ConstrainedOptimizer):
         normal_damping: float | None = None,
         process_group: Any = None,
     ) -> None:
-        self._check_lr(lr)
-        if normal_lr is not None:
-            self._check_lr(normal_lr, "normal_lr")
+        self._check_group(dict(lr=lr, normal_lr=normal_lr))
         if step_rule not in ("fixed", "adaptive"):
             raise ValueError(f"Invalid step_rule {step_rule!r}: expected 'fixed' or 'adaptive'")
         for name, val in (("tau0", tau0), ("xi0", xi0)):
@@ -150,7 +158,12 @@ class StochasticSQP(ConstrainedOptimizer):
         finally:
             self._closure = None
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_optional_nonnegative(group["normal_lr"], "normal_lr")
+
     def _check_groups(self) -> None:
+        super()._check_groups()
         lrs = [g["lr"] for g in self.param_groups]
         if self.step_rule == "adaptive" and any(lr != lrs[0] for lr in lrs):
             raise ValueError("step_rule='adaptive' needs one learning rate (β_k) shared by all param groups")
@@ -166,7 +179,7 @@ class StochasticSQP(ConstrainedOptimizer):
                 lr=self._per_coordinate(layout, lrs),
                 normal_lr=self._normal_step_sizes(layout),
                 rank_tol=self._rank_tol(layout),
-                sync_free=ctx.ok is not None,
+                sync_free=ctx.sync_free,
                 damping=ctx.damping,
             )
         state = self._global
@@ -177,10 +190,13 @@ class StochasticSQP(ConstrainedOptimizer):
             tau = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
             xi = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
         m = ctx.c.shape[0]
-        F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.ok is not None) if m else None
+        F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.sync_free) if m else None
         v = normal_step(ctx.J, ctx.c, F) if m else torch.zeros_like(ctx.g)
-        u = -project(ctx.J, ctx.g, F) if m else -ctx.g
+        gbar, lam = project_with_multipliers(ctx.J, ctx.g, F) if m else (ctx.g, None)
+        u = -gbar
         d = v + u
+        formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
+        ok = both(ctx.stats, formed)
         L, Gamma = lipschitz
         alpha, tau_new, xi_new = adaptive_step_size(
             ctx.g,
@@ -196,11 +212,12 @@ class StochasticSQP(ConstrainedOptimizer):
             eps_tau=self.rule["eps_tau"],
             eps_xi=self.rule["eps_xi"],
         )
-        if ctx.ok is not None:  # a refused step keeps τ and ξ
-            tau_new, xi_new = torch.where(ctx.ok, tau_new, tau), torch.where(ctx.ok, xi_new, xi)
+        if ok is not None:  # a refused step keeps τ and ξ
+            tau_new, xi_new = torch.where(ok, tau_new, tau), torch.where(ok, xi_new, xi)
         state.lipschitz, state.tau, state.xi, state.alpha = lipschitz, tau_new, xi_new, alpha
         info = step_info(ctx.c, F, v, alpha.to(u.dtype) * u)
         info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
+        info.update(formed=formed, multipliers=lam)
         return alpha.to(d.dtype) * d, info
 
     def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
@@ -212,7 +229,8 @@ class StochasticSQP(ConstrainedOptimizer):
         Γ bounds the constraints' curvature in the merit function's ℓ1 norm,
         :math:`\|c(x+s)\|_1 \le \|c + Js\|_1 + \tfrac{\Gamma}{2}\|s\|^2`: the largest
         :math:`\sum_i \|\nabla c_i(x+\delta e) - \nabla c_i(x)\|/\delta` over the same directions.
-        Runs once, at the first step (one host read per closure call)."""
+        Runs once, at the first step (one host read per closure call); the extra evaluations are checked like the
+        step's own (non-finite values refuse the step with the parameters and state unchanged)."""
         dev = ctx.g.device
         if self.lipschitz is not None:
             return tuple(torch.tensor(float(x), dtype=torch.float64, device=dev) for x in self.lipschitz)
@@ -227,7 +245,16 @@ class StochasticSQP(ConstrainedOptimizer):
                 e = e * (radius / torch.linalg.vector_norm(e))
                 layout.assign(x0 + e)
                 with torch.enable_grad():
-                    _, _, g, J = self._evaluate(self._closure, layout)
+                    inputs, g, J = self._evaluate(self._closure, layout)  # every rank's, with a process group
+                    if inputs.c.shape != ctx.c.shape:
+                        raise ValueError(
+                            f"the closure returned {inputs.c.shape[0]} constraints at a nearby point (Lipschitz "
+                            f"estimate) but {ctx.c.shape[0]} at the iterate; it must evaluate the same batch"
+                        )
+                try:  # the same checks as the step's own inputs: NaN here would make α = 1 silently
+                    self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, J, sync_free=False)
+                except (FloatingPointError, ValueError) as err:
+                    raise type(err)(f"while estimating the Lipschitz constants (step_rule='adaptive'): {err}") from None
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)
@@ -257,15 +284,21 @@ def sqp_direction(
     damping: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of the fixed-step :class:`StochasticSQP` step: ``(γ v + u, diagnostics)`` with
-    :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection)."""
+    :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection). ``multipliers`` in the
+    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg`."""
     m = c.shape[0]
     if not m:
         u = -(lr * g)
         return u, step_info(c, None, torch.zeros_like(u), u)
     F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
-    u = -project(J, lr * g, F)
+    if isinstance(lr, Tensor):  # per-group rates: project Λg; the multipliers need their own solve
+        u = -project(J, lr * g, F)
+        lam = project_with_multipliers(J, g, F)[1]
+    else:
+        gbar, lam = project_with_multipliers(J, g, F)
+        u = -lr * gbar
     delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    return delta_n + u, step_info(c, F, v, u)
+    return delta_n + u, {**step_info(c, F, v, u), "multipliers": lam}
 
 
 def adaptive_step_size(
