@@ -4,6 +4,8 @@ Examples::
 
     python -m problems run spring --quick --methods sqp-adam,adam-unc,adam-con   # < 2 min on a laptop CPU
     python -m problems run darcy --methods sqp-adam,adam-unc --lr 5e-3,5e-4 --batch full,mini --seeds 0-4
+    python -m problems run burgers --quick --methods sqp-adam --batch mini --nproc 2   # 2 CPU processes
+    torchrun --nproc-per-node 2 -m problems run burgers --quick --methods sqp-adam --batch mini
     python -m problems plot spring
     python -m problems list
 """
@@ -15,6 +17,7 @@ import argparse
 from . import problem_class, problem_names
 from .methods import METHODS, parse_method
 from .runner import RunSpec, run_sweep
+from .runner.parallel import from_torchrun, run_sweep_on_ranks
 
 PAPER_METHODS = "sqp-adam,sqp-hb,adam-unc,adam-con"
 
@@ -88,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     r.add_argument("--threads", type=int, help="torch intra-op threads (small problems run best on 1)")
+    r.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="CPU processes (gloo) sharing each mini-batch; rank 0 writes (see problems.runner.parallel). "
+        "Under torchrun the ranks it started are used instead",
+    )
     r.add_argument("--model-seed", type=int, default=0)
     r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1%% of the budget)")
     r.add_argument("--results", default="results", help="results folder (default ./results)")
@@ -110,12 +120,29 @@ def main(argv: list[str] | None = None) -> int:
         print("methods:", ", ".join(f"{k} ({m.label})" for k, m in METHODS.items()))
         return 0
     if args.command == "run":
+        if args.nproc < 1:
+            raise SystemExit(f"invalid --nproc {args.nproc}: expected a positive number of processes")
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
         specs = _specs(args)
-        results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
+        ranks = from_torchrun(args.threads)
+        if ranks is not None:  # started by torchrun: this process is one rank of the run
+            results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet, ranks=ranks)
+            if not ranks.writer:
+                return 0
+        elif args.nproc > 1:
+            results = run_sweep_on_ranks(
+                specs,
+                args.nproc,
+                args.results,
+                threads=args.threads or 1,
+                cache_dir=args.cache,
+                progress=not args.quiet,
+            )
+        else:
+            results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
         print(
             f"\n{'method':34s} {'lr':>8s} {'batch':>5s} {'seed':>4s} {'objective':>11s} {'test MSE':>10s} "
             f"{'max|c|':>9s} {'ms/it':>7s}"

@@ -9,9 +9,11 @@ name instead of blocking the suite. Results travel as ``torch.save`` files read 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -89,7 +91,15 @@ def run_ranks(
 
 @functools.cache
 def two_rank_results() -> list[dict[str, Any]]:
-    """Every scenario of :mod:`tests.distributed_scenarios` on two ranks, run once per test session."""
+    """Every scenario of :mod:`tests.distributed_scenarios` on two ranks, run once per test session; the runner's
+    files are under :func:`two_rank_results_dir`."""
     from .distributed_scenarios import all_scenarios
 
-    return run_ranks(all_scenarios, world=2, timeout=300.0, collective_timeout=60.0)
+    return run_ranks(all_scenarios, two_rank_results_dir(), world=2, timeout=300.0, collective_timeout=60.0)
+
+
+@functools.cache
+def two_rank_results_dir() -> str:
+    path = tempfile.mkdtemp(prefix="sqpoptim-ranks-results-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

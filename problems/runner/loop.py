@@ -27,6 +27,7 @@ from .. import get_problem
 from ..core.problem import Problem
 from ..methods import parse_method, resolve_method
 from .checkpoint import load_checkpoint, save_checkpoint
+from .parallel import Ranks, shard_batch, split_is_even
 from .results import read_result, versions, write_result
 from .spec import RunSpec
 
@@ -110,11 +111,14 @@ def run(
     checkpoint_every: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or load) one training run and return its results dictionary.
 
     ``stop_after`` stops after that many iterations *of this call*, leaving the checkpoint behind (used to
-    test resumption; a real interruption leaves the same state)."""
+    test resumption; a real interruption leaves the same state). ``ranks``: this process's place in a run on
+    several processes (:mod:`problems.runner.parallel`); only rank 0 writes files, evaluates and reports, and
+    the other ranks return ``{"status": "worker"}``."""
     out_dir = Path(results_dir) / spec.problem
     out_json, out_npz, ckpt = (out_dir / f"{spec.key()}{ext}" for ext in (".json", ".npz", ".ckpt"))
     if out_json.exists():
@@ -122,9 +126,15 @@ def run(
     if spec.batch not in ("full", "mini"):
         raise ValueError(f"Invalid batch mode {spec.batch!r}: expected 'full' or 'mini'")
     method, options = resolve_method(spec.method, spec.lr)
+    writer = ranks is None or ranks.writer
+    if ranks is not None and not writer:
+        ranks.barrier()  # rank 0 builds (and caches) the data first
     problem = _problem(spec, Path(cache_dir) if cache_dir else None)
+    if ranks is not None and writer:
+        ranks.barrier()
     torch.manual_seed(spec.model_seed)
-    training = method.setup(problem, problem.make_model(spec.model_seed), spec.lr, options)
+    group = None if ranks is None else ranks.group
+    training = method.setup(problem, problem.make_model(spec.model_seed), spec.lr, options, process_group=group)
     model, opt = training.model, training.optimizer
     gen = torch.Generator().manual_seed(spec.seed)
     evals = spec.evaluation_points()
@@ -153,6 +163,8 @@ def run(
             torch.cuda.synchronize(dev)
 
     def evaluate(it: int) -> None:
+        if not writer:  # the replicas are identical: rank 0 evaluates for all
+            return
         model.eval()  # output layers switch to their inference tolerances
         m = problem.metrics(model)
         model.train()
@@ -169,8 +181,12 @@ def run(
     sync()
     t0 = time.perf_counter()
     diverged: tuple[int, str] | None = None
+    even = True
     for it in range(start, n):
         batch = None if spec.batch == "full" else problem.sample_batch(gen)
+        if ranks is not None and batch is not None:  # every rank drew the same batch; each keeps its share
+            even = even and split_is_even(batch, ranks.world)
+            batch = shard_batch(batch, ranks)
         try:
             loss, c = opt.step(training.closure(batch))
         except FloatingPointError as err:  # diverged: recorded as such; a sweep goes on with the next run
@@ -188,16 +204,22 @@ def run(
             step_time += time.perf_counter() - t0
             if done in eval_set:
                 evaluate(done)
-            if stopping or (done < n and done % every == 0):
+            if writer and (stopping or (done < n and done % every == 0)):
                 logs = (train_loss, train_c, train_g)
                 save_checkpoint(ckpt, spec, model, opt, gen, logs, curves, done, step_time)
             if stopping:
+                if ranks is not None:
+                    ranks.barrier()  # the checkpoint is on disk for every rank
                 return {"status": "interrupted", "iteration": done}
             t0 = time.perf_counter()
-        elif progress and bar.due():
+        elif progress and writer and bar.due():
             bar.update(done, float(train_loss[it]), float(train_c[it]))
     sync()
     step_time += time.perf_counter() - t0 if start < n else 0.0
+    if not writer:
+        assert ranks is not None
+        ranks.barrier()  # returns once rank 0 has written the results
+        return {"status": "worker"}
     model.eval()
     if diverged is None:
         final = {k: float(v) for k, v in problem.metrics(model).items()}
@@ -216,6 +238,7 @@ def run(
             "settings": _settings(dict(training.settings)),
             "problem_settings": problem.describe(),
             "versions": versions(),
+            **({"nproc": ranks.world, "batch_split": "even" if even else "uneven"} if ranks is not None else {}),
         },
         "curves": {
             **curves,
@@ -229,6 +252,8 @@ def run(
     }
     saved = write_result(out_json, out_npz, result, pred)
     ckpt.unlink(missing_ok=True)
+    if ranks is not None:
+        ranks.barrier()
     return saved
 
 
