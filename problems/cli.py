@@ -13,32 +13,41 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import problem_class, problem_names
-from .methods import METHODS, parse_method
+from .methods import METHODS
 from .runner import RunSpec, run_sweep
+from .runner.checkpoint import CheckpointError
 from .runner.parallel import from_torchrun, run_sweep_on_ranks
+from .runner.results import ResultsFileError
 
 PAPER_METHODS = "sqp-adam,sqp-hb,adam-unc,adam-con"
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"invalid --lr {text!r}: expected comma-separated numbers, e.g. 1e-3,5e-4") from None
 
 
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         lo, sep, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise ValueError(f"invalid --seeds {text!r}: expected seeds and ranges, e.g. 0-4 or 0,2,5") from None
+    if not out:
+        raise ValueError(f"invalid --seeds {text!r}: no seed in it (write a range low-high, e.g. 0-4)")
     return out
 
 
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
     defaults = problem_class(args.problem).defaults
     methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        parse_method(m)  # fail early on a typo
     lrs = _floats(args.lr) if args.lr else list(defaults.lrs[:1] if args.quick else defaults.lrs)
     batches = args.batch.split(",") if args.batch else (["full"] if args.quick else ["full", "mini"])
     size = args.size or ("small" if args.quick else "paper")
@@ -46,7 +55,7 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
     for batch in batches:
         if batch not in ("full", "mini"):
             raise SystemExit(f"invalid --batch {batch!r}: expected full and/or mini")
-        if args.iterations:
+        if args.iterations is not None:
             iterations = args.iterations
         elif args.quick:
             iterations = defaults.quick_iterations
@@ -69,6 +78,8 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
                             args.dtype,
                             args.model_seed,
                             args.eval_every,
+                            args.threads,
+                            args.nproc,
                         )
                     )
     return specs
@@ -90,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", choices=("paper", "small", "tiny"), help="data scale (default paper; --quick: small)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    r.add_argument("--threads", type=int, help="torch intra-op threads (small problems run best on 1)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run (default 1: these problems are small and extra threads only spin)",
+    )
     r.add_argument(
         "--nproc",
         type=int,
@@ -119,15 +135,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("methods:", ", ".join(f"{k} ({m.label})" for k, m in METHODS.items()))
         return 0
+    try:
+        return _command(args)
+    except (ValueError, OSError, ResultsFileError, CheckpointError) as err:  # bad input, a bad path or file: one line
+        print(f"python -m problems {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         if args.nproc < 1:
-            raise SystemExit(f"invalid --nproc {args.nproc}: expected a positive number of processes")
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        specs = _specs(args)
+            raise ValueError(f"invalid --nproc {args.nproc}: expected a positive number of processes")
         ranks = from_torchrun(args.threads)
+        if ranks is not None:
+            args.nproc = ranks.world
+        specs = _specs(args)
         if ranks is not None:  # started by torchrun: this process is one rank of the run
             results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet, ranks=ranks)
             if not ranks.writer:

@@ -26,6 +26,7 @@ rejected steps are masked no-ops and non-finite inputs are reported at a later s
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,11 +49,15 @@ from ._linalg import default_rank_tol
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
 from ._warnings import warn_user
 
-__all__ = ["ConstrainedOptimizer", "RankDeficiencyWarning", "StepContext"]
+__all__ = ["ConstrainedOptimizer", "InfeasibilityWarning", "RankDeficiencyWarning", "StepContext"]
 
 
 class RankDeficiencyWarning(UserWarning):
     """The constraint Jacobian was rank-deficient or ill-conditioned; the step used its independent part."""
+
+
+class InfeasibilityWarning(UserWarning):
+    """The constraint violation stalled while the linearised constraints could not reduce it."""
 
 
 @dataclass
@@ -120,6 +125,8 @@ class ConstrainedOptimizer(Optimizer):
         self._layout_cache: FlatLayout | None = None
         self._jacobian_warned = [False]
         self._rank_warned = False
+        self._violations: deque[tuple[float, float]] = deque(maxlen=20)
+        self._infeasibility_warned = False
         self.process_group = process_group
         self._ranks = None if process_group is None else RankGroup(process_group)
         if process_group is None:
@@ -266,12 +273,18 @@ class ConstrainedOptimizer(Optimizer):
         self._commit_step(ctx, counted)
         self._warn_if_truncated(info, m)
         returned = (loss, c_out)
+        Jdelta = None
+        if m and (verdict is not None or sync_free or info.get("truncated")):
+            Jdelta = J @ delta
+        if m:
+            info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
         if verdict is not None:
-            assert damping is not None
+            assert damping is not None and Jdelta is not None
             x = layout.gather()
             x_prev = damping.x_accepted
             if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
                 delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
+                Jdelta = J @ delta
                 returned = _damping.values_after(damping, reject, loss, c_out)
                 for key in ("v_norm", "u_norm"):
                     info[key] = torch.where(reject, torch.zeros_like(info[key]), info[key])
@@ -282,7 +295,7 @@ class ConstrainedOptimizer(Optimizer):
                 verdict,
                 loss=loss,
                 c=c,
-                Jdelta=J @ delta,
+                Jdelta=Jdelta,
                 normal_norm=gamma * info["v_norm"].double(),
                 u_norm=info["u_norm"],
                 x=x,
@@ -310,7 +323,41 @@ class ConstrainedOptimizer(Optimizer):
         if self._ranks is not None:
             info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
+        if m and not sync_free:
+            self._watch_feasibility(c, info["c_predicted"])
         return returned
+
+    def _predicted_violation(self, layout: FlatLayout, c: Tensor, Jdelta: Tensor | None) -> Tensor:
+        r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|`, the part of the violation the linearised step leaves (0 for
+        the full Gauss–Newton step of a full-rank J; near 1 when the linearisation cannot reduce c). Without
+        ``Jdelta`` the step is undamped and full rank, so :math:`J\delta = -\gamma_{\max} c` exactly."""
+        c64 = c.double()
+        c_norm = torch.linalg.vector_norm(c64)
+        if Jdelta is None:
+            gamma = self._normal_step_sizes(layout)
+            gamma = float(gamma.max()) if isinstance(gamma, Tensor) else gamma
+            return torch.full_like(c_norm, abs(1.0 - gamma))
+        left = torch.linalg.vector_norm(c64 + Jdelta.double())
+        return torch.where(c_norm > 0, left / torch.where(c_norm > 0, c_norm, 1.0), torch.zeros_like(left))
+
+    def _watch_feasibility(self, c: Tensor, predicted: Tensor) -> None:
+        """Exact mode: warn once when ‖c‖ has stalled for a window of steps while the linearised step could not
+        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0)."""
+        c_norm = float(torch.linalg.vector_norm(c.double()))
+        self._violations.append((c_norm, float(predicted)))
+        window = self._violations
+        if self._infeasibility_warned or len(window) < window.maxlen:
+            return
+        first, last = window[0][0], window[-1][0]
+        if last > 1e-6 and last > 0.99 * first and all(p > 0.5 for _, p in window):
+            self._infeasibility_warned = True
+            warn_user(
+                f"the constraint violation has stalled at ‖c‖ = {last:.3g} for {len(window)} steps while the "
+                f"linearised constraints cannot remove it (‖c + Jδ‖/‖c‖ = {window[-1][1]:.2f}): the constraints "
+                "may be infeasible, or the iterate is near a stationary point of ‖c‖² (see "
+                "optimizer.diagnostics()['c_predicted'])",
+                InfeasibilityWarning,
+            )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
@@ -462,10 +509,14 @@ class ConstrainedOptimizer(Optimizer):
         self._guard.raise_pending(wait=True)
 
     def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
-        """The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
+        r"""The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
         ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
         was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
-        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), with ``normal_damping`` also
+        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), ``step_norm`` (‖δ_k‖, the displacement
+        applied), ``c_predicted`` (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the
+        linearised step leaves: 0 for a full Gauss–Newton step, near 1 when the constraints cannot be reduced
+        from here — with a stalling ‖c‖ this warns once with :class:`InfeasibilityWarning`, in exact mode),
+        with ``normal_damping`` also
         ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus
         method-specific entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""

@@ -267,7 +267,7 @@ def runner_scenarios(rank: int, world: int, results_dir: str) -> dict[str, Any]:
     from problems.runner import RunSpec, run
     from problems.runner.parallel import Ranks
 
-    spec = RunSpec(**RUNNER_SPEC)
+    spec = RunSpec(**RUNNER_SPEC, nproc=world)
     ranks = Ranks(dist.group.WORLD, rank, world)
     first = run(spec, results_dir, progress=False, stop_after=3, checkpoint_every=3, ranks=ranks)
     second = run(spec, results_dir, progress=False, ranks=ranks)

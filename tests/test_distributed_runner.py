@@ -24,11 +24,12 @@ def ranks():
 def test_two_ranks_resume_and_equal_one_process(ranks, tmp_path):
     assert ranks[0]["first"] == ranks[1]["first"] == {"status": "interrupted", "iteration": 3}
     assert ranks[0]["second"] == "complete" and ranks[1]["second"] == "worker"  # rank 0 is the one writer
-    spec = RunSpec(**RUNNER_SPEC)
+    spec = RunSpec(**RUNNER_SPEC, nproc=2)
     folder = Path(two_rank_results_dir()) / spec.problem
     assert sorted(p.suffix for p in folder.iterdir()) == [".json", ".npz"]  # the checkpoint is gone
     two = json.loads((folder / f"{spec.key()}.json").read_text())
-    one = run(spec, tmp_path, progress=False)
+    one = run(RunSpec(**RUNNER_SPEC), tmp_path, progress=False)
+    assert RunSpec(**RUNNER_SPEC).key() != spec.key()  # the process count is part of the run's identity
     assert two["config"]["nproc"] == 2 and two["config"]["batch_split"] == "even"
     for key, value in one["final"].items():
         assert two["final"][key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
@@ -36,6 +37,14 @@ def test_two_ranks_resume_and_equal_one_process(ranks, tmp_path):
         torch.tensor(two["curves"]["train_loss"]), torch.tensor(one["curves"]["train_loss"]), rtol=1e-10, atol=0
     )
     assert two["curves"]["iteration"] == one["curves"]["iteration"]
+
+
+def test_nproc_is_checked():
+    with pytest.raises(ValueError, match="nproc=2 but it runs on 1"):
+        run(RunSpec(**RUNNER_SPEC, nproc=2), "unused-results", progress=False)
+    with pytest.raises(ValueError, match="Invalid nproc 0"):
+        RunSpec(**RUNNER_SPEC, nproc=0).validate()
+    assert RunSpec(**RUNNER_SPEC).key() == RunSpec(**RUNNER_SPEC, nproc=1).key()
 
 
 def test_shards_are_contiguous_and_cover_the_batch():

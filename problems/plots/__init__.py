@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from .. import problem_class, problem_names
 from ..core.problem import PREDICTION_KINDS
-from ..runner.results import load_results
+from ..runner.results import load_results, read_prediction
 from .curves import curve_figure, final_figure, overview_figure
 from .predictions import PREDICTION_FIGURES
 from .style import method_label, method_styles
@@ -59,8 +59,7 @@ def prediction_kind(problem: str, runs: list[dict[str, Any]]) -> str:
 def _prediction(run: dict[str, Any]) -> dict[str, np.ndarray]:
     if "prediction" in run:  # embedded (compact exports, see paper_figures/)
         return {k: np.asarray(v) for k, v in run["prediction"].items()}
-    with np.load(run["prediction_file"], allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_prediction(run)
 
 
 def make_figures(runs: list[dict[str, Any]], problem: str) -> dict[str, Figure]:

@@ -1,11 +1,12 @@
 """Train any method on any problem: the training loop, resumption and sweeps.
 
 One run = (problem, size, method with options, learning rate, batch mode, batch seed, iterations, device,
-dtype, model seed, evaluation interval): a :class:`~problems.runner.spec.RunSpec`. Its results go to
+dtype, model seed, evaluation interval, threads): a :class:`~problems.runner.spec.RunSpec`. Its results go to
 ``<results>/<problem>/<key>.json`` and ``<key>.npz`` (:mod:`problems.runner.results`). While it runs, a
 checkpoint ``<key>.ckpt`` (:mod:`problems.runner.checkpoint`) is rewritten every ``checkpoint_every``
 iterations, so an interrupted run resumes where it stopped and gives the same iterates; a finished run is never
-redone.
+redone. :func:`run_sweep` validates every spec (problem, method and options, settings) before the first run
+starts, so a typo in the last spec of a sweep does not wait for the others to train.
 
 Conventions: one "epoch" of the papers' budgets is one iteration (as in the authors' code); full-batch runs
 use every objective term, mini-batch runs draw a fresh batch from a generator seeded with the run's seed; the
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import get_problem
+from .. import get_problem, problem_class, problem_names
 from ..core.problem import Problem
 from ..methods import parse_method, resolve_method
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -31,13 +32,17 @@ from .parallel import Ranks, shard_batch, split_is_even
 from .results import read_result, versions, write_result
 from .spec import RunSpec
 
-__all__ = ["run", "run_sweep"]
+__all__ = ["run", "run_sweep", "validate_spec"]
 
 
 @dataclass
 class _Progress:
+    """A progress line: every 0.5 s on a terminal, every 30 s in a log. The rate counts the iterations of this
+    session only (``first``: where a resumed run started), so it is not inflated by the resumed ones."""
+
     label: str
     total: int
+    first: int = 0
     stream: Any = field(default_factory=lambda: sys.stderr)
     last: float = 0.0
     start: float = field(default_factory=time.perf_counter)
@@ -53,7 +58,7 @@ class _Progress:
         self.last = now
         frac = it / max(self.total, 1)
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        rate = it / max(now - self.start, 1e-9)
+        rate = (it - self.first) / max(now - self.start, 1e-9)
         line = f"{self.label} [{bar}] {it}/{self.total} objective {objective:.3e} max|c| {c_inf:.2e} {rate:.1f} it/s"
         self.stream.write(("\r" + line) if tty else (line + "\n"))
         if tty and force:
@@ -103,6 +108,39 @@ def _settings(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def validate_spec(spec: RunSpec) -> None:
+    """Refuse a spec that cannot run, before any data are built: its settings, its problem, its method and
+    options (typed and checked by constructing the optimizer or layer once), and whether they fit together."""
+    spec.validate()
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError:
+        raise ValueError(f"Invalid device {spec.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device!r}: CUDA is not available on this machine (use --device cpu)")
+    if spec.problem not in problem_names():
+        raise ValueError(f"Unknown problem {spec.problem!r}; known problems: {', '.join(problem_names())}")
+    method, _ = resolve_method(spec.method, spec.lr)
+    method.check_problem(problem_class(spec.problem))
+
+
+def _legacy_result(out_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
+    """A result the first release wrote for this spec (its key ignored some fields): used only if every field of
+    its recorded config equals the spec's."""
+    path = out_dir / f"{spec.legacy_key()}.json"
+    if not path.exists():
+        return None
+    result = read_result(path)
+    config = result["config"]
+    # the first release recorded every field but the thread count (which it left to torch) and ran on one process
+    same = (
+        "threads" not in config
+        and spec.nproc == 1
+        and all(config.get(k) == v for k, v in asdict(spec).items() if k not in ("threads", "nproc"))
+    )
+    return result if same else None
+
+
 def run(
     spec: RunSpec,
     results_dir: str | Path = "results",
@@ -123,8 +161,30 @@ def run(
     out_json, out_npz, ckpt = (out_dir / f"{spec.key()}{ext}" for ext in (".json", ".npz", ".ckpt"))
     if out_json.exists():
         return read_result(out_json)
-    if spec.batch not in ("full", "mini"):
-        raise ValueError(f"Invalid batch mode {spec.batch!r}: expected 'full' or 'mini'")
+    legacy = _legacy_result(out_dir, spec)
+    if legacy is not None:
+        return legacy
+    validate_spec(spec)
+    if spec.nproc != (1 if ranks is None else ranks.world):
+        raise ValueError(
+            f"the run's spec says nproc={spec.nproc} but it runs on {1 if ranks is None else ranks.world} "
+            "process(es); run it with --nproc (or torchrun) as its spec says"
+        )
+    if ranks is None or ranks.writer:
+        for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
+            stale.unlink(missing_ok=True)
+    threads = torch.get_num_threads()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    try:
+        return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after, ranks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after, ranks: Ranks | None
+) -> dict[str, Any]:
     method, options = resolve_method(spec.method, spec.lr)
     writer = ranks is None or ranks.writer
     if ranks is not None and not writer:
@@ -156,7 +216,7 @@ def run(
             train_g[: state["iteration"]] = state["train_g"].to(dev)
             curves, start, step_time = state["curves"], state["iteration"], state["step_time"]
     every = checkpoint_every or max(1, n // 10)
-    bar = _Progress(f"{spec.problem}/{spec.method} lr={spec.lr:g} {spec.batch} s{spec.seed}", n)
+    bar = _Progress(f"{spec.problem}/{spec.method} lr={spec.lr:g} {spec.batch} s{spec.seed}", n, first=start)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -238,7 +298,7 @@ def run(
             "settings": _settings(dict(training.settings)),
             "problem_settings": problem.describe(),
             "versions": versions(),
-            **({"nproc": ranks.world, "batch_split": "even" if even else "uneven"} if ranks is not None else {}),
+            **({"batch_split": "even" if even else "uneven"} if ranks is not None else {}),
         },
         "curves": {
             **curves,
@@ -258,7 +318,13 @@ def run(
 
 
 def run_sweep(specs: list[RunSpec], results_dir: str | Path = "results", **kwargs: Any) -> list[dict[str, Any]]:
-    """Run every spec in order; finished runs are loaded, interrupted ones resumed."""
+    """Run every spec in order; finished runs are loaded, interrupted ones resumed. Every spec is validated
+    first (:func:`validate_spec`): a bad one stops the sweep before anything trains, naming the spec."""
+    for spec in specs:
+        try:
+            validate_spec(spec)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{spec.problem} {spec.method} lr={spec.lr:g}: {err}") from None
     out = []
     for i, spec in enumerate(specs):
         if kwargs.get("progress", True):

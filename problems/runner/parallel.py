@@ -12,7 +12,9 @@ rank evaluates the whole objective: the run is correct but not faster. The const
 evaluates all of them (the problems' m is at most a few hundred).
 
 One writer: rank 0 writes the checkpoints, the results and the progress lines; every rank reads a checkpoint to
-resume, so an interrupted N-process run resumes on N processes (or on one: the files are the same).
+resume. The number of processes is part of the run's identity (:attr:`~problems.runner.spec.RunSpec.nproc`:
+like the thread count it changes the last bits), so an interrupted N-process run resumes on N processes, and its
+results never replace a one-process run's.
 """
 
 from __future__ import annotations
@@ -113,6 +115,12 @@ def run_sweep_on_ranks(
     """:func:`~problems.runner.run_sweep` on ``nproc`` spawned CPU processes (gloo, ``threads`` intra-op threads
     each); returns rank 0's results. A rank that fails makes every rank fail (the optimizer's agreement), and
     this raises naming the exit codes."""
+    from .loop import validate_spec
+
+    for spec in specs:  # a bad spec is refused here in one line, not in N tracebacks
+        validate_spec(spec)
+        if spec.nproc != nproc:
+            raise ValueError(f"spec {spec.key()} says nproc={spec.nproc}, not {nproc}")
     with tempfile.TemporaryDirectory(prefix="sqpoptim-runner-") as tmp:
         out = os.path.join(tmp, "results.json")
         ctx = mp.get_context("spawn")
