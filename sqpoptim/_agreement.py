@@ -147,7 +147,7 @@ def _rebuild(name: str, message: str) -> Exception:
     return RuntimeError(message)
 
 
-def _share_failure(group: RankGroup, source: int, error: BaseException | None) -> Exception:
+def _share_failure(group: RankGroup, source: int, error: BaseException | None, device: torch.device) -> Exception:
     """Broadcast the failing rank's exception (class name and message) and build it on every rank."""
     buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
     if group.rank == source:
@@ -157,7 +157,7 @@ def _share_failure(group: RankGroup, source: int, error: BaseException | None) -
         )
         data = text.encode("utf-8")[:_MESSAGE_BYTES]
         buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    group.broadcast_(buf, source)
+    buf = group.broadcast_(buf.to(device), source)
     name, _, message = bytes(buf.tolist()).rstrip(b"\0").decode("utf-8", errors="replace").partition("\n")
     return _rebuild(name, message)
 
@@ -192,7 +192,7 @@ def agree(
     v = vec.tolist()  # the one host read of the agreement
     first_failure = -v[0]
     if first_failure < P:
-        raise _share_failure(group, first_failure, error)
+        raise _share_failure(group, first_failure, error, ctrl)
     assert local is not None
     counts = v[_HEAD : _HEAD + P]
     if v[1] != -v[2] or v[3] != -v[4]:

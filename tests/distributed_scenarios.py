@@ -279,3 +279,18 @@ def all_scenarios(rank: int, world: int, results_dir: str) -> dict[str, Any]:
     optimizers = optimizer_scenarios(rank, world)
     runner = runner_scenarios(rank, world, results_dir)
     return {"optimizers": optimizers, "runner": runner, "collectives": collective_scenarios(rank, world)}
+
+
+def cuda_scenario(rank: int, world: int) -> dict[str, Any]:
+    """Sharded constraints on CUDA parameters over gloo (sync-free by default there): parameters per step."""
+    model = TinyPINN(seed=4).cuda()
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, process_group=dist.group.WORLD)
+    params = [flat_params(model).cpu()]
+    for k in range(5):
+        idx = batch_indices(k)[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH].cuda()
+        rows = PTS[SHARDS[rank]].cuda()
+        opt.step(lambda idx=idx, rows=rows: (((model(X.cuda()[idx]) - Y.cuda()[idx]) ** 2).mean(),
+                                              Sharded(burgers_residual(model, rows))))  # fmt: skip
+        params.append(flat_params(model).cpu())
+    opt.check_finite()
+    return {"params": torch.stack(params)}

@@ -168,3 +168,15 @@ def test_the_harness_names_a_hung_rank_instead_of_hanging():
 
     with pytest.raises(AssertionError, match=r"rank\(s\) \[(0, )?1\] still running"):
         run_ranks(_one_rank_stalls, timeout=15.0, collective_timeout=5.0)
+
+
+@pytest.mark.cuda
+def test_cuda_parameters_over_gloo_equal_one_cpu_process():
+    from .distributed_scenarios import FACTORIES, cuda_scenario, run_case
+    from .ranks import run_ranks
+
+    assert "sqp-adam" in FACTORIES
+    ranks = run_ranks(cuda_scenario)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    ref = run_case(("sqp-adam", "replicated", "autograd"), None, None)["params"][:6]
+    torch.testing.assert_close(ranks[0]["params"], ref, rtol=0, atol=1e-10)
