@@ -104,7 +104,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats):
             dist.barrier()
             before = group.sent_bytes
-            t, c = time.perf_counter(), time.process_time()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             if world == 1:  # the dense step every rank computes today
                 delta_s, _ = heavy_ball_sqp_direction(
                     g_s, c, J_s, buf_s, lr=LR, momentum=MOMENTUM, normal_lr=GAMMA, rank_tol=RANK_TOL
@@ -114,8 +114,8 @@ def _measure(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
             if world > 1:  # the next forward needs every block (equal blocks here: n divisible by P)
                 dist.all_gather(parts, delta_s)
                 group.sent_bytes += (world - 1) * delta_s.numel() * delta_s.element_size()
-            times.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
+            times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - cpu0)
             sent.append(group.sent_bytes - before)
         out[m] = {"step": statistics.median(times), "cpu": statistics.median(cpus), "sent": statistics.median(sent)}
     return out
