@@ -132,13 +132,18 @@ def _fsdp_probe(rank: int, world: int, store: str, out: str) -> None:
         model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         fully_shard(model)
         x = torch.randn(5, 3, generator=torch.Generator().manual_seed(rank))
-        grads = torch.autograd.grad(model(x).square().mean(), list(model.parameters()), allow_unused=True)
-        model(x).square().mean().backward()  # FSDP's own path: reduce-scatter in the post-backward hooks
+        params = list(model.parameters())  # what an optimizer holds: the sharded DTensors
+        loss = model(x).square().mean()
+        # during the forward FSDP swaps the module's parameters for unsharded copies, and only those are in the graph
+        swapped = list(model.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        full = torch.autograd.grad(loss, swapped, allow_unused=True)
         reached = sum(g is not None for g in grads)
-        filled = sum(p.grad is not None for p in model.parameters())
+        shapes = [tuple(g.shape) for g in full if g is not None]
         result = (
-            f"torch.autograd.grad reached {reached} of {len(grads)} sharded parameters (the others: None, not in "
-            f"the graph); .backward() filled {filled} .grad"
+            f"torch.autograd.grad reached {reached} of {len(grads)} sharded parameters the optimizer holds (the "
+            f"others: None, not in the graph); through the unsharded copies FSDP swaps in during the forward it "
+            f"gives this rank's unaveraged full-size gradients {shapes}"
         )
         torch.save({"probe": result}, os.path.join(out, f"probe{rank}.pt"))
     finally:
@@ -167,9 +172,13 @@ def main() -> None:
     parser.add_argument("--m", default="64,256,1024")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--probe-only", action="store_true", help="only the FSDP2 probe")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     probe = _spawn(_fsdp_probe, 2)[0]["probe"]
+    if args.probe_only:
+        print(f"FSDP2 probe: {probe}")
+        return
     one = _spawn(_rank, 1, args)[0]
     many = _spawn(_rank, args.ranks, args)
     print(f"\nFSDP2 probe: {probe}")
