@@ -12,7 +12,7 @@ rank evaluates the whole objective: the run is correct but not faster. The const
 evaluates all of them (the problems' m is at most a few hundred).
 
 One writer: rank 0 writes the checkpoints, the results and the progress lines; every rank reads a checkpoint to
-resume. The number of processes is part of the run's identity (:attr:`~problems.runner.spec.RunSpec.nproc`:
+resume. The number of processes is part of the run's identity (``nproc`` of :class:`~problems.runner.RunSpec`:
 like the thread count it changes the last bits), so an interrupted N-process run resumes on N processes, and its
 results never replace a one-process run's.
 """
