@@ -193,8 +193,9 @@ def _train(
     if ranks is not None and writer:
         ranks.barrier()
     torch.manual_seed(spec.model_seed)
-    group = None if ranks is None else ranks.group
-    training = method.setup(problem, problem.make_model(spec.model_seed), spec.lr, options, process_group=group)
+    # one process: setup as before (a method need not know about process groups until it runs on several)
+    several = {} if ranks is None else {"process_group": ranks.group}
+    training = method.setup(problem, problem.make_model(spec.model_seed), spec.lr, options, **several)
     model, opt = training.model, training.optimizer
     gen = torch.Generator().manual_seed(spec.seed)
     evals = spec.evaluation_points()
