@@ -15,14 +15,21 @@ model initialisation seed is ``model_seed`` (shared by all runs, so methods star
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from .. import get_problem, problem_class, problem_names
 from ..core.problem import Problem
@@ -157,15 +164,40 @@ def run(
     if legacy is not None:
         return legacy
     validate_spec(spec)
-    for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
-        stale.unlink(missing_ok=True)
-    threads = torch.get_num_threads()
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
-    try:
-        return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after)
-    finally:
-        torch.set_num_threads(threads)
+    with run_lock(out_dir, spec.key(), done=out_json.exists):  # another process trains this run: wait for it
+        if out_json.exists():
+            return read_result(out_json)
+        for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
+            stale.unlink(missing_ok=True)
+        threads = torch.get_num_threads()
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        try:
+            return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, key: str, done: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Hold ``<out_dir>/.<key>.lock`` exclusively while a run trains, so two sweeps over one results folder do
+    not train (or clean up after) the same run at once; whoever gets the lock checks for a finished result
+    first. The operating system releases the lock when its process ends, however it ends (``kill -9``
+    included), so a lock is never stale. The lock file is removed once ``done()`` (the result exists): a
+    process still waiting on it then finds the result. No locking where ``fcntl`` is missing (Windows)."""
+    if fcntl is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f".{key}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if done():
+                path.unlink(missing_ok=True)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after) -> dict[str, Any]:
