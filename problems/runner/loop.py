@@ -15,14 +15,21 @@ model initialisation seed is ``model_seed`` (shared by all runs, so methods star
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from .. import get_problem, problem_class, problem_names
 from ..core.problem import Problem
@@ -157,29 +164,62 @@ def run(
     test resumption; a real interruption leaves the same state). ``ranks``: this process's place in a run on
     several processes (:mod:`problems.runner.parallel`); only rank 0 writes files, evaluates and reports, and
     the other ranks return ``{"status": "worker"}``."""
-    out_dir = Path(results_dir) / spec.problem
-    out_json, out_npz, ckpt = (out_dir / f"{spec.key()}{ext}" for ext in (".json", ".npz", ".ckpt"))
-    if out_json.exists():
-        return read_result(out_json)
-    legacy = _legacy_result(out_dir, spec)
-    if legacy is not None:
-        return legacy
-    validate_spec(spec)
     if spec.nproc != (1 if ranks is None else ranks.world):
         raise ValueError(
             f"the run's spec says nproc={spec.nproc} but it runs on {1 if ranks is None else ranks.world} "
             "process(es); run it with --nproc (or torchrun) as its spec says"
         )
-    if ranks is None or ranks.writer:
-        for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
-            stale.unlink(missing_ok=True)
-    threads = torch.get_num_threads()
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
-    try:
-        return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after, ranks)
-    finally:
-        torch.set_num_threads(threads)
+    out_dir = Path(results_dir) / spec.problem
+    out_json, out_npz, ckpt = (out_dir / f"{spec.key()}{ext}" for ext in (".json", ".npz", ".ckpt"))
+    # On several processes whether the run is finished is decided once, by rank 0, below: ranks that looked at
+    # the folder at different moments could otherwise go different ways. (Legacy results are one-process runs.)
+    if ranks is None and out_json.exists():
+        return read_result(out_json)
+    legacy = _legacy_result(out_dir, spec)
+    if legacy is not None:
+        return legacy
+    validate_spec(spec)
+    writer = ranks is None or ranks.writer
+    # the writer alone holds the lock (two ranks of one run waiting on each other's flock would never start)
+    lock = run_lock(out_dir, spec.key(), done=out_json.exists) if writer else contextlib.nullcontext()
+    with lock:  # another process trains this run: wait for it
+        finished = out_json.exists()
+        if ranks is not None:
+            finished = ranks.broadcast_flag(finished)  # every rank goes the writer's way
+        if finished:
+            return read_result(out_json)
+        if writer:
+            for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
+                stale.unlink(missing_ok=True)
+        threads = torch.get_num_threads()
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        try:
+            return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after, ranks)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, key: str, done: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Hold ``<out_dir>/.<key>.lock`` exclusively while a run trains, so two sweeps over one results folder do
+    not train (or clean up after) the same run at once; whoever gets the lock checks for a finished result
+    first. The operating system releases the lock when its process ends, however it ends (``kill -9``
+    included), so a lock is never stale. The lock file is removed once ``done()`` (the result exists): a
+    process still waiting on it then finds the result. No locking where ``fcntl`` is missing (Windows)."""
+    if fcntl is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f".{key}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if done():
+                path.unlink(missing_ok=True)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _train(

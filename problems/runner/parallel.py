@@ -51,6 +51,12 @@ class Ranks:
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a decision only the writer can make, such as "already finished")."""
+        value = torch.tensor([int(flag)])
+        dist.broadcast(value, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return bool(value.item())
+
 
 def _share(n: int, rank: int, world: int) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
