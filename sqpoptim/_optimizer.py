@@ -16,6 +16,10 @@ A step reads
    diagnostics (``jacobian``: the path used; ``solver``; for the matrix-free solver ``krylov_iterations``,
    ``krylov_converged``, ``krylov_test``, ``krylov_residual`` and the merit penalty ``penalty``).
 
+With a ``process_group`` each rank first parses its own closure and forms its own g and J (steps 1 and 3), then
+the ranks exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the
+rows of sharded constraints); steps 2 and 4–7 then run on the same numbers on every rank.
+
 Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
 (:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
 last step and is never checkpointed.
@@ -37,8 +41,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _damping
+from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
 from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
+from ._distributed import RankGroup, strip_sharded
+from ._exchange import exchange, form_locally
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
 from ._hyperparameters import in_group
@@ -102,6 +109,7 @@ class ConstrainedOptimizer(Optimizer):
         normal_damping: float | None = None,
         solver: str = "auto",
         krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         path = JacobianPath(jacobian, chunk_size)  # validates jacobian
         if solver not in SOLVER_MODES:
@@ -142,6 +150,10 @@ class ConstrainedOptimizer(Optimizer):
         self._rank_warned = False
         self._violations: deque[tuple[float, float]] = deque(maxlen=20)
         self._infeasibility_warned = False
+        self.process_group = process_group
+        self._ranks = None if process_group is None else RankGroup(process_group)
+        if process_group is None:
+            _warn_if_distributed(type(self).__name__)
 
     # ------------------------------------------------------------------ hyperparameters
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -227,14 +239,22 @@ class ConstrainedOptimizer(Optimizer):
         accepted point: then the values at that point."""
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
-        self._guard.raise_pending(wait=False)
-        self._check_groups()
+        # With a process group every rank must decide alike, so it waits for the flag (the agreement round waits
+        # for the device anyway).
+        self._guard.raise_pending(wait=self._ranks is not None)
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
+        sent = 0 if self._ranks is None else self._ranks.sent_bytes
+        g: Tensor | None = None
         with torch.enable_grad():
-            with self._jacobian_path.recording(self._forms_jacobian) as recorder:
-                out = closure()
-            inputs, c_out = self._read_closure(out, layout)
+            recorder = None
+            if self._ranks is None:
+                self._check_groups()
+                with self._jacobian_path.recording(self._forms_jacobian) as recorder:
+                    out = closure()
+                inputs, c_out = self._read_closure(strip_sharded(out)[0], layout)
+            else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
+                inputs, c_out, g = self._exchanged_inputs(closure, layout)
             m = inputs.c.shape[0]
             damping, verdict = None, None
             if self.normal_damping is not None and m:
@@ -245,7 +265,8 @@ class ConstrainedOptimizer(Optimizer):
             # J first: c's graph is retained by its backward when the objective shares it, and the objective's
             # backward then frees its own graph unless the operator still needs c's
             op, keep_graph = self._jacobian_path.operator(inputs.c, inputs.J, layout, recorder, solver=self.solver_mode)
-            g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
+            if g is None:
+                g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
             loss, c = inputs.loss.detach(), inputs.c.detach()
             if self._global.krylov is None:
                 self._global.krylov = {}
@@ -342,6 +363,8 @@ class ConstrainedOptimizer(Optimizer):
         info["g_norm"] = torch.linalg.vector_norm(g)
         if m:
             info.update(J.info(), jacobian=self._jacobian_path.used)
+        if self._ranks is not None:
+            info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
         if m and not sync_free:
             self._watch_feasibility(c, info["c_predicted"])
@@ -388,6 +411,46 @@ class ConstrainedOptimizer(Optimizer):
         """Whether the method factors the unweighted Gram matrix JJᵀ (then the inputs are validated from its
         diagonal instead of another pass over J)."""
         return True
+
+    def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
+        (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
+        of every rank. Whatever fails on one rank (a param group's settings, the closure, its parsing, g, J) is
+        raised on every rank, and nothing has changed when it is."""
+        assert self._ranks is not None
+
+        def form() -> LocalInputs:
+            self._check_groups()
+            out, sharded = strip_sharded(closure())
+            inputs, c_out = self._read_closure(out, layout)
+            uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
+            m = inputs.c.shape[0]
+            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            J = inputs.J if inputs.J is not None or not uses_c else self._form_jacobian(inputs.c, layout)
+            return LocalInputs(inputs.loss.detach(), c_out, g, J, sharded, uses_c)
+
+        local, error = form_locally(form)
+        shared = exchange(self._ranks, local, error, layout.params, layout.n)
+        assert local is not None
+        if not local.uses_c:
+            return StepInputs(shared.loss, shared.c.new_zeros(0), None), shared.c, shared.g
+        if shared.c.shape[0] > layout.n:  # sharded rows: only now is m known (the same decision on every rank)
+            raise ValueError(
+                f"more constraints than parameters: m = {shared.c.shape[0]} > n = {layout.n} over all ranks; "
+                "the linearised constraints J d = -c cannot have full row rank"
+            )
+        return StepInputs(shared.loss, shared.c, shared.J), shared.c, shared.g
+
+    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """``(inputs, g, J)`` at the current parameters — every rank's, exchanged, with a process group — for
+        extra evaluations of the closure within a step (the inputs as parsed, J formed when not given)."""
+        if self._ranks is not None:
+            inputs, _, g = self._exchanged_inputs(closure, layout)
+            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            return inputs, g, J
+        inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
+        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+        return inputs, flat_gradient(inputs.loss, layout), J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
@@ -513,6 +576,20 @@ class ConstrainedOptimizer(Optimizer):
         if not sync:
             return dict(self._diagnostics)
         return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._diagnostics.items()}
+
+
+def _warn_if_distributed(name: str) -> None:
+    """Without a process group every rank steps on its own: say so where that is likely a mistake."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            warn_user(
+                f"torch.distributed is initialised with {world} ranks but {name} was given no process_group: "
+                "each rank steps on its own gradient and constraints, and replicas drift apart (wrapping the "
+                "model in DistributedDataParallel does not average the gradients this optimizer forms); pass "
+                "process_group=torch.distributed.group.WORLD to step together",
+                UserWarning,
+            )
 
 
 def _rejected_count(damping: DampingState) -> Tensor | int:

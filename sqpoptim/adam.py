@@ -95,7 +95,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: ``"defossez"`` or ``"standard"``.
         project_gradients: feed :math:`P_k g_k` (True, the paper) or :math:`g_k` (False: Adam(con)) to the
             moments.
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping, solver, krylov: see
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, solver, krylov, process_group: see
             :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
@@ -119,6 +119,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         normal_damping: float | None = None,
         solver: str = "auto",
         krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, betas=betas, eps=eps, normal_lr=normal_lr))
         if projection not in _PROJECTIONS:
@@ -136,6 +137,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             normal_damping=normal_damping,
             solver=solver,
             krylov=krylov,
+            process_group=process_group,
         )
         self.projection = projection
         self.bias_correction = bias_correction

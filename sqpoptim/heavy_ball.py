@@ -74,11 +74,24 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
         solver: ``"auto"`` (default), ``"dense"`` (one float64 Gram factorisation per step) or ``"krylov"``
             (matrix-free MINRES with the inexact-SQP termination tests of Byrd, Curtis and Nocedal, warm-started
-            from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver unless
-            its Gram matrix and factorisation cost more than a few hundred products with J or do not fit in
-            memory (:mod:`sqpoptim._constraint_solver`); ``diagnostics()["solver"]`` says which was used.
+            from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver up to
+            512 constraints, and above while its Gram matrix and factorisation cost no more than a matrix-free step
+            at its iteration cap and fit in memory (:mod:`sqpoptim._constraint_solver`);
+            ``diagnostics()["solver"]`` says which was used.
         krylov: options of the matrix-free solver (:class:`sqpoptim._krylov.KrylovOptions`: ``max_iter``,
             ``kappa``, ``epsilon``, ``tau``, ``penalty0``, ``projection_rtol``, ``rtol``, ``jacobi``).
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks)
+            to step as one across its ranks; ``step`` is then a collective that every rank calls. Each rank's
+            closure gives the loss on its own data, and the losses and gradients are averaged; constraints are
+            replicated (a plain c, the same on every rank, which is checked) or sharded (``Sharded(c)``: each
+            rank its own rows, the step uses all of them in rank order). Every rank then takes the same step,
+            so the replicas stay bit-identical (checked at every step); an error or a NaN on any rank is raised
+            on every rank before anything changes. Costs and design: :mod:`sqpoptim._exchange`.
+            ``diagnostics()`` then has ``comm_bytes``. Default ``None``: no communication, even when
+            ``torch.distributed`` is initialised — turning ``step`` into a collective unasked would hang
+            programs that step on some ranks only, and an optimizer cannot see whether its model is wrapped in
+            ``DistributedDataParallel`` (which would not average these gradients anyway); a warning says so
+            when several ranks run without a group.
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
@@ -103,6 +116,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         normal_damping: float | None = None,
         solver: str = "auto",
         krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, momentum=momentum, normal_lr=normal_lr))
         defaults = dict(lr=lr, momentum=momentum, normal_lr=normal_lr)
@@ -116,6 +130,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             normal_damping=normal_damping,
             solver=solver,
             krylov=krylov,
+            process_group=process_group,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
