@@ -4,6 +4,8 @@ Examples::
 
     python -m problems run spring --quick --methods sqp-adam,adam-unc,adam-con   # < 2 min on a laptop CPU
     python -m problems run darcy --methods sqp-adam,adam-unc --lr 5e-3,5e-4 --batch full,mini --seeds 0-4
+    python -m problems run burgers --quick --methods sqp-adam --batch mini --nproc 2   # 2 CPU processes
+    torchrun --nproc-per-node 2 -m problems run burgers --quick --methods sqp-adam --batch mini
     python -m problems plot spring
     python -m problems list
 """
@@ -11,31 +13,41 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import problem_class, problem_names
-from .methods import METHODS, parse_method
+from .methods import METHODS
 from .runner import RunSpec, run_sweep
+from .runner.checkpoint import CheckpointError
+from .runner.parallel import from_torchrun, run_sweep_on_ranks
+from .runner.results import ResultsFileError
 
 PAPER_METHODS = "sqp-adam,sqp-hb,adam-unc,adam-con"
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"invalid --lr {text!r}: expected comma-separated numbers, e.g. 1e-3,5e-4") from None
 
 
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         lo, sep, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise ValueError(f"invalid --seeds {text!r}: expected seeds and ranges, e.g. 0-4 or 0,2,5") from None
+    if not out:
+        raise ValueError(f"invalid --seeds {text!r}: no seed in it (write a range low-high, e.g. 0-4)")
     return out
 
 
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
     defaults = problem_class(args.problem).defaults
     methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        parse_method(m)  # fail early on a typo
     lrs = _floats(args.lr) if args.lr else list(defaults.lrs[:1] if args.quick else defaults.lrs)
     batches = args.batch.split(",") if args.batch else (["full"] if args.quick else ["full", "mini"])
     size = args.size or ("small" if args.quick else "paper")
@@ -43,7 +55,7 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
     for batch in batches:
         if batch not in ("full", "mini"):
             raise SystemExit(f"invalid --batch {batch!r}: expected full and/or mini")
-        if args.iterations:
+        if args.iterations is not None:
             iterations = args.iterations
         elif args.quick:
             iterations = defaults.quick_iterations
@@ -66,6 +78,8 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
                             args.dtype,
                             args.model_seed,
                             args.eval_every,
+                            args.threads,
+                            args.nproc,
                         )
                     )
     return specs
@@ -87,7 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", choices=("paper", "small", "tiny"), help="data scale (default paper; --quick: small)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    r.add_argument("--threads", type=int, help="torch intra-op threads (small problems run best on 1)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run (default 1: these problems are small and extra threads only spin)",
+    )
+    r.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="CPU processes (gloo) sharing each mini-batch; rank 0 writes (see problems.runner.parallel). "
+        "Under torchrun the ranks it started are used instead",
+    )
     r.add_argument("--model-seed", type=int, default=0)
     r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1%% of the budget)")
     r.add_argument("--results", default="results", help="results folder (default ./results)")
@@ -109,13 +135,36 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("methods:", ", ".join(f"{k} ({m.label})" for k, m in METHODS.items()))
         return 0
-    if args.command == "run":
-        if args.threads:
-            import torch
+    try:
+        return _command(args)
+    except (ValueError, OSError, ResultsFileError, CheckpointError) as err:  # bad input, a bad path or file: one line
+        print(f"python -m problems {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
-            torch.set_num_threads(args.threads)
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        if args.nproc < 1:
+            raise ValueError(f"invalid --nproc {args.nproc}: expected a positive number of processes")
+        ranks = from_torchrun(args.threads)
+        if ranks is not None:
+            args.nproc = ranks.world
         specs = _specs(args)
-        results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
+        if ranks is not None:  # started by torchrun: this process is one rank of the run
+            results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet, ranks=ranks)
+            if not ranks.writer:
+                return 0
+        elif args.nproc > 1:
+            results = run_sweep_on_ranks(
+                specs,
+                args.nproc,
+                args.results,
+                threads=args.threads or 1,
+                cache_dir=args.cache,
+                progress=not args.quiet,
+            )
+        else:
+            results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
         print(
             f"\n{'method':34s} {'lr':>8s} {'batch':>5s} {'seed':>4s} {'objective':>11s} {'test MSE':>10s} "
             f"{'max|c|':>9s} {'ms/it':>7s}"

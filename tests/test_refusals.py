@@ -256,3 +256,32 @@ def test_rank_deficiency_warning_points_at_the_callers_line():
     with pytest.warns(sqpoptim.RankDeficiencyWarning) as record:
         opt.step(lambda: (((model(X) - Y) ** 2).mean(), burgers_residual(model, duplicated)))
     assert record[0].filename == __file__
+
+
+def test_infeasible_constraints_are_reported_in_the_diagnostics_and_warned_about_once():
+    # x0 = 1 and x0 = 2 at once: the least-squares normal step settles at x0 = 1.5 and c stays at (0.5, -0.5)
+    x = torch.zeros(3, dtype=f64, requires_grad=True)
+    opt = sqpoptim.ProjectedHeavyBallSQP([x], lr=0.1)
+    closure = lambda: (((x - 3) ** 2).sum(), torch.stack([x[0] - 1, x[0] - 2]))  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            opt.step(closure)
+    infeasible = [w for w in caught if issubclass(w.category, sqpoptim.InfeasibilityWarning)]
+    assert len(infeasible) == 1 and infeasible[0].filename == __file__
+    assert "stalled at ‖c‖ = 0.707" in str(infeasible[0].message)
+    assert opt.diagnostics()["c_predicted"] == pytest.approx(1.0, rel=1e-12)
+    assert x[0].item() == pytest.approx(1.5, abs=1e-12)
+
+
+def test_a_feasible_problem_reports_that_the_linearised_step_removes_the_violation():
+    model = TinyPINN(seed=4)
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sqpoptim.InfeasibilityWarning)
+        for _ in range(25):
+            opt.step(lambda: (((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)))
+    assert opt.diagnostics()["c_predicted"] == 0.0
+    half = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_lr=0.5, sync_free=True)
+    half.step(lambda: (((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)))
+    assert half.diagnostics()["c_predicted"] == pytest.approx(0.5, rel=1e-6)

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 
 from .. import problem_class, problem_names
 from ..core.problem import PREDICTION_KINDS
-from ..runner.results import load_results
+from ..methods import METHODS
+from ..runner.results import load_results, read_prediction
 from .curves import curve_figure, final_figure, overview_figure
 from .predictions import PREDICTION_FIGURES
 from .style import method_label, method_styles
@@ -59,13 +60,21 @@ def prediction_kind(problem: str, runs: list[dict[str, Any]]) -> str:
 def _prediction(run: dict[str, Any]) -> dict[str, np.ndarray]:
     if "prediction" in run:  # embedded (compact exports, see paper_figures/)
         return {k: np.asarray(v) for k, v in run["prediction"].items()}
-    with np.load(run["prediction_file"], allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return read_prediction(run)
+
+
+def _order(run: dict[str, Any]) -> tuple:
+    cfg = run["config"]
+    names = list(METHODS)
+    base = cfg["method"].split(":")[0]
+    rank = names.index(base) if base in names else len(names)
+    return (rank, cfg["method"], -cfg["lr"], cfg["batch"], cfg.get("seed", 0))
 
 
 def make_figures(runs: list[dict[str, Any]], problem: str) -> dict[str, Figure]:
     """Every figure type for a list of finished runs (as :func:`problems.runner.load_results` returns them, or
     compact exports with embedded predictions)."""
+    runs = sorted(runs, key=_order)  # legends and bars in the registry's order of methods
     styles = method_styles(r["config"]["method"] for r in runs)
     best = best_runs(runs)
     preds = {m: _prediction(r) for m, r in best.items()}
