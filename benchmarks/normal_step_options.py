@@ -11,7 +11,8 @@ here as prototypes for the measurement only:
     retaken from the old point with Δ = ‖γv‖/4; ρ < 1/4: Δ = ‖γv‖/4; ρ > 3/4 at the boundary: Δ doubles; Δ grows
     by 10 % per step while the tangential part dominates.
 
-Both act by wrapping :func:`sqpoptim._linalg.scaled_normal_step` and ``ConstrainedOptimizer.step``
+Both act by wrapping ``DenseSolver.scaled_normal_step`` (the dense constraint solver, the one these problems use)
+and ``ConstrainedOptimizer.step``
 (monkeypatching, selected by the environment variable ``NORMAL_STEP_PROTOTYPE``); they replace the damping
 (``normal_damping=None`` underneath). Options are named ``paper`` (undamped), ``lm<ν0>`` (e.g. ``lm1e-6``),
 ``cap:<K>``, ``tr:<K>``.
@@ -38,26 +39,23 @@ from pathlib import Path
 import torch
 
 import sqpoptim
-from sqpoptim import _linalg
-from sqpoptim import adam as _adam
-from sqpoptim import heavy_ball as _heavy_ball
-from sqpoptim import sqp as _sqp
+from sqpoptim._constraint_solver import DenseSolver
 from sqpoptim._optimizer import ConstrainedOptimizer
 
 ENV = "NORMAL_STEP_PROTOTYPE"
-_original_normal_step = _linalg.scaled_normal_step
+_original_normal_step = DenseSolver.scaled_normal_step
 _original_init = ConstrainedOptimizer.__init__
 _original_step = ConstrainedOptimizer.step
 _current: dict[str, float | None] = {"radius": None, "predicted": None, "length": None}
 
 
-def _shortened_normal_step(J, c, factor, gamma, weight=None, **kw):
-    delta_n, v = _original_normal_step(J, c, factor, gamma, weight, **kw)
+def _shortened_normal_step(self, c, gamma, damping=None):
+    delta_n, v = _original_normal_step(self, c, gamma, damping)
     radius = _current["radius"]
-    if radius is not None and J.shape[0]:
+    if radius is not None and self.op.m:
         length = torch.linalg.vector_norm(delta_n)
         delta_n = delta_n * torch.clamp(radius / length.clamp_min(1e-300), max=1.0).to(delta_n.dtype)
-        _current["predicted"] = float(torch.linalg.vector_norm((c + J @ delta_n).double()))
+        _current["predicted"] = float(torch.linalg.vector_norm(c.double() + self.op.mv(delta_n).double()))
         _current["length"] = float(torch.linalg.vector_norm(delta_n))
     return delta_n, v
 
@@ -135,8 +133,7 @@ def _step(self, closure=None):
 
 def install_prototypes() -> None:
     """Patch the package for the prototypes (the optimizers behave as before unless ``ENV`` is set)."""
-    for module in (_heavy_ball, _adam, _sqp):
-        module.scaled_normal_step = _shortened_normal_step
+    DenseSolver.scaled_normal_step = _shortened_normal_step
     ConstrainedOptimizer.__init__ = _init
     ConstrainedOptimizer.step = _step
 
