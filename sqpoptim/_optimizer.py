@@ -4,12 +4,21 @@ A step reads
 
 1. **parse** the closure's output against the contract (:mod:`sqpoptim._closure`);
 2. **judge** the last step when the normal step is damped, and undo it if it failed (:mod:`sqpoptim._damping`);
-3. **form** the objective's gradient g and the constraint Jacobian J (:mod:`sqpoptim._gradient`,
-   :mod:`sqpoptim._jacobian`);
-4. **check** that they are finite (:mod:`sqpoptim._finite`);
-5. **direction**: the subclass turns (g, c, J) and its state into the displacement δ (``_direction``);
-6. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
-7. **record** the damping model for the next judgement and the step's diagnostics.
+3. **form** the constraint Jacobian J as an operator (:mod:`sqpoptim._jacobian_path`: per-sample layer factors,
+   an explicit matrix or autograd products), then the objective's gradient g (:mod:`sqpoptim._gradient`) —
+   J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s;
+4. **solver**: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
+   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``);
+5. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
+6. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
+7. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
+8. **record** the damping model for the next judgement, the matrix-free solver's warm starts and the step's
+   diagnostics (``jacobian``: the path used; ``solver``; for the matrix-free solver ``krylov_iterations``,
+   ``krylov_converged``, ``krylov_test``, ``krylov_residual`` and the merit penalty ``penalty``).
+
+With a ``process_group`` each rank first parses its own closure and forms its own g and J (steps 1 and 3), then
+the ranks exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the
+rows of sharded constraints); steps 2 and 4–7 then run on the same numbers on every rank.
 
 Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
 (:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
@@ -32,11 +41,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _damping
+from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
+from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
+from ._distributed import RankGroup, strip_sharded
+from ._exchange import exchange, form_locally
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
 from ._hyperparameters import in_group
 from ._jacobian import jacobian
+from ._jacobian_path import JacobianPath
+from ._krylov import KrylovOptions
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
@@ -55,7 +70,9 @@ class InfeasibilityWarning(UserWarning):
 
 @dataclass
 class StepContext:
-    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``; ``ok`` (sync-free
+    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J (the constraint solver over
+    this step's Jacobian, :mod:`sqpoptim._constraint_solver`; the direction functions also take an explicit
+    ``[m, n]`` tensor); ``ok`` (sync-free
     mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
     (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
     k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
@@ -64,7 +81,7 @@ class StepContext:
     loss: Tensor
     g: Tensor
     c: Tensor
-    J: Tensor
+    J: ConstraintSolver
     ok: Tensor | None
     stats: Tensor | None
     step: Tensor
@@ -78,20 +95,31 @@ class ConstrainedOptimizer(Optimizer):
 
     _flat_state_names: ClassVar[tuple[str, ...]] = ()
     _state_type: ClassVar[type[OptimizerState]] = OptimizerState
+    _forms_jacobian: ClassVar[bool] = True  # False: the method ignores the constraints (no layer recording)
 
     def __init__(
         self,
         params: Any,
         defaults: dict[str, Any],
         *,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
-        if jacobian not in ("batched", "loop"):
-            raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
+        path = JacobianPath(jacobian, chunk_size)  # validates jacobian
+        if solver not in SOLVER_MODES:
+            raise ValueError(f"Invalid solver {solver!r}: expected one of {SOLVER_MODES}")
+        if krylov is not None and not isinstance(krylov, dict):
+            raise TypeError(f"krylov must be a dict of matrix-free solver options; got {type(krylov).__name__}")
+        try:
+            krylov_options = KrylovOptions(**(krylov or {}))
+        except TypeError as err:
+            raise ValueError(f"Invalid krylov options {krylov!r}: {err}") from None
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
         if rank_tol is not None and not 0.0 < rank_tol < 1.0:
@@ -106,6 +134,9 @@ class ConstrainedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.normal_damping = None if normal_damping is None else float(normal_damping)
         self.jacobian_mode = jacobian
+        self.solver_mode = solver
+        self.krylov_options = krylov_options
+        self._jacobian_path = path
         self.chunk_size = chunk_size
         self.rank_tol = rank_tol
         self.sync_free = sync_free
@@ -118,7 +149,12 @@ class ConstrainedOptimizer(Optimizer):
         self._jacobian_warned = [False]
         self._rank_warned = False
         self._violations: deque[tuple[float, float]] = deque(maxlen=20)
+        self._violation_peak = 0.0  # the largest ‖c‖ seen
         self._infeasibility_warned = False
+        self.process_group = process_group
+        self._ranks = None if process_group is None else RankGroup(process_group)
+        if process_group is None:
+            _warn_if_distributed(type(self).__name__)
 
     # ------------------------------------------------------------------ hyperparameters
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -177,6 +213,7 @@ class ConstrainedOptimizer(Optimizer):
         self._flat.invalidate()
         self._diagnostics = {}
         self._multipliers = None
+        self._jacobian_path.reset()
         # refused steps recorded before the checkpoint were reported then
         seen = new_global.nonfinite_steps
         self._guard.reset(0 if seen is None else int(seen))
@@ -203,12 +240,22 @@ class ConstrainedOptimizer(Optimizer):
         accepted point: then the values at that point."""
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
-        self._guard.raise_pending(wait=False)
-        self._check_groups()
+        # With a process group every rank must decide alike, so it waits for the flag (the agreement round waits
+        # for the device anyway).
+        self._guard.raise_pending(wait=self._ranks is not None)
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
+        sent = 0 if self._ranks is None else self._ranks.sent_bytes
+        g: Tensor | None = None
         with torch.enable_grad():
-            inputs, c_out = self._read_closure(closure(), layout)
+            recorder = None
+            if self._ranks is None:
+                self._check_groups()
+                with self._jacobian_path.recording(self._forms_jacobian) as recorder:
+                    out = closure()
+                inputs, c_out = self._read_closure(strip_sharded(out)[0], layout)
+            else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
+                inputs, c_out, g = self._exchanged_inputs(closure, layout)
             m = inputs.c.shape[0]
             damping, verdict = None, None
             if self.normal_damping is not None and m:
@@ -216,12 +263,25 @@ class ConstrainedOptimizer(Optimizer):
                 verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
                     return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
-            # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
-            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
-            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            # J first: c's graph is retained by its backward when the objective shares it, and the objective's
+            # backward then frees its own graph unless the operator still needs c's
+            op, keep_graph = self._jacobian_path.operator(inputs.c, inputs.J, layout, recorder, solver=self.solver_mode)
+            if g is None:
+                g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
             loss, c = inputs.loss.detach(), inputs.c.detach()
+            if self._global.krylov is None:
+                self._global.krylov = {}
+            J = make_solver(
+                op,
+                self.solver_mode,
+                rank_tol=self._rank_tol(layout),
+                sync_free=sync_free,
+                options=self.krylov_options,
+                state=self._global.krylov,
+                needs_gram=self._factors_gram(),
+            )
             try:
-                bad = self._guard.check(loss, c, g, J, sync_free=sync_free)
+                bad = self._guard.check(loss, c, g, J.row_check() if m else None, sync_free=sync_free)
             except ZeroJacobianRows as err:
                 raise self._zero_rows_error(err.rows, inputs, layout) from None
         ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
@@ -251,11 +311,13 @@ class ConstrainedOptimizer(Optimizer):
                 )
             counted = stats
         self._commit_step(ctx, counted)
+        if J.kind == "krylov" and (ok is None or bool(applied)):  # (the matrix-free solver synchronises anyway)
+            J.commit()
         self._warn_if_truncated(info, m)
         returned = (loss, c_out)
         Jdelta = None
-        if m and (verdict is not None or sync_free or info.get("truncated")):
-            Jdelta = J @ delta
+        if m and (verdict is not None or sync_free or info.get("truncated") or not J.exact(info)):
+            Jdelta = J.op.mv(delta)
         if m:
             info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
         if verdict is not None:
@@ -264,7 +326,7 @@ class ConstrainedOptimizer(Optimizer):
             x_prev = damping.x_accepted
             if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
                 delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
-                Jdelta = J @ delta
+                Jdelta = J.op.mv(delta)
                 returned = _damping.values_after(damping, reject, loss, c_out)
                 for key in ("v_norm", "u_norm"):
                     info[key] = torch.where(reject, torch.zeros_like(info[key]), info[key])
@@ -300,6 +362,10 @@ class ConstrainedOptimizer(Optimizer):
             self._multipliers = multipliers
         info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
         info["g_norm"] = torch.linalg.vector_norm(g)
+        if m:
+            info.update(J.info(), jacobian=self._jacobian_path.used)
+        if self._ranks is not None:
+            info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
         if m and not sync_free:
             self._watch_feasibility(c, info["c_predicted"])
@@ -320,14 +386,18 @@ class ConstrainedOptimizer(Optimizer):
 
     def _watch_feasibility(self, c: Tensor, predicted: Tensor) -> None:
         """Exact mode: warn once when ‖c‖ has stalled for a window of steps while the linearised step could not
-        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0)."""
+        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0).
+        Not where ‖c‖ has already fallen by three orders of magnitude from its largest value: there the damped
+        normal step leaves what lies along J's near-null directions (σ² below μ), which is no infeasibility."""
         c_norm = float(torch.linalg.vector_norm(c.double()))
         self._violations.append((c_norm, float(predicted)))
+        self._violation_peak = max(self._violation_peak, c_norm)
         window = self._violations
         if self._infeasibility_warned or len(window) < window.maxlen:
             return
         first, last = window[0][0], window[-1][0]
-        if last > 1e-6 and last > 0.99 * first and all(p > 0.5 for _, p in window):
+        stalled = last > 1e-6 and last > 1e-3 * self._violation_peak and last > 0.99 * first
+        if stalled and all(p > 0.5 for _, p in window):
             self._infeasibility_warned = True
             warn_user(
                 f"the constraint violation has stalled at ‖c‖ = {last:.3g} for {len(window)} steps while the "
@@ -341,6 +411,51 @@ class ConstrainedOptimizer(Optimizer):
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
+
+    def _factors_gram(self) -> bool:
+        """Whether the method factors the unweighted Gram matrix JJᵀ (then the inputs are validated from its
+        diagonal instead of another pass over J)."""
+        return True
+
+    def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
+        (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
+        of every rank. Whatever fails on one rank (a param group's settings, the closure, its parsing, g, J) is
+        raised on every rank, and nothing has changed when it is."""
+        assert self._ranks is not None
+
+        def form() -> LocalInputs:
+            self._check_groups()
+            out, sharded = strip_sharded(closure())
+            inputs, c_out = self._read_closure(out, layout)
+            uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
+            m = inputs.c.shape[0]
+            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            J = inputs.J if inputs.J is not None or not uses_c else self._form_jacobian(inputs.c, layout)
+            return LocalInputs(inputs.loss.detach(), c_out, g, J, sharded, uses_c)
+
+        local, error = form_locally(form)
+        shared = exchange(self._ranks, local, error, layout.params, layout.n)
+        assert local is not None
+        if not local.uses_c:
+            return StepInputs(shared.loss, shared.c.new_zeros(0), None), shared.c, shared.g
+        if shared.c.shape[0] > layout.n:  # sharded rows: only now is m known (the same decision on every rank)
+            raise ValueError(
+                f"more constraints than parameters: m = {shared.c.shape[0]} > n = {layout.n} over all ranks; "
+                "the linearised constraints J d = -c cannot have full row rank"
+            )
+        return StepInputs(shared.loss, shared.c, shared.J), shared.c, shared.g
+
+    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """``(inputs, g, J)`` at the current parameters — every rank's, exchanged, with a process group — for
+        extra evaluations of the closure within a step (the inputs as parsed, J formed when not given)."""
+        if self._ranks is not None:
+            inputs, _, g = self._exchanged_inputs(closure, layout)
+            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            return inputs, g, J
+        inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
+        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+        return inputs, flat_gradient(inputs.loss, layout), J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
@@ -374,8 +489,8 @@ class ConstrainedOptimizer(Optimizer):
         values at that point. The diagnostics keep their keys: no displacement was formed (``v_norm`` and
         ``u_norm`` are 0); ``rank``, ``gram_cond`` and ``g_norm`` are those of the last formed step."""
         assert damping.x_accepted is not None
-        x_rejected = layout.gather()
-        with torch.no_grad():  # called from inside the closure's enable_grad block
+        with torch.no_grad():  # called from inside the closure's enable_grad block; the real views of complex
+            x_rejected = layout.gather()  # parameters were made without grad mode and may not be read with it
             layout.assign(damping.x_accepted)
         self._global.damping = _damping.rejected(damping, verdict)
         loss, c = _damping.values_after(damping, None, loss, c)
@@ -449,18 +564,37 @@ class ConstrainedOptimizer(Optimizer):
     def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
         r"""The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
         ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
-        was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
-        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), ``step_norm`` (‖δ_k‖, the displacement
-        applied), ``c_predicted`` (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the
-        linearised step leaves: 0 for a full Gauss–Newton step, near 1 when the constraints cannot be reduced
-        from here — with a stalling ‖c‖ this warns once with :class:`InfeasibilityWarning`, in exact mode),
-        with ``normal_damping`` also
-        ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus
-        method-specific entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
+        was regularised, or with the matrix-free solver), ``gram_cond`` (estimated condition number of the Gram
+        matrix; NaN with the matrix-free solver), ``g_norm`` (‖g_k‖, the objective gradient the closure
+        produced), ``step_norm`` (‖δ_k‖, the displacement applied), ``c_predicted``
+        (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the linearised step leaves: 0 for a
+        full Gauss–Newton step, near 1 when the constraints cannot be reduced from here — with a stalling ‖c‖
+        this warns once with :class:`InfeasibilityWarning`, in exact mode), ``jacobian`` (how J was formed:
+        ``"layers"``, ``"batched"``, ``"loop"``, ``"autograd"``, ``"given"``), ``solver`` (``"dense"`` or
+        ``"krylov"``; the matrix-free solver adds ``krylov_iterations``, ``krylov_converged``, ``krylov_test`` —
+        1 or 2 for the termination test that stopped the step's solve, 0 for ``rtol``, -1 when capped —,
+        ``krylov_residual`` (‖γc + Js‖/‖b‖) and the merit penalty ``penalty``; its one-solve step leaves
+        ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (ν), ``damping_ratio`` (ρ),
+        ``rejected`` and ``rejected_steps`` (the count so far), plus method-specific entries. As Python numbers
+        (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""
         if not sync:
             return dict(self._diagnostics)
         return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._diagnostics.items()}
+
+
+def _warn_if_distributed(name: str) -> None:
+    """Without a process group every rank steps on its own: say so where that is likely a mistake."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            warn_user(
+                f"torch.distributed is initialised with {world} ranks but {name} was given no process_group: "
+                "each rank steps on its own gradient and constraints, and replicas drift apart (wrapping the "
+                "model in DistributedDataParallel does not average the gradients this optimizer forms); pass "
+                "process_group=torch.distributed.group.WORLD to step together",
+                UserWarning,
+            )
 
 
 def _rejected_count(damping: DampingState) -> Tensor | int:

@@ -59,11 +59,13 @@ class OptimizerState:
     """Optimizer-wide state shared by every constrained optimizer; methods with more derive from it.
 
     ``step`` is k, the number of steps taken (a 0-d float64 device tensor; refused and rejected steps do not
-    count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode."""
+    count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode, ``krylov`` the
+    matrix-free solver's warm starts (``{"multipliers": {slot: λ}, "penalty": π}``, :mod:`sqpoptim._krylov`)."""
 
     step: Tensor | None = None
     nonfinite_steps: Tensor | None = None
     damping: DampingState | None = None
+    krylov: dict[str, Any] | None = None
 
     #: sqpoptim 0.1's flat ``state["global"]`` keys -> (field, damping field) of this form.
     _LEGACY: ClassVar[dict[str, tuple[str, str | None]]] = {

@@ -7,10 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._constraint_solver import ConstraintSolver, as_solver
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
 from ._layout import StepCounts
-from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
+from ._linalg import masked, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedAdamSQP", "adam_sqp_direction"]
@@ -55,27 +57,28 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     ε inside the square root (:class:`~sqpoptim.AdamUnc`).
 
     Defaults: ``projection="euclidean"`` and ``bias_correction="defossez"`` follow the paper's Algorithm 3;
-    ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the full Gauss–Newton feasibility step; the
+    ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the whole feasibility step; the
     authors' code scales it by the learning rate (``normal_lr=None``), with which c shrinks only like
     :math:`(1-\alpha)^k`. That default is a measured deviation from the spec (which marks it [design] with
     γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
     comparison of the projection and bias-correction options.
 
-    Globalisation of the normal step (every SQP method here and :class:`~sqpoptim.ConstrainedAdam`): by default
-    the normal step is the full Gauss–Newton step of the *linearised* constraints, with no merit function or
-    line search, as in the paper. When the initial violation is large against the constraints' curvature and
-    the Jacobian is nearly rank-deficient (pointwise output constraints of a ReLU network: the ENFORCE C1 task
-    in RESULTS.md, Gram condition numbers 1e8–1e13), that step overshoots by orders of magnitude, kills units
-    and the run never recovers; ``optimizer.diagnostics()`` shows it (``c_inf`` jumps, ``rank`` drops).
-    ``normal_damping=ν0`` globalises it: the normal step becomes the Levenberg–Marquardt step
+    Globalisation of the normal step (every SQP method here and :class:`~sqpoptim.ConstrainedAdam`): the paper
+    takes the full Gauss–Newton step of the *linearised* constraints, with no merit function or line search.
+    Where the Jacobian is nearly rank-deficient against the size of the violation — residuals of an ODE or PDE
+    at a few points of a small network, pointwise output constraints of a ReLU network — that step overshoots by
+    orders of magnitude; the run then either blows up or, worse, satisfies the constraints at their points with
+    a function that is wrong between them (``optimizer.diagnostics()`` shows it: ``step_norm`` far above the
+    parameters' norm, ``c_inf`` jumping). By default the normal step is therefore the Levenberg–Marquardt step
     :math:`v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k`, :math:`\mu_k = \nu_k\,\operatorname{mean}\operatorname{diag}
-    (JJ^\top)`, ν follows Nielsen's ratio rule, and a step that increased ‖c‖ while its normal part dominated
-    is rejected (the parameters go back; no extra closure calls: the rejection happens at the next ``step``,
-    which then returns without moving on). See :mod:`sqpoptim._damping`. Measured (RESULTS.md
-    §5): ``normal_damping=0.1`` turns the blow-ups on two of the layer papers' tasks into fits better than the
-    unconstrained network's, but makes spring 3–10× worse at 1,500 steps; ``1e-6`` (Gauss–Newton until a step
-    fails) changes nothing where Gauss–Newton works and rescues one of the two. The default stays undamped
-    (``None``), as in the paper.
+    (JJ^\top)`, from ν0 = ``normal_damping`` = 1e-6; ν follows Nielsen's ratio rule, and a step that increased
+    ‖c‖ while its normal part dominated is rejected (the parameters go back; no extra closure calls: the
+    rejection happens at the next ``step``, which then returns without moving on). See :mod:`sqpoptim._damping`.
+    ν0 = 1e-6 is Gauss–Newton until a step fails; it was chosen by measurement against the undamped step,
+    larger ν0, and caps and trust regions on the normal step's length (RESULTS.md, "Defaults for a first
+    problem"): it turns the overshooting runs into solutions and leaves the papers' PINN results as they were.
+    ``normal_damping=None`` is the paper's step; ``0.1`` fits pointwise output constraints of ReLU networks
+    better (RESULTS.md §5).
 
     Param groups: each group's ``lr`` (and betas) multiplies its coordinates *before* the projection, so
     :math:`J_k u_k = 0` holds with several groups; the schedulers of ``torch.optim.lr_scheduler`` act on the
@@ -94,7 +97,8 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: ``"defossez"`` or ``"standard"``.
         project_gradients: feed :math:`P_k g_k` (True, the paper) or :math:`g_k` (False: Adam(con)) to the
             moments.
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, solver, krylov, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
     _flat_state_names = ("exp_avg", "exp_avg_sq")
@@ -110,11 +114,14 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: str = "defossez",
         *,
         project_gradients: bool = True,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, betas=betas, eps=eps, normal_lr=normal_lr))
         if projection not in _PROJECTIONS:
@@ -130,6 +137,9 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            solver=solver,
+            krylov=krylov,
+            process_group=process_group,
         )
         self.projection = projection
         self.bias_correction = bias_correction
@@ -166,6 +176,9 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             damping=ctx.damping,
         )
 
+    def _factors_gram(self) -> bool:
+        return self.project_gradients or self.projection == "euclidean"
+
     def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
         super()._commit_step(ctx, counted)
         self._counts.advance(ctx.layout, self.state, counted)
@@ -178,7 +191,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
 def adam_sqp_direction(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: Tensor | float,
@@ -210,18 +223,17 @@ def adam_sqp_direction(
     """
     m = c.shape[0]
     euclidean = projection == "euclidean"
-    F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m and (project_gradients or euclidean) else None
+    S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
     lam = None
     if m and project_gradients:
-        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
+        gbar, lam = S.project(g, multipliers=True)  # [n], [m]
     else:
         gbar = g
-    delta_n = v = None
+    normal = None
     if m and euclidean:  # the normal step does not depend on the moments: check it before they change
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-        formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
-    else:
-        formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
+        normal = S.normal_part(c, normal_lr, damping)  # None: the solver forms it with the step (one solve)
+    checked = {} if normal is None else {"normal_step": normal[1]}
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, **checked)
     ok = both(ok, formed)
     defossez = bias_correction == "defossez"
     w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
@@ -248,15 +260,11 @@ def adam_sqp_direction(
         u = -d
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed}
     if euclidean:
-        assert delta_n is not None and v is not None
-        u = -project(J, d, F)
-        info = step_info(c, F, v, u)
+        delta, info = S.step(d, c, normal_lr, damping, normal)
     else:
         W = denom.reciprocal()  # H^{-1} with H = D_k
-        FW = factor_gram(gram(J, W), rank_tol, sync_free=sync_free)
-        u = -project(J, d, FW, W)
-        delta_n, v = scaled_normal_step(J, c, FW, normal_lr, W, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-        if lam is None:
-            lam = project_with_multipliers(J, W * g, FW)[1]  # -(J W Jᵀ)⁻¹ J W g
-        info = step_info(c, FW, v, u)
-    return delta_n + u, {**info, "formed": formed, "multipliers": lam}
+        SW = S.weighted(W)
+        delta, info = SW.step(d, c, normal_lr, damping)
+        if lam is None and SW.kind == "dense":  # (a matrix-free solve for diagnostics alone is not worth it)
+            lam = SW.project(W * g, multipliers=True)[1]  # -(J W Jᵀ)⁻¹ J W g
+    return delta, {**info, "formed": formed, "multipliers": lam}

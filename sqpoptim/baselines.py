@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from ._closure import StepInputs, parse_closure_output
+from ._distributed import Sharded, strip_sharded
 from ._layout import FlatLayout
 from .adam import ProjectedAdamSQP
 
@@ -37,7 +38,9 @@ class ConstrainedAdam(ProjectedAdamSQP):
 
     solved by the same decomposition as :class:`~sqpoptim.ProjectedAdamSQP` (``normal_lr`` γ scales the
     normal part as there: the default γ = 1 takes the full feasibility step like every constrained optimizer
-    here; ``normal_lr=None`` gives exactly the published :math:`x_k + \alpha s_k`). The moments are not
+    here; ``normal_lr=None`` gives exactly the published :math:`x_k + \alpha s_k`). Like every constrained
+    optimizer here its normal step is damped by default (``normal_damping``, see
+    :class:`~sqpoptim.ProjectedAdamSQP`); ``normal_damping=None`` is the published step. The moments are not
     projected, so the tangential step carries momentum from directions that the constraints forbid; that is the
     difference the SQP paper measures.
     """
@@ -73,7 +76,8 @@ class AdamUnc(ProjectedAdamSQP):
 
     ``torch.optim.Adam`` puts ε outside the square root (:math:`\sqrt{\hat w} + \epsilon`); the SQP paper's
     baselines use it inside, with ε = 1e-7. The closure may return ``loss`` or ``(loss, c)``; ``c`` is not
-    used for the step, only returned.
+    used for the step, only returned (with a ``process_group``: all ranks' rows, for logging).
+    ``process_group``: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
     def __init__(
@@ -84,8 +88,19 @@ class AdamUnc(ProjectedAdamSQP):
         eps: float = 1e-7,
         *,
         sync_free: bool | None = None,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, bias_correction="standard", sync_free=sync_free)
+        # no constraints reach the step: no normal step to damp
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            bias_correction="standard",
+            sync_free=sync_free,
+            normal_damping=None,
+            process_group=process_group,
+        )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
         """The step sees the loss alone; ``c`` (if returned) is only passed back to the caller."""
@@ -103,7 +118,10 @@ class PenaltyAdam(AdamUnc):
 
     The soft approach the Lagrangian/SQP methods are compared against: the violation shrinks only like
     :math:`O(1/\rho)` and large ρ makes the problem ill-conditioned. ``step`` returns the *unpenalised*
-    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``.
+    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``. With a
+    ``process_group`` the penalty is that of all ranks' rows (a sharded rank weighs its own rows' penalty by the
+    number of ranks, as the gradients are averaged) and the returned loss is the ranks' mean (one more
+    all-reduce of a scalar).
     """
 
     def __init__(
@@ -115,10 +133,11 @@ class PenaltyAdam(AdamUnc):
         eps: float = 1e-7,
         *,
         sync_free: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not rho >= 0.0:
             raise ValueError(f"Invalid rho: {rho} (expected rho >= 0)")
-        super().__init__(params, lr, betas, eps, sync_free=sync_free)
+        super().__init__(params, lr, betas, eps, sync_free=sync_free, process_group=process_group)
         self.rho = rho
 
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -126,14 +145,20 @@ class PenaltyAdam(AdamUnc):
             return super().step(closure)
         seen: dict[str, Tensor] = {}
 
-        def penalised() -> tuple[Tensor, Tensor]:
-            out = closure()
+        def penalised() -> tuple[Tensor, Any]:
+            out, sharded = strip_sharded(closure())
             if not isinstance(out, (tuple, list)) or len(out) < 2 or not isinstance(out[1], Tensor):
                 raise TypeError("PenaltyAdam's closure must return (loss, c) with c a 1-D tensor")
             loss, c = out[0], out[1]
             seen["loss"] = loss
-            return loss + 0.5 * self.rho * c.square().sum(), c
+            # Sharded rows: the union's penalty is the sum of the ranks' penalties while gradients are averaged
+            # over the ranks, so each rank weighs its own penalty by their number.
+            weight = self._ranks.world if (sharded and self._ranks is not None) else 1
+            return loss + 0.5 * self.rho * weight * c.square().sum(), Sharded(c) if sharded else c
 
         penalized, c = super().step(penalised)
         self._diagnostics["penalized_loss"] = penalized
-        return seen["loss"].detach(), c
+        loss = seen["loss"].detach()
+        if self._ranks is not None:  # the mean over the ranks, like the penalised loss step() returned
+            loss = self._ranks.average_(loss.reshape(1).clone())[0]
+        return loss, c

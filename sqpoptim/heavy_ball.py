@@ -7,9 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._constraint_solver import ConstraintSolver, as_solver
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
-from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
+from ._linalg import masked, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
@@ -31,14 +33,18 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         &\quad x_{k+1} = x_k + \gamma v_k + u_k
         \end{aligned}
 
+    By default :math:`v_k` is the Levenberg–Marquardt (damped) normal step, a globalisation the paper does not
+    have (``normal_damping``, below); ``normal_damping=None`` takes :math:`v_k` as written.
+
     The momentum is fed projected gradients, and the momentum itself is re-projected onto the current null
     space, since :math:`m_k` mixes projections onto earlier null spaces. The default γ = 1 (``normal_lr=1.0``)
-    takes the full Gauss–Newton feasibility step, so linear constraints hold after one step and nonlinear ones
-    converge quadratically; ``normal_lr=None`` sets γ = α, which scales the whole step by the learning rate as
-    the authors' code does (c then shrinks only like :math:`(1-\alpha)^k`). **Deviation from the spec's
-    default** (γ = α, marked [design]): measured on the problem suite (RESULTS.md), γ = 1 reaches a lower or
-    equal objective on spring, Darcy, the manifold toy and the reaction network and always satisfies the
-    constraints, which γ = α does not within the budgets (Burgers is the exception on the objective).
+    takes the whole feasibility step, so linear constraints hold after one undamped step (a few damped ones)
+    and nonlinear ones converge fast (quadratically undamped); ``normal_lr=None`` sets γ = α, which scales the
+    whole step by the learning rate as the authors' code does (c then shrinks only like :math:`(1-\alpha)^k`).
+    **Deviation from the spec's default** (γ = α, marked [design]): measured on the problem suite (RESULTS.md),
+    γ = 1 reaches a lower or equal objective on spring, Darcy, the manifold toy and the reaction network and
+    always satisfies the constraints, which γ = α does not within the budgets (Burgers is the exception on the
+    objective).
 
     With no constraints (m = 0) this is exactly the EMA heavy-ball method
     :math:`m_k = \beta m_{k-1} + (1-\beta) g_k,\ x_{k+1} = x_k - \alpha m_k`, i.e. ``torch.optim.SGD`` with
@@ -54,19 +60,50 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         momentum: β ∈ [0, 1).
         normal_lr: γ ≥ 0, the normal step size (default 1: the full feasibility step); ``None`` means γ = lr (and
             follows the scheduler), as in the authors' code.
-        jacobian: ``"batched"`` (one vectorised backward) or ``"loop"`` (one backward per constraint).
+        jacobian: how J is formed (:mod:`sqpoptim._jacobian_path`): ``"auto"`` (default: per-sample factors
+            of the ``nn.Linear`` layers from one backward pass when the constraints are pointwise outputs of such
+            layers — checked on random probes —, else one vectorised backward), ``"layers"`` (insist on the
+            factors), ``"batched"`` (one vectorised backward over the rows) or ``"loop"`` (one backward per
+            constraint).
         chunk_size: rows of J per batched backward (bounds memory for large m).
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
             :mod:`sqpoptim._finite`.
-        normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-6, 1e4], the initial
-            relative Levenberg–Marquardt damping of the normal step, :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c`
-            with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`; ν is adapted by a ratio
-            test and steps that increase ‖c‖ are rejected (:mod:`sqpoptim._damping`). For strongly nonlinear or nearly
-            rank-deficient constraints where the full step overshoots: ``1e-6`` is the safe switch (no change
-            where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
-            networks (RESULTS.md §5). ``diagnostics()`` then
-            has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
+        normal_damping: ν0 ∈ [1e-6, 1e4], the initial relative Levenberg–Marquardt damping of the normal step
+            (default ``1e-6``), or ``None`` for the paper's undamped Gauss–Newton step. Damped, the normal step is
+            :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c` with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}
+            (JJ^\top)`; ν is adapted by a ratio test and a step that increased ‖c‖ is rejected
+            (:mod:`sqpoptim._damping`). It is on by default because the full step, exact for nearly linear
+            constraints, overshoots by orders of magnitude where J is nearly rank-deficient — residuals of an
+            ODE or PDE at a few points of a small network, pointwise output constraints of a ReLU network — and
+            the run then satisfies the constraints at their points with a function that is wrong between them.
+            ν0 = 1e-6 (the floor of ν: Gauss–Newton until a step fails, then damped) was chosen by measurement
+            against larger ν0 and against caps and trust regions on the length of the normal step, on small
+            problems of that kind and on the papers' PINN tasks (RESULTS.md, "Defaults for a first problem"):
+            it turns the failing runs into solutions and leaves the PINN results as they were, where a larger ν0
+            slows the first steps to feasibility. ``0.1`` fits pointwise output constraints of ReLU networks
+            better (RESULTS.md §5). ``diagnostics()`` has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected``
+            and ``rejected_steps``.
+        solver: ``"auto"`` (default), ``"dense"`` (one float64 Gram factorisation per step) or ``"krylov"``
+            (matrix-free MINRES with the inexact-SQP termination tests of Byrd, Curtis and Nocedal, warm-started
+            from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver up to
+            512 constraints, and above while its Gram matrix and factorisation cost no more than a matrix-free step
+            at its iteration cap and fit in memory (:mod:`sqpoptim._constraint_solver`);
+            ``diagnostics()["solver"]`` says which was used.
+        krylov: options of the matrix-free solver (:class:`sqpoptim._krylov.KrylovOptions`: ``max_iter``,
+            ``kappa``, ``epsilon``, ``tau``, ``penalty0``, ``projection_rtol``, ``rtol``, ``jacobi``).
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks)
+            to step as one across its ranks; ``step`` is then a collective that every rank calls. Each rank's
+            closure gives the loss on its own data, and the losses and gradients are averaged; constraints are
+            replicated (a plain c, the same on every rank, which is checked) or sharded (``Sharded(c)``: each
+            rank its own rows, the step uses all of them in rank order). Every rank then takes the same step,
+            so the replicas stay bit-identical (checked at every step); an error or a NaN on any rank is raised
+            on every rank before anything changes. Costs and design: :mod:`sqpoptim._exchange`.
+            ``diagnostics()`` then has ``comm_bytes``. Default ``None``: no communication, even when
+            ``torch.distributed`` is initialised — turning ``step`` into a collective unasked would hang
+            programs that step on some ranks only, and an optimizer cannot see whether its model is wrapped in
+            ``DistributedDataParallel`` (which would not average these gradients anyway); a warning says so
+            when several ranks run without a group.
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
@@ -84,11 +121,14 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         momentum: float = 0.9,
         normal_lr: float | None = 1.0,
         *,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, momentum=momentum, normal_lr=normal_lr))
         defaults = dict(lr=lr, momentum=momentum, normal_lr=normal_lr)
@@ -100,6 +140,9 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            solver=solver,
+            krylov=krylov,
+            process_group=process_group,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -128,7 +171,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
 def heavy_ball_sqp_direction(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     momentum_buffer: Tensor,
     *,
     lr: float | Tensor,
@@ -148,20 +191,23 @@ def heavy_ball_sqp_direction(
     estimates :math:`-(JJ^\top)^{-1}Jg`.
     """
     m = c.shape[0]
-    F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m else None
+    S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
+    normal = None
     if m:
-        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
+        gbar, lam = S.project(g, multipliers=True)  # [n], [m]
+        normal = S.normal_part(c, normal_lr, damping)  # None: the solver forms it with the step (one solve)
     else:
         gbar, lam = g, None
-        delta_n = v = torch.zeros_like(g)
-    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
+    checked = {} if normal is None else {"normal_step": normal[1]}
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, **checked)
     ok = both(ok, formed)
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
         weight = masked(ok, weight, 0.0, g)
     momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
-    u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
-    info = step_info(c, F, v, u)
-    return delta_n + u, {**info, "formed": formed, "multipliers": lam}
+    if not m:
+        u = -(lr * momentum_buffer)
+        return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed, "multipliers": lam}
+    delta, info = S.step(lr * momentum_buffer, c, normal_lr, damping, normal)
+    return delta, {**info, "formed": formed, "multipliers": lam}

@@ -10,19 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._closure import parse_closure_output
+from ._constraint_solver import ConstraintSolver, as_solver
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
-from ._gradient import flat_gradient
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
-from ._linalg import (
-    factor_gram,
-    gram,
-    normal_step,
-    project,
-    project_with_multipliers,
-    scaled_normal_step,
-    step_info,
-)
+from ._jacobian_operator import DenseJacobian
+from ._linalg import step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 from ._state import OptimizerState
 
@@ -89,8 +82,12 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`
-            (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
+        jacobian, chunk_size, rank_tol, sync_free, solver, krylov, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        normal_damping: the fixed rule's ν0 (default 1e-6: damped, as in :class:`~sqpoptim.ProjectedHeavyBallSQP`,
+            which says why; ``None``: the undamped step). The adaptive rule always takes the undamped normal
+            step — its merit model needs :math:`Jv = -c`, and its step size already globalises the whole step —
+            so with ``step_rule="adaptive"`` the default means "undamped" and any other value is an error.
     """
 
     _state_type = StochasticSQPState
@@ -110,11 +107,14 @@ class StochasticSQP(ConstrainedOptimizer):
         eps_xi: float = 0.01,
         lipschitz: tuple[float, float] | None = None,
         lipschitz_samples: int = 5,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, normal_lr=normal_lr))
         if step_rule not in ("fixed", "adaptive"):
@@ -129,11 +129,13 @@ class StochasticSQP(ConstrainedOptimizer):
             raise ValueError(f"Invalid lipschitz: {lipschitz!r} (expected (L, Gamma), both > 0)")
         if lipschitz_samples < 1:
             raise ValueError(f"Invalid lipschitz_samples: {lipschitz_samples}")
-        if normal_damping is not None and step_rule == "adaptive":
-            raise ValueError(
-                "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step through "
-                "its merit function and needs the undamped normal step (J v = -c)"
-            )
+        if step_rule == "adaptive":
+            if normal_damping not in (None, DEFAULT_NU0):
+                raise ValueError(
+                    "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step "
+                    "through its merit function and needs the undamped normal step (J v = -c)"
+                )
+            normal_damping = None
         defaults = dict(lr=lr, normal_lr=normal_lr)
         super().__init__(
             params,
@@ -143,6 +145,9 @@ class StochasticSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            solver=solver,
+            krylov=krylov,
+            process_group=process_group,
         )
         self.step_rule = step_rule
         self.rule = dict(tau0=tau0, xi0=xi0, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi)
@@ -189,9 +194,9 @@ class StochasticSQP(ConstrainedOptimizer):
             tau = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
             xi = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
         m = ctx.c.shape[0]
-        F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.sync_free) if m else None
-        v = normal_step(ctx.J, ctx.c, F) if m else torch.zeros_like(ctx.g)
-        gbar, lam = project_with_multipliers(ctx.J, ctx.g, F) if m else (ctx.g, None)
+        S = ctx.J
+        v = S.normal_step(ctx.c) if m else torch.zeros_like(ctx.g)
+        gbar, lam = S.project(ctx.g, multipliers=True) if m else (ctx.g, None)
         u = -gbar
         d = v + u
         formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
@@ -214,7 +219,7 @@ class StochasticSQP(ConstrainedOptimizer):
         if ok is not None:  # a refused step keeps τ and ξ
             tau_new, xi_new = torch.where(ok, tau_new, tau), torch.where(ok, xi_new, xi)
         state.lipschitz, state.tau, state.xi, state.alpha = lipschitz, tau_new, xi_new, alpha
-        info = step_info(ctx.c, F, v, alpha.to(u.dtype) * u)
+        info = step_info(ctx.c, getattr(S, "factor", None) if m else None, v, alpha.to(u.dtype) * u)
         info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
         info.update(formed=formed, multipliers=lam)
         return alpha.to(d.dtype) * d, info
@@ -244,23 +249,23 @@ class StochasticSQP(ConstrainedOptimizer):
                 e = e * (radius / torch.linalg.vector_norm(e))
                 layout.assign(x0 + e)
                 with torch.enable_grad():
-                    inputs = parse_closure_output(self._closure(), layout, max_constraints=layout.n)
+                    inputs, g, J = self._evaluate(self._closure, layout)  # every rank's, with a process group
                     if inputs.c.shape != ctx.c.shape:
                         raise ValueError(
                             f"the closure returned {inputs.c.shape[0]} constraints at a nearby point (Lipschitz "
                             f"estimate) but {ctx.c.shape[0]} at the iterate; it must evaluate the same batch"
                         )
-                    J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
-                    g = flat_gradient(inputs.loss, layout)
                 try:  # the same checks as the step's own inputs: NaN here would make α = 1 silently
-                    self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, J, sync_free=False)
+                    rows = DenseJacobian(J).row_check() if J.shape[0] else None
+                    self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, rows, sync_free=False)
                 except (FloatingPointError, ValueError) as err:
                     raise type(err)(f"while estimating the Lipschitz constants (step_rule='adaptive'): {err}") from None
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)
                 if J.shape[0]:
-                    G_est = max(G_est, float(torch.linalg.vector_norm(J - ctx.J, dim=1).sum()) / radius)
+                    J0 = ctx.J.op.dense()
+                    G_est = max(G_est, float(torch.linalg.vector_norm(J - J0, dim=1).sum()) / radius)
                 if dg_norm == 0.0:
                     break  # f is linear along e: nothing to iterate on
                 e = dg
@@ -276,7 +281,7 @@ class StochasticSQP(ConstrainedOptimizer):
 def sqp_direction(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     *,
     lr: float | Tensor,
     normal_lr: float | Tensor,
@@ -291,15 +296,10 @@ def sqp_direction(
     if not m:
         u = -(lr * g)
         return u, step_info(c, None, torch.zeros_like(u), u)
-    F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
-    if isinstance(lr, Tensor):  # per-group rates: project Λg; the multipliers need their own solve
-        u = -project(J, lr * g, F)
-        lam = project_with_multipliers(J, g, F)[1]
-    else:
-        gbar, lam = project_with_multipliers(J, g, F)
-        u = -lr * gbar
-    delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    return delta_n + u, {**step_info(c, F, v, u), "multipliers": lam}
+    S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
+    delta, info = S.step(lr * g, c, normal_lr, damping)
+    lam = S.project(g, multipliers=True)[1] if S.kind == "dense" else None  # (no matrix-free solve for it)
+    return delta, {**info, "multipliers": lam}
 
 
 def adaptive_step_size(
