@@ -1,4 +1,4 @@
-r"""Projection time and peak memory of the output layers on issue 4's quadratic instance.
+r"""Projection time and peak memory of the output layers on a random quadratic-equality instance.
 
 Instance (200 outputs, 150 nonlinear equalities, C3's form):
 :math:`h_i(x, y) = y^\top A_i y + c_i^\top y + d_i - x_i^3` with :math:`A_i = 0.02(G_i + G_i^\top)`,
@@ -49,7 +49,7 @@ N_OUT, N_CON = 200, 150
 
 
 def make_instance(batch: int, device: torch.device, seed: int = 0):
-    """The issue's instance in float64: ``(A [m, n, n], c [m, n], d [m], x [B, m], y_star, y_hat [B, n])``."""
+    """The instance in float64: ``(A [m, n, n], c [m, n], d [m], x [B, m], y_star, y_hat [B, n])``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     G = torch.randn(N_CON, N_OUT, N_OUT, dtype=torch.float64, generator=gen)
     A = 0.02 * (G + G.mT)

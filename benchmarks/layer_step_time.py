@@ -7,7 +7,7 @@ warm-up round, then ``--steps`` timed rounds), each step timed by process CPU ti
 reports medians and the ratio of CPU medians to Adam(unc)'s. After the timed rounds each method's last batch is
 projected again in evaluation mode to report the layer's iterations and largest violation there.
 
-    python benchmarks/layer_step_time.py                                  # the issue's task/method pairs
+    python benchmarks/layer_step_time.py                                  # the default task/method pairs
     python benchmarks/layer_step_time.py --pairs mpc:hardnet-pp kkt_e1:kkt-hardnet --steps 5
     python benchmarks/layer_step_time.py --pairs "mpc:hardnet-pp:method=paper:gradient=unrolled"
 

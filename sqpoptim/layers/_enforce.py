@@ -1,7 +1,7 @@
 r"""ENFORCE's adaptive-depth neural projection (AdaNP) for nonlinear equality constraints.
 
 Lastrucci & Schweidtmann, "ENFORCE: Nonlinear Constrained Learning with Adaptive-depth Neural Projection"
-(``../shared/papers/001_*.txt``, Sec. 4.1, App. D.1-D.2).
+(arXiv:2502.06774, Sec. 4.1, App. D.1-D.2).
 
 .. math::
 

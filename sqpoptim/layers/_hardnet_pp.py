@@ -1,7 +1,7 @@
 r"""HardNet++: damped local linearisations for nonlinear equalities and two-sided inequalities.
 
 Goertzen, Alim & Azizan, "HardNet++: Nonlinear Constraint Enforcement in Neural Networks"
-(``../shared/papers/002_*.txt``, Sec. III, Thm. 1).
+(arXiv:2604.19669, Sec. III, Thm. 1).
 
 .. math::
 

@@ -1,6 +1,7 @@
 r"""KKT-Hardnet: Newton on the KKT system of the Euclidean projection, with Fischer–Burmeister slacks.
 
-Iftakher, Golder, Roy & Hasan, "KKT-Hardnet" (``../shared/papers/003_*.txt``, Sec. 2.1, App. B). The layer
+Iftakher, Golder, Roy & Hasan, "Physics-Informed Neural Networks with Hard Nonlinear Equality and Inequality
+Constraints" (KKT-Hardnet; Sec. 2.1, App. B). The layer
 solves the KKT conditions :math:`F(z) = 0` (:mod:`._kkt_system`) of
 :math:`\tilde y = \arg\min_y \tfrac12\|y - \hat y\|^2` s.t. :math:`h(x, y) = 0`, :math:`\hat g(x, y) \le 0` in
 :math:`z = [y, \mu_E, \mu_I, s]`, from the paper's start :math:`y = \hat y`, :math:`\mu = 0`,

@@ -95,7 +95,7 @@ def test_two_sided_bounds_with_infinite_sides():
 
 
 def test_affine_equalities_match_closed_form():
-    # Spec: the paper's affine closed form has a sign error; the correct one is HardNet's projection.
+    # The paper's affine closed form has a sign error; the correct one is HardNet's projection.
     Bm, M, _, x, y_hat = affine_instance()
     cons = affine_constraints(Bm, M)
     res = KKTHardNet(cons).eval().project(x, y_hat)
