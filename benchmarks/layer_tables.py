@@ -7,7 +7,7 @@
   validation).
 * ``enforce_fitting``: KKT-Hardnet on ENFORCE's C1 (runs finished / diverged, R², max violation).
 
-    python benchmarks/layer_tables.py results/layer_tables mpc nonconvex_quadratic pooling enforce_fitting
+    python benchmarks/layer_tables.py results/layer_tables mpc nonconvex_quadratic enforce_fitting
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The layer papers' headline tables with the fast layers (``benchmarks/layer_tables.sh``), from the committed
-exports ``layer_tables_<problem>``: final metrics per method over the five seeds, objective curves and predictions
-(best run of each method). HardNet++'s learned MPC (Table I), ENFORCE's C3 (Table 3), KKT-Hardnet's pooling
-(Table 6) and KKT-Hardnet on ENFORCE's C1."""
+exports ``layer_tables_<problem>``: final metrics per method over the seeds, objective curves and predictions
+(best run of each method). HardNet++'s learned MPC (Table I), ENFORCE's C3 (Table 3) and KKT-Hardnet on ENFORCE's
+C1."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from _data import problem_figures
 
-PROBLEMS = ("mpc", "nonconvex_quadratic", "pooling", "enforce_fitting")
+PROBLEMS = ("mpc", "nonconvex_quadratic", "enforce_fitting")
 KINDS = ("objective", "final_metrics", "prediction")
 
 
