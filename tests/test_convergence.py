@@ -37,8 +37,14 @@ def random_qp(seed, n=50, m=5):
     return Q, b, C, d, x_star
 
 
+# Adam(con) and the Adam options take 1,000-2,000 steps to 1e-7 here (5-10 s of CPU each): marked slow
+_SLOW_QP = {"sqp-adam-scaled", "sqp-adam-standard", "adam-con"}
+
+
 @pytest.mark.parametrize("damped", [False, True], ids=["undamped", "default"])
-@pytest.mark.parametrize("method", list(SQP_METHODS))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=[pytest.mark.slow] if m in _SLOW_QP else []) for m in SQP_METHODS]
+)
 def test_linear_equality_constrained_qp_converges_to_kkt_point(method, damped):
     Q, b, C, d, x_star = random_qp(seed=sorted(SQP_METHODS).index(method))
     x = torch.zeros(50, dtype=f64, requires_grad=True)
