@@ -20,20 +20,18 @@ import torch
 from torch.utils import benchmark
 
 from problems import get_problem
-from problems.methods import METHODS, parse_method
+from problems.methods import resolve_method
 
 
 def iteration_timer(problem, spec: str, lr: float, batch_mode: str, seed: int = 0):
-    name, options = parse_method(spec)
-    method = METHODS[name]
+    method, options = resolve_method(spec, lr)
     torch.manual_seed(0)
-    model = method.prepare(problem, problem.make_model(0), options)
-    opt = method.build(model.parameters(), lr, dict(options))
+    training = method.setup(problem, problem.make_model(0), lr, options)
     gen = torch.Generator().manual_seed(seed)
 
     def iteration():
         batch = None if batch_mode == "full" else problem.sample_batch(gen)
-        opt.step(method.closure(method, problem, model, batch))
+        training.optimizer.step(training.closure(batch))
 
     return iteration
 

@@ -39,6 +39,7 @@ def _rounded(values: Any) -> Any:
 def export(results_dir: str | Path, problem: str, name: str) -> Path:
     from problems.plots import best_runs
     from problems.runner import load_results
+    from problems.runner.results import read_prediction
 
     runs = load_results(results_dir, problem)
     if not runs:
@@ -57,8 +58,7 @@ def export(results_dir: str | Path, problem: str, name: str) -> Path:
             "grad_norm": {"max": max(g), "median": float(np.median(g))} if g else None,
         }
         if best[r["config"]["method"]] is r:
-            with np.load(r["prediction_file"]) as f:
-                compact["prediction"] = {k: _rounded(f[k]) for k in f.files}
+            compact["prediction"] = {k: _rounded(v) for k, v in read_prediction(r).items()}
         out.append(compact)
     DATA.mkdir(parents=True, exist_ok=True)
     path = DATA / f"{name}.json.gz"

@@ -13,8 +13,8 @@ Output layers that enforce constraints on a network's predictions live in :mod:`
 """
 
 from . import layers
-from ._base import ConstrainedOptimizer, RankDeficiencyWarning
 from ._jacobian import JacobianFallbackWarning, PointwiseConstraints
+from ._optimizer import ConstrainedOptimizer, InfeasibilityWarning, RankDeficiencyWarning
 from .adam import ProjectedAdamSQP, adam_sqp_direction
 from .baselines import AdamUnc, ConstrainedAdam, PenaltyAdam
 from .heavy_ball import ProjectedHeavyBallSQP, heavy_ball_sqp_direction
@@ -27,6 +27,7 @@ __all__ = [
     "AdamUnc",
     "ConstrainedAdam",
     "ConstrainedOptimizer",
+    "InfeasibilityWarning",
     "JacobianFallbackWarning",
     "PenaltyAdam",
     "PointwiseConstraints",

@@ -20,13 +20,14 @@ Three ways to form :math:`J = \partial c/\partial x`:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+
+from ._warnings import warn_user
 
 __all__ = [
     "JacobianFallbackWarning",
@@ -120,11 +121,10 @@ def jacobian(
     except RuntimeError as err:
         if not warned[0]:
             warned[0] = True
-            warnings.warn(
+            warn_user(
                 f"batched Jacobian pass failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "using one backward pass per constraint from now on (pass jacobian='loop' to silence this)",
                 JacobianFallbackWarning,
-                stacklevel=4,
             )
         return loop_jacobian(c, params, n)
 

@@ -58,6 +58,7 @@ __all__ = [
     "masked",
     "normal_step",
     "project",
+    "project_with_multipliers",
     "scaled_normal_step",
     "step_info",
 ]
@@ -246,11 +247,21 @@ def project(J: Tensor, x: Tensor, factor: GramFactor, weight: Tensor | None = No
     r"""Projection onto the null space of ``J`` along the range of :math:`WJ^\top`:
     :math:`P_W x = x - W J^\top G_W^{-1} J x`. :math:`J P_W x = 0`, :math:`P_W^2 = P_W`; for ``weight=None`` it
     is the orthogonal projector :math:`I - J^\top (JJ^\top)^{-1} J`."""
+    return project_with_multipliers(J, x, factor, weight)[0]
+
+
+def project_with_multipliers(
+    J: Tensor, x: Tensor, factor: GramFactor, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""``(P_W x, λ)`` with :math:`\lambda = -G_W^{-1}Jx`, so that :math:`P_W x = x + W J^\top \lambda`.
+    For :math:`x = g` (and ``weight=None``) λ is the
+    least-squares multiplier estimate :math:`\lambda = \arg\min_\mu \|g + J^\top\mu\|`, whose
+    Lagrangian gradient :math:`g + J^\top\lambda` is the projected gradient. λ is float64, ``[m]``."""
     if J.shape[0] == 0:
-        return x
-    y = factor.solve(J @ x).to(J.dtype)  # [m]
-    r = J.T @ y  # [n]
-    return x - (r if weight is None else r * weight)
+        return x, x.new_zeros(0, dtype=torch.float64)
+    y = factor.solve(J @ x)  # [m], float64
+    r = J.T @ y.to(J.dtype)  # [n]
+    return x - (r if weight is None else r * weight), -y
 
 
 def kkt_reference(J: Tensor, p: Tensor, c: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:

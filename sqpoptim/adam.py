@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import ConstrainedOptimizer, StepContext
-from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
+from ._finite import both, require_finite
+from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
+from ._layout import StepCounts
+from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
+from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedAdamSQP", "adam_sqp_direction"]
 
@@ -68,7 +71,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     :math:`v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k`, :math:`\mu_k = \nu_k\,\operatorname{mean}\operatorname{diag}
     (JJ^\top)`, ν follows Nielsen's ratio rule, and a step that increased ‖c‖ while its normal part dominated
     is rejected (the parameters go back; no extra closure calls: the rejection happens at the next ``step``,
-    which then returns without moving on). See ``ConstrainedOptimizer._judge_last_step``. Measured (RESULTS.md
+    which then returns without moving on). See :mod:`sqpoptim._damping`. Measured (RESULTS.md
     §5): ``normal_damping=0.1`` turns the blow-ups on two of the layer papers' tasks into fits better than the
     unconstrained network's, but makes spring 3–10× worse at 1,500 steps; ``1e-6`` (Gauss–Newton until a step
     fails) changes nothing where Gauss–Newton works and rescues one of the two. The default stays undamped
@@ -113,15 +116,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         sync_free: bool | None = None,
         normal_damping: float | None = None,
     ) -> None:
-        self._check_lr(lr)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas: {betas!r} (expected a pair)")
-        self._check_beta(betas[0], "beta1")
-        self._check_beta(betas[1], "beta2")
-        if not (isinstance(eps, (int, float)) and eps > 0.0):
-            raise ValueError(f"Invalid eps: {eps} (expected eps > 0)")
-        if normal_lr is not None:
-            self._check_lr(normal_lr, "normal_lr")
+        self._check_group(dict(lr=lr, betas=betas, eps=eps, normal_lr=normal_lr))
         if projection not in _PROJECTIONS:
             raise ValueError(f"Invalid projection {projection!r}: expected one of {_PROJECTIONS}")
         if bias_correction not in _BIAS_CORRECTIONS:
@@ -139,18 +134,24 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         self.projection = projection
         self.bias_correction = bias_correction
         self.project_gradients = project_gradients
+        self._counts = StepCounts()
 
-    def _update(self, ctx: StepContext) -> Tensor:
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_betas(group["betas"])
+        check_eps(group["eps"])
+        check_optional_nonnegative(group["normal_lr"], "normal_lr")
+
+    def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
         layout, groups = ctx.layout, self.param_groups
         flat = self._flat_state(layout)
-        k = self._next_step_count(ctx)
-        delta, info = adam_sqp_direction(
+        return adam_sqp_direction(
             ctx.g,
             ctx.c,
             ctx.J,
             flat["exp_avg"],
             flat["exp_avg_sq"],
-            k,
+            self._counts.step_for(layout, self.state, ctx.stats),
             lr=self._per_coordinate(layout, [g["lr"] for g in groups]),
             beta1=self._per_coordinate(layout, [g["betas"][0] for g in groups]),
             beta2=self._per_coordinate(layout, [g["betas"][1] for g in groups]),
@@ -160,11 +161,18 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             bias_correction=self.bias_correction,
             project_gradients=self.project_gradients,
             rank_tol=self._rank_tol(layout),
-            sync_free=ctx.ok is not None,
-            ok=ctx.ok,
+            sync_free=ctx.sync_free,
+            ok=ctx.stats,
             damping=ctx.damping,
         )
-        return self._finish(ctx, delta, info)
+
+    def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
+        super()._commit_step(ctx, counted)
+        self._counts.advance(ctx.layout, self.state, counted)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._counts.invalidate()
 
 
 def adam_sqp_direction(
@@ -191,17 +199,30 @@ def adam_sqp_direction(
     """Functional form of one :class:`ProjectedAdamSQP` step on flat vectors.
 
     Updates ``exp_avg`` and ``exp_avg_sq`` in place and returns ``(δ, diagnostics)``, :math:`x_{k+1} = x_k + δ`.
-    ``step`` is k for this step (1 on the first). Hyperparameters are floats or per-coordinate ``[n]`` tensors.
-    ``ok`` (0-d bool, sync-free mode) makes the step a no-op on the moments when False; ``damping`` is ν of the
-    Levenberg–Marquardt normal step (:func:`sqpoptim._linalg.damped`).
+    ``step`` is k for this step (1 on the first; a per-coordinate ``[n]`` tensor when parameters have taken
+    different numbers of steps). Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool)
+    makes the step a no-op on the moments when False; ``damping`` is ν of the Levenberg–Marquardt normal step
+    (:func:`sqpoptim._linalg.damped`). The projected gradient (and, for the Euclidean projection, the normal
+    step) is checked before it touches the moments (:func:`sqpoptim._finite.require_finite`): exact mode raises,
+    sync-free mode masks the moments and reports ``formed`` in the diagnostics. ``multipliers`` in the
+    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg` (in the Adam metric when the Euclidean
+    factor is not formed).
     """
     m = c.shape[0]
-    F = (
-        factor_gram(gram(J), rank_tol, sync_free=sync_free)
-        if m and (project_gradients or projection == "euclidean")
-        else None
-    )
-    gbar = project(J, g, F) if m and project_gradients else g  # [n]
+    euclidean = projection == "euclidean"
+    F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m and (project_gradients or euclidean) else None
+    lam = None
+    if m and project_gradients:
+        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
+    else:
+        gbar = g
+    delta_n = v = None
+    if m and euclidean:  # the normal step does not depend on the moments: check it before they change
+        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
+        formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
+    else:
+        formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
+    ok = both(ok, formed)
     defossez = bias_correction == "defossez"
     w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
     w2 = 1.0 if defossez else 1.0 - beta2
@@ -225,13 +246,17 @@ def adam_sqp_direction(
     d = p / denom  # D_k^{-1} p_k: Adam's direction, lr and bias correction included
     if not m:
         u = -d
-        return u, step_info(c, None, torch.zeros_like(u), u)
-    if projection == "euclidean":
+        return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed}
+    if euclidean:
+        assert delta_n is not None and v is not None
         u = -project(J, d, F)
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-        return delta_n + u, step_info(c, F, v, u)
-    W = denom.reciprocal()  # H^{-1} with H = D_k
-    FW = factor_gram(gram(J, W), rank_tol, sync_free=sync_free)
-    u = -project(J, d, FW, W)
-    delta_n, v = scaled_normal_step(J, c, FW, normal_lr, W, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    return delta_n + u, step_info(c, FW, v, u)
+        info = step_info(c, F, v, u)
+    else:
+        W = denom.reciprocal()  # H^{-1} with H = D_k
+        FW = factor_gram(gram(J, W), rank_tol, sync_free=sync_free)
+        u = -project(J, d, FW, W)
+        delta_n, v = scaled_normal_step(J, c, FW, normal_lr, W, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
+        if lam is None:
+            lam = project_with_multipliers(J, W * g, FW)[1]  # -(J W Jᵀ)⁻¹ J W g
+        info = step_info(c, FW, v, u)
+    return delta_n + u, {**info, "formed": formed, "multipliers": lam}

@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ._closure import StepInputs, parse_closure_output
+from ._layout import FlatLayout
 from .adam import ProjectedAdamSQP
 
 __all__ = ["AdamUnc", "ConstrainedAdam", "PenaltyAdam"]
@@ -74,8 +76,6 @@ class AdamUnc(ProjectedAdamSQP):
     used for the step, only returned.
     """
 
-    _uses_constraints = False
-
     def __init__(
         self,
         params: Any,
@@ -86,6 +86,16 @@ class AdamUnc(ProjectedAdamSQP):
         sync_free: bool | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, bias_correction="standard", sync_free=sync_free)
+
+    def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
+        """The step sees the loss alone; ``c`` (if returned) is only passed back to the caller."""
+        if isinstance(out, Tensor):
+            out = (out, None)
+        if isinstance(out, (tuple, list)) and len(out) in (2, 3):
+            # J is not used; PointwiseConstraints are not evaluated, as nothing would use them
+            out = (out[0], out[1] if isinstance(out[1], Tensor) or out[1] is None else None)
+        inputs = parse_closure_output(out, layout)
+        return StepInputs(inputs.loss, inputs.c.new_zeros(0), None), inputs.c.detach()
 
 
 class PenaltyAdam(AdamUnc):
@@ -125,5 +135,5 @@ class PenaltyAdam(AdamUnc):
             return loss + 0.5 * self.rho * c.square().sum(), c
 
         penalized, c = super().step(penalised)
-        self._global_state()["diagnostics"]["penalized_loss"] = penalized
+        self._diagnostics["penalized_loss"] = penalized
         return seen["loss"].detach(), c

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import ConstrainedOptimizer, StepContext
-from ._linalg import factor_gram, gram, masked, project, scaled_normal_step, step_info
+from ._finite import both, require_finite
+from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
+from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
+from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
 
@@ -56,17 +58,15 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         chunk_size: rows of J per batched backward (bounds memory for large m).
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
-            :mod:`sqpoptim._base`.
+            :mod:`sqpoptim._finite`.
         normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-6, 1e4], the initial
             relative Levenberg–Marquardt damping of the normal step, :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c`
             with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`; ν is adapted by a ratio
-            test and steps that increase ‖c‖ are rejected
-            (:meth:`~sqpoptim._base.ConstrainedOptimizer._judge_last_step`). For strongly nonlinear or nearly
+            test and steps that increase ‖c‖ are rejected (:mod:`sqpoptim._damping`). For strongly nonlinear or nearly
             rank-deficient constraints where the full step overshoots: ``1e-6`` is the safe switch (no change
             where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
             networks (RESULTS.md §5). ``diagnostics()`` then
-            has ``damping`` (ν), ``damping_ratio`` (ρ) and ``rejected``; ``state["global"]["rejected_steps"]``
-            counts the rejections.
+            has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
@@ -90,10 +90,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         sync_free: bool | None = None,
         normal_damping: float | None = None,
     ) -> None:
-        self._check_lr(lr)
-        self._check_beta(momentum, "momentum")
-        if normal_lr is not None:
-            self._check_lr(normal_lr, "normal_lr")
+        self._check_group(dict(lr=lr, momentum=momentum, normal_lr=normal_lr))
         defaults = dict(lr=lr, momentum=momentum, normal_lr=normal_lr)
         super().__init__(
             params,
@@ -105,11 +102,15 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             normal_damping=normal_damping,
         )
 
-    def _update(self, ctx: StepContext) -> Tensor:
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_beta(group["momentum"], "momentum")
+        check_optional_nonnegative(group["normal_lr"], "normal_lr")
+
+    def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
         layout, groups = ctx.layout, self.param_groups
         flat = self._flat_state(layout)
-        self._next_step_count(ctx)
-        delta, info = heavy_ball_sqp_direction(
+        return heavy_ball_sqp_direction(
             ctx.g,
             ctx.c,
             ctx.J,
@@ -118,11 +119,10 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             momentum=self._per_coordinate(layout, [g["momentum"] for g in groups]),
             normal_lr=self._normal_step_sizes(layout),
             rank_tol=self._rank_tol(layout),
-            sync_free=ctx.ok is not None,
-            ok=ctx.ok,
+            sync_free=ctx.sync_free,
+            ok=ctx.stats,
             damping=ctx.damping,
         )
-        return self._finish(ctx, delta, info)
 
 
 def heavy_ball_sqp_direction(
@@ -142,20 +142,26 @@ def heavy_ball_sqp_direction(
     """Functional form of one :class:`ProjectedHeavyBallSQP` step on flat vectors.
 
     Updates ``momentum_buffer`` in place and returns ``(δ, diagnostics)`` with :math:`x_{k+1} = x_k + δ`.
-    Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool, sync-free mode) turns the
-    step into a no-op on the state when False.
+    Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool) turns the step into a no-op
+    on the momentum when False. The projected gradient and the normal step are checked before the momentum
+    changes (:func:`sqpoptim._finite.require_finite`); ``multipliers`` in the diagnostics are the least-squares
+    estimates :math:`-(JJ^\top)^{-1}Jg`.
     """
     m = c.shape[0]
     F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m else None
-    gbar = project(J, g, F) if m else g  # [n]
+    if m:
+        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
+        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
+    else:
+        gbar, lam = g, None
+        delta_n = v = torch.zeros_like(g)
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
+    ok = both(ok, formed)
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
         weight = masked(ok, weight, 0.0, g)
     momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
     u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
-    if m:
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    else:
-        delta_n = v = torch.zeros_like(g)
-    return delta_n + u, step_info(c, F, v, u)
+    info = step_info(c, F, v, u)
+    return delta_n + u, {**info, "formed": formed, "multipliers": lam}

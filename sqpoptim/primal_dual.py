@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import ConstrainedOptimizer, _real
+from ._closure import parse_closure_output
+from ._hyperparameters import check_nonnegative
+from ._layout import as_real
+from ._optimizer import ConstrainedOptimizer
+from ._state import OptimizerState
 
 __all__ = ["PrimalDual"]
+
+
+@dataclass
+class PrimalDualState(OptimizerState):
+    """:class:`PrimalDual`'s optimizer-wide state: the multipliers λ ``[m]`` (``None`` before the first step)."""
+
+    multipliers: Tensor | None = None
 
 
 class PrimalDual(ConstrainedOptimizer):
@@ -30,10 +42,9 @@ class PrimalDual(ConstrainedOptimizer):
 
     ``inner`` is any ``torch.optim`` optimizer (``torch.optim.Adam`` by default) fed the Lagrangian
     gradient through ``p.grad``; :math:`J_k^\top\lambda_k` comes from the same backward pass as
-    :math:`\nabla f` (no Jacobian is formed). The multipliers live in ``state['global']['multipliers']`` and
-    the number of constraints must stay fixed. This is the "Lagrangian" approach of the article in
-    ``papers/000``; unlike the penalty method it can reach c = 0 with a bounded weight, but it only
-    converges as fast as the multipliers do.
+    :math:`\nabla f` (no Jacobian is formed). The multipliers are :attr:`multipliers` (and part of
+    ``state_dict``); the number of constraints must stay fixed. Unlike the penalty method it can reach c = 0
+    with a bounded weight, but it only converges as fast as the multipliers do.
 
     Non-finite values always raise here (one host read per step): the inner optimizer's state cannot be
     rolled back on the device.
@@ -46,6 +57,9 @@ class PrimalDual(ConstrainedOptimizer):
         **inner_kwargs: passed to ``inner``.
     """
 
+    _state_type = PrimalDualState
+    _global: PrimalDualState
+
     def __init__(
         self,
         params: Any,
@@ -54,8 +68,7 @@ class PrimalDual(ConstrainedOptimizer):
         inner: type[torch.optim.Optimizer] | str = torch.optim.Adam,
         **inner_kwargs: Any,
     ) -> None:
-        self._check_lr(lr)
-        self._check_lr(dual_lr, "dual_lr")
+        self._check_group(dict(lr=lr, dual_lr=dual_lr))
         if isinstance(inner, str):  # a torch.optim class by name ("Adam", "SGD", ...), e.g. from a command line
             name = inner
             inner = getattr(torch.optim, name, None)
@@ -65,18 +78,23 @@ class PrimalDual(ConstrainedOptimizer):
         # The inner optimizer shares the param-group dicts, so schedulers acting on this optimizer reach it.
         self.inner = inner(self.param_groups, lr=lr, **inner_kwargs)
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_nonnegative(group["dual_lr"], "dual_lr")
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         if closure is None:
             raise RuntimeError("PrimalDual.step() needs a closure returning (loss, c)")
+        self._check_groups()
         layout = self._layout()
-        glob = self._global_state()
         with torch.enable_grad():
-            loss, c, _ = self._unpack(closure(), layout)
+            inputs = parse_closure_output(closure(), layout)
+            loss, c = inputs.loss, inputs.c
             m = c.shape[0]
             if m and not c.requires_grad:
                 raise ValueError("the constraints c do not depend on any parameter (c has no autograd graph)")
-            lam = glob.get("multipliers")
+            lam = self._global.multipliers
             if lam is None:
                 lam = torch.zeros(m, dtype=c.dtype, device=c.device)
             elif lam.shape[0] != m:
@@ -90,22 +108,32 @@ class PrimalDual(ConstrainedOptimizer):
                 if lagrangian.requires_grad
                 else [None] * len(layout.params)
             )
-        flat = torch.cat(
-            [_real(gp).reshape(-1) if gp is not None else v.new_zeros(v.numel()) for gp, v in zip(grads, layout.views)]
-        )
-        self._check_finite_inputs(loss, c.detach(), flat, flat.new_zeros(0, layout.n), sync_free=False)
-        for p, gp in zip(layout.params, grads):
+        for gp in grads:
             if gp is not None and gp.is_sparse:
                 raise ValueError("sparse gradients are not supported")
+        flat = torch.cat(
+            [
+                as_real(gp).reshape(-1) if gp is not None else v.new_zeros(v.numel())
+                for gp, v in zip(grads, layout.views)
+            ]
+        )
+        self._guard.check(loss.detach(), c.detach(), flat, None, sync_free=False)
+        for p, gp in zip(layout.params, grads):
             p.grad = None if gp is None else gp.detach()
         self.inner.step()
-        glob["multipliers"] = lam
-        glob["diagnostics"] = {
+        self._global.multipliers = lam
+        self._global.step = self._next_step_count(None, layout.device)
+        self._diagnostics = {
             "c_inf": c.detach().abs().max() if m else c.new_zeros(()),
             "multiplier_inf": lam.abs().max() if m else c.new_zeros(()),
             "g_norm": torch.linalg.vector_norm(flat),  # the Lagrangian gradient given to the inner optimizer
         }
         return loss.detach(), c.detach()
+
+    @property
+    def multipliers(self) -> Tensor | None:
+        """λ after the last step (``[m]``), or ``None`` before the first."""
+        return self._global.multipliers
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

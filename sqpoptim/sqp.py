@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import ConstrainedOptimizer, StepContext
-from ._linalg import factor_gram, gram, normal_step, project, scaled_normal_step, step_info
+from ._closure import parse_closure_output
+from ._finite import both, require_finite
+from ._gradient import flat_gradient
+from ._hyperparameters import check_nonnegative, check_optional_nonnegative
+from ._linalg import (
+    factor_gram,
+    gram,
+    normal_step,
+    project,
+    project_with_multipliers,
+    scaled_normal_step,
+    step_info,
+)
+from ._optimizer import ConstrainedOptimizer, StepContext
+from ._state import OptimizerState
 
 __all__ = ["StochasticSQP", "adaptive_step_size", "sqp_direction"]
+
+
+@dataclass
+class StochasticSQPState(OptimizerState):
+    """:class:`StochasticSQP`'s optimizer-wide state: the adaptive rule's merit parameter τ, ratio ξ, last step
+    size α and the Lipschitz constants ``(L, Γ)`` (0-d float64 tensors; ``None`` until the first adaptive step)."""
+
+    tau: Tensor | None = None
+    xi: Tensor | None = None
+    alpha: Tensor | None = None
+    lipschitz: tuple[Tensor, Tensor] | None = None
 
 
 class StochasticSQP(ConstrainedOptimizer):
@@ -53,8 +78,8 @@ class StochasticSQP(ConstrainedOptimizer):
     σ = 0.1, ε_τ = ε_ξ = 0.01. L and Γ (Lipschitz constants of ∇f and c) are given as ``lipschitz=(L, Γ)`` or,
     when ``None``, estimated once at the first step from ``lipschitz_samples`` re-evaluations of the closure at
     nearby points (a power iteration; see :meth:`_lipschitz_constants`; the closure must evaluate the same batch
-    on every call, as ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in ``state['global']`` and in
-    :meth:`diagnostics`.
+    on every call, as ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in the optimizer's state
+    (:class:`StochasticSQPState`) and reported by :meth:`diagnostics`.
     A zero step (d_k = 0) leaves τ and ξ unchanged and does not move.
 
     Args:
@@ -67,6 +92,9 @@ class StochasticSQP(ConstrainedOptimizer):
         jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`
             (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
     """
+
+    _state_type = StochasticSQPState
+    _global: StochasticSQPState
 
     def __init__(
         self,
@@ -88,9 +116,7 @@ class StochasticSQP(ConstrainedOptimizer):
         sync_free: bool | None = None,
         normal_damping: float | None = None,
     ) -> None:
-        self._check_lr(lr)
-        if normal_lr is not None:
-            self._check_lr(normal_lr, "normal_lr")
+        self._check_group(dict(lr=lr, normal_lr=normal_lr))
         if step_rule not in ("fixed", "adaptive"):
             raise ValueError(f"Invalid step_rule {step_rule!r}: expected 'fixed' or 'adaptive'")
         for name, val in (("tau0", tau0), ("xi0", xi0)):
@@ -131,38 +157,46 @@ class StochasticSQP(ConstrainedOptimizer):
         finally:
             self._closure = None
 
-    def _update(self, ctx: StepContext) -> Tensor:
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate")
+        check_optional_nonnegative(group["normal_lr"], "normal_lr")
+
+    def _check_groups(self) -> None:
+        super()._check_groups()
+        lrs = [g["lr"] for g in self.param_groups]
+        if self.step_rule == "adaptive" and any(lr != lrs[0] for lr in lrs):
+            raise ValueError("step_rule='adaptive' needs one learning rate (β_k) shared by all param groups")
+
+    def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
         layout, groups = ctx.layout, self.param_groups
         lrs = [g["lr"] for g in groups]
-        if self.step_rule == "adaptive" and any(lr != lrs[0] for lr in lrs):  # before any state changes
-            raise ValueError("step_rule='adaptive' needs one learning rate (β_k) shared by all param groups")
-        self._next_step_count(ctx)
         if self.step_rule == "fixed":
-            delta, info = sqp_direction(
+            return sqp_direction(
                 ctx.g,
                 ctx.c,
                 ctx.J,
                 lr=self._per_coordinate(layout, lrs),
                 normal_lr=self._normal_step_sizes(layout),
                 rank_tol=self._rank_tol(layout),
-                sync_free=ctx.ok is not None,
+                sync_free=ctx.sync_free,
                 damping=ctx.damping,
             )
-            return self._finish(ctx, delta, info)
-        glob = self._global_state()
-        if "lipschitz" not in glob:
-            glob["lipschitz"] = self._lipschitz_constants(ctx)
+        state = self._global
+        lipschitz = state.lipschitz if state.lipschitz is not None else self._lipschitz_constants(ctx)
         dev = ctx.g.device
-        if "tau" not in glob:  # first step only: later steps never create tensors from host values
-            glob["tau"] = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
-            glob["xi"] = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
-        tau, xi = glob["tau"], glob["xi"]
+        tau, xi = state.tau, state.xi
+        if tau is None or xi is None:  # first step only: later steps never create tensors from host values
+            tau = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
+            xi = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
         m = ctx.c.shape[0]
-        F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.ok is not None) if m else None
+        F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.sync_free) if m else None
         v = normal_step(ctx.J, ctx.c, F) if m else torch.zeros_like(ctx.g)
-        u = -project(ctx.J, ctx.g, F) if m else -ctx.g
+        gbar, lam = project_with_multipliers(ctx.J, ctx.g, F) if m else (ctx.g, None)
+        u = -gbar
         d = v + u
-        L, Gamma = glob["lipschitz"]
+        formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
+        ok = both(ctx.stats, formed)
+        L, Gamma = lipschitz
         alpha, tau_new, xi_new = adaptive_step_size(
             ctx.g,
             v,
@@ -177,12 +211,13 @@ class StochasticSQP(ConstrainedOptimizer):
             eps_tau=self.rule["eps_tau"],
             eps_xi=self.rule["eps_xi"],
         )
-        if ctx.ok is not None:  # a refused step keeps τ and ξ
-            tau_new, xi_new = torch.where(ctx.ok, tau_new, tau), torch.where(ctx.ok, xi_new, xi)
-        glob.update(tau=tau_new, xi=xi_new, alpha=alpha)
+        if ok is not None:  # a refused step keeps τ and ξ
+            tau_new, xi_new = torch.where(ok, tau_new, tau), torch.where(ok, xi_new, xi)
+        state.lipschitz, state.tau, state.xi, state.alpha = lipschitz, tau_new, xi_new, alpha
         info = step_info(ctx.c, F, v, alpha.to(u.dtype) * u)
         info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
-        return self._finish(ctx, alpha.to(d.dtype) * d, info)
+        info.update(formed=formed, multipliers=lam)
+        return alpha.to(d.dtype) * d, info
 
     def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         r"""``(L, Γ)`` as given, or estimated from the closure at nearby points (parameters restored exactly).
@@ -193,12 +228,13 @@ class StochasticSQP(ConstrainedOptimizer):
         Γ bounds the constraints' curvature in the merit function's ℓ1 norm,
         :math:`\|c(x+s)\|_1 \le \|c + Js\|_1 + \tfrac{\Gamma}{2}\|s\|^2`: the largest
         :math:`\sum_i \|\nabla c_i(x+\delta e) - \nabla c_i(x)\|/\delta` over the same directions.
-        Runs once, at the first step (one host read per closure call)."""
+        Runs once, at the first step (one host read per closure call); the extra evaluations are checked like the
+        step's own (non-finite values refuse the step with the parameters and state unchanged)."""
         dev = ctx.g.device
         if self.lipschitz is not None:
             return tuple(torch.tensor(float(x), dtype=torch.float64, device=dev) for x in self.lipschitz)
         layout = ctx.layout
-        x0 = torch.cat([v.reshape(-1) for v in layout.views]).clone()
+        x0 = layout.gather()
         gen = torch.Generator(device="cpu").manual_seed(0)
         radius = 1e-3 * max(1.0, float(torch.linalg.vector_norm(x0)))
         e = torch.randn(layout.n, generator=gen, dtype=torch.float64).to(dev, layout.dtype)
@@ -206,11 +242,20 @@ class StochasticSQP(ConstrainedOptimizer):
         try:
             for _ in range(self.lipschitz_samples):
                 e = e * (radius / torch.linalg.vector_norm(e))
-                _assign(layout, x0 + e)
+                layout.assign(x0 + e)
                 with torch.enable_grad():
-                    loss, c, J = self._unpack(self._closure(), layout)
-                    J = self._form_jacobian(c, layout) if J is None else J
-                    g = self._form_gradient(loss, layout)
+                    inputs = parse_closure_output(self._closure(), layout, max_constraints=layout.n)
+                    if inputs.c.shape != ctx.c.shape:
+                        raise ValueError(
+                            f"the closure returned {inputs.c.shape[0]} constraints at a nearby point (Lipschitz "
+                            f"estimate) but {ctx.c.shape[0]} at the iterate; it must evaluate the same batch"
+                        )
+                    J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+                    g = flat_gradient(inputs.loss, layout)
+                try:  # the same checks as the step's own inputs: NaN here would make α = 1 silently
+                    self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, J, sync_free=False)
+                except (FloatingPointError, ValueError) as err:
+                    raise type(err)(f"while estimating the Lipschitz constants (step_rule='adaptive'): {err}") from None
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)
@@ -220,17 +265,12 @@ class StochasticSQP(ConstrainedOptimizer):
                     break  # f is linear along e: nothing to iterate on
                 e = dg
         finally:
-            _assign(layout, x0)
+            layout.assign(x0)
         tiny = 1e-12
         return (
             torch.tensor(max(L_est, tiny), dtype=torch.float64, device=dev),
             torch.tensor(max(G_est, tiny), dtype=torch.float64, device=dev),
         )
-
-
-def _assign(layout: Any, x: Tensor) -> None:
-    for v, xi in zip(layout.views, x.split(layout.sizes)):
-        v.copy_(xi.view_as(v))
 
 
 def sqp_direction(
@@ -245,15 +285,21 @@ def sqp_direction(
     damping: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of the fixed-step :class:`StochasticSQP` step: ``(γ v + u, diagnostics)`` with
-    :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection)."""
+    :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection). ``multipliers`` in the
+    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg`."""
     m = c.shape[0]
     if not m:
         u = -(lr * g)
         return u, step_info(c, None, torch.zeros_like(u), u)
     F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
-    u = -project(J, lr * g, F)
+    if isinstance(lr, Tensor):  # per-group rates: project Λg; the multipliers need their own solve
+        u = -project(J, lr * g, F)
+        lam = project_with_multipliers(J, g, F)[1]
+    else:
+        gbar, lam = project_with_multipliers(J, g, F)
+        u = -lr * gbar
     delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    return delta_n + u, step_info(c, F, v, u)
+    return delta_n + u, {**step_info(c, F, v, u), "multipliers": lam}
 
 
 def adaptive_step_size(

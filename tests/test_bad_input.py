@@ -237,12 +237,12 @@ def test_sync_free_mode_skips_a_non_finite_step_on_the_device_and_reports_it_lat
         assert torch.equal(p.detach(), q)
     for i, p in enumerate(model.parameters()):  # moments bit-identical, step count not advanced
         assert torch.equal(opt.state[p]["exp_avg"], state["state"][i]["exp_avg"])
-    assert opt.state["global"]["step"].item() == 1 and opt.state["global"]["nonfinite_steps"].item() == 1
+    assert opt.global_state.step.item() == 1 and opt.global_state.nonfinite_steps.item() == 1
     with pytest.raises(FloatingPointError, match="Jacobian J at an earlier step"):
         opt.step(lambda: good(model))
     opt.check_finite()  # reported once
     opt.step(lambda: good(model))
-    assert opt.state["global"]["step"].item() == 2
+    assert opt.global_state.step.item() == 2
 
 
 def test_check_finite_reports_a_skipped_step():
@@ -259,7 +259,7 @@ def test_adaptive_rule_with_different_group_learning_rates_is_refused_without_ch
     opt = sqpoptim.StochasticSQP([{"params": [x], "lr": 1.0}, {"params": [y], "lr": 0.5}], step_rule="adaptive")
     with pytest.raises(ValueError, match="one learning rate"):
         opt.step(lambda: ((x**2).sum() + (y**2).sum(), (x[:1] + y[:1] - 1)))
-    assert torch.equal(x, torch.ones(4, dtype=f64)) and "step" not in opt.state.get("global", {})
+    assert torch.equal(x, torch.ones(4, dtype=f64)) and opt.global_state.step is None
 
 
 def test_skipped_steps_recorded_in_a_checkpoint_are_not_reported_again_after_loading():
@@ -275,4 +275,4 @@ def test_skipped_steps_recorded_in_a_checkpoint_are_not_reported_again_after_loa
     for _ in range(3):
         opt2.step(lambda: good(model))
     opt2.check_finite()
-    assert opt2.state["global"]["nonfinite_steps"].item() == 1
+    assert opt2.global_state.nonfinite_steps.item() == 1

@@ -91,8 +91,9 @@ def test_state_keeps_the_torch_optim_layout_and_global_state_lands_on_the_parame
     assert sd["state"]["global"]["step"].item() == 1
     opt2 = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
     opt2.load_state_dict(sd)
-    assert opt2.state["global"]["step"] is not sd["state"]["global"]["step"]
-    assert opt2.state["global"]["step"].device == next(model.parameters()).device
+    assert opt2.global_state.step is not sd["state"]["global"]["step"]
+    assert opt2.global_state.step.device == next(model.parameters()).device
+    assert "global" not in opt2.state  # the optimizer-wide state is typed, not a string-keyed entry
 
 
 def linear_problem(n=12, m=3, seed=0):
@@ -321,3 +322,60 @@ def test_step_returns_the_detached_loss_and_constraints_it_saw():
     assert not loss.requires_grad and not c.requires_grad
     torch.testing.assert_close(c, expected_c, rtol=0, atol=0)
     assert set(opt.diagnostics()) >= {"c_inf", "v_norm", "u_norm", "rank", "gram_cond"}
+
+
+def test_state_dict_loads_with_weights_only_and_resumes_identically(tmp_path):
+    # the optimizer-wide state is plain tensors in state_dict: a checkpoint needs no pickled classes
+    model = TinyPINN(seed=7)
+    opt = sqpoptim.StochasticSQP(model.parameters(), lr=0.5, step_rule="adaptive")
+    closure = closure_for(model)
+    for _ in range(2):
+        opt.step(closure)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    twin = TinyPINN(seed=0)
+    twin.load_state_dict(saved["model"])
+    opt2 = sqpoptim.StochasticSQP(twin.parameters(), lr=0.5, step_rule="adaptive")
+    opt2.load_state_dict(saved["opt"])
+    for _ in range(2):
+        opt.step(closure)
+        opt2.step(closure_for(twin))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.global_state.tau, opt2.global_state.tau)
+
+
+def test_a_state_dict_in_the_flat_format_of_version_0_1_still_loads():
+    model = TinyPINN(seed=8)
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_damping=0.5)
+    for _ in range(3):
+        opt.step(closure_for(model))
+    sd = opt.state_dict()
+    new = sd["state"]["global"]
+    damping = new["damping"]
+    legacy = {
+        "step": new["step"],
+        "damping": damping["nu"],
+        "damping_escalation": damping["escalation"],
+        "damping_model": damping["model"],
+        "damping_x": damping["x_accepted"],
+        "diagnostics": {"c_inf": torch.tensor(1.0)},  # 0.1 checkpointed these; they are dropped
+    }
+    old_format = {**sd, "state": {**sd["state"], "global": legacy}}
+    opt2 = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_damping=0.5)
+    opt2.load_state_dict(old_format)
+    assert torch.equal(opt2.global_state.step, opt.global_state.step)
+    assert torch.equal(opt2.global_state.damping.model, damping["model"])
+    assert opt2.diagnostics() == {}
+
+
+def test_unknown_optimizer_wide_state_is_refused_before_anything_changes():
+    model = TinyPINN(seed=9)
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
+    opt.step(closure_for(model))
+    sd = opt.state_dict()
+    bad = {**sd, "state": {**sd["state"], "global": {**sd["state"]["global"], "bogus": torch.zeros(())}}}
+    fresh = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="unknown entries \\['bogus'\\]"):
+        fresh.load_state_dict(bad)
+    assert fresh.global_state.step is None and len(fresh.state) == 0

@@ -74,7 +74,7 @@ def test_primal_dual_converges_on_the_qp():
     assert (x.detach() - x_star).norm().item() <= 1e-6
     # the multipliers converge to the KKT multipliers: Q x* + b + C' λ* = 0
     lam_star = torch.linalg.lstsq(C.T, -(Q @ x_star + b).unsqueeze(1)).solution.squeeze(1)
-    torch.testing.assert_close(opt.state["global"]["multipliers"], lam_star, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.multipliers, lam_star, rtol=1e-5, atol=1e-6)
 
 
 def _scipy_solution(case):

@@ -82,5 +82,5 @@ def test_global_state_moves_to_the_parameters_device_on_load():
     opt_cuda = sqpoptim.StochasticSQP(model_cuda.parameters(), lr=1.0, step_rule="adaptive")
     opt_cuda.load_state_dict(sd)
     for key in ("step", "tau", "xi"):
-        assert opt_cuda.state["global"][key].device.type == "cuda"
+        assert getattr(opt_cuda.global_state, key).device.type == "cuda"
     opt_cuda.step(_closure(model_cuda, "cuda"))

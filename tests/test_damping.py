@@ -26,6 +26,12 @@ DAMPED = {
 }
 
 
+def _rejected(opt) -> int:
+    """Number of damped steps the optimizer has rejected so far."""
+    damping = opt.global_state.damping
+    return 0 if damping is None or damping.rejected_steps is None else int(damping.rejected_steps)
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("nu", [1e-6, 1e-2, 3.0])
@@ -66,7 +72,7 @@ def test_damping_globalises_the_normal_step_where_gauss_newton_diverges(name, nu
     assert abs(math.atan(x[0].item())) < 1e-12  # and the iteration converges
     assert abs(x[1].item() - 1.0) < 0.05  # while the tangential part minimises the objective
     if nu0 == 1e-6:  # from (almost) Gauss-Newton: failures escalate ν by 2, 4, 8, ... until a step succeeds
-        assert opt.state["global"]["rejected_steps"] >= 3
+        assert _rejected(opt) >= 3
         assert nus[1] == pytest.approx(2 * nus[0]) and nus[3] == pytest.approx(8 * nus[0])
 
 
@@ -90,7 +96,7 @@ def test_exact_model_divides_nu_by_three_each_step_and_damped_steps_still_reach_
     assert violations[0] < (C @ torch.zeros(10, dtype=f64) - d).norm().item()
     assert all(b < a for a, b in itertools.pairwise(violations[:6]))  # monotone (superlinear)
     assert violations[-1] < 1e-12
-    assert opt.state["global"].get("rejected_steps", 0) == 0
+    assert _rejected(opt) == 0
 
 
 def test_nu_relaxes_while_the_tangential_step_dominates():
@@ -123,10 +129,10 @@ def test_sync_free_damped_steps_match_exact_mode_and_a_refused_step_keeps_the_da
             opt.step(_closure(model))
         out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
         if sync_free:
-            glob = opt.state["global"]
-            before = glob["damping"].clone(), glob["damping_model"].clone()
+            before = opt.global_state.damping.nu.clone(), opt.global_state.damping.model.clone()
             opt.step(_closure(model, math.inf))
-            assert torch.equal(glob["damping"], before[0]) and torch.equal(glob["damping_model"], before[1])
+            after = opt.global_state.damping
+            assert torch.equal(after.nu, before[0]) and torch.equal(after.model, before[1])
             with pytest.raises(FloatingPointError):
                 opt.check_finite()
     torch.testing.assert_close(out[0], out[1], rtol=1e-11, atol=1e-12)
@@ -140,8 +146,9 @@ def test_damping_state_survives_a_state_dict_round_trip():
     state = opt.state_dict()
     fresh = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_damping=0.5)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.state["global"]["damping"], opt.state["global"]["damping"])
-    assert torch.equal(fresh.state["global"]["damping_model"], opt.state["global"]["damping_model"])
+    assert torch.equal(fresh.global_state.damping.nu, opt.global_state.damping.nu)
+    assert torch.equal(fresh.global_state.damping.model, opt.global_state.damping.model)
+    assert torch.equal(fresh.global_state.damping.x_accepted, opt.global_state.damping.x_accepted)
 
 
 @pytest.mark.parametrize("value", [-1.0, 1e5, float("nan"), "0.1"])
@@ -171,7 +178,7 @@ def test_sync_free_rejections_match_exact_mode(name):
         for _ in range(40):
             opt.step(_atan_closure(x))
             path.append(x.detach().clone())
-        runs.append((torch.stack(path), float(opt.state["global"]["rejected_steps"]), opt.diagnostics()["damping"]))
+        runs.append((torch.stack(path), float(_rejected(opt)), opt.diagnostics()["damping"]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
     assert runs[0][1] == runs[1][1] >= 3
     assert runs[0][2] == pytest.approx(runs[1][2], rel=1e-12)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from problems import problem_names
-from problems.__main__ import main
+from problems.cli import main
 from problems.methods import METHODS, parse_method
 from problems.runner import RunSpec, load_results, run
 
@@ -75,7 +75,7 @@ def test_finished_run_is_loaded_not_redone(tmp_path, cache, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished run was started again")
 
-    monkeypatch.setattr("problems.runner._problem", fail)
+    monkeypatch.setattr("problems.runner.loop._problem", fail)
     assert run(spec, tmp_path, cache_dir=cache, progress=False) == first
     saved = json.loads((tmp_path / "manifold_toy" / f"{spec.key()}.json").read_text())
     assert saved["config"]["versions"]["sqpoptim"] and saved["config"]["problem_settings"]["problem"] == "manifold_toy"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import problems.burgers as burgers_module
+import problems.pinn.burgers as burgers_module
 from problems import get_problem, problem_class
-from problems._burgers_solver import fourier_interpolate, solve_burgers
-from problems.burgers import Burgers
+from problems.pinn.burgers import Burgers
+from problems.reference.burgers_solver import fourier_interpolate, solve_burgers
 
 NU = 0.01
 # Cole–Hopf: u = −2ν φ_x / φ with φ = 2 + Σ a_k exp(−ν (2πk)² t) cos(2πk x + θ_k) solving φ_t = ν φ_xx.

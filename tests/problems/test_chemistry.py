@@ -7,8 +7,8 @@ import scipy.integrate
 import torch
 from torch import nn
 
-from problems._mlp import input_derivative, input_jvp
-from problems.chemistry import (
+from problems.core.autodiff import input_derivative, input_jvp
+from problems.pinn.chemistry import (
     MASS_BALANCE,
     NOMINAL_U0,
     Chemistry,

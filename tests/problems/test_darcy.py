@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import problems.darcy as darcy_module
+import problems.pinn.darcy as darcy_module
 from problems import get_problem, problem_class
-from problems._darcy_solver import (
+from problems.core.fno import FNO
+from problems.pinn.darcy import Darcy
+from problems.reference.darcy_solver import (
     _operator,
     darcy_residual,
     face_coefficients,
@@ -19,8 +21,6 @@ from problems._darcy_solver import (
     solve_darcy,
     threshold_field,
 )
-from problems.darcy import Darcy
-from problems.fno import FNO
 
 
 class Oracle(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from problems import problem_names
-from problems.enforce_fitting import EnforceFitting, fitting_constraint
+from problems.output_tasks.enforce_fitting import EnforceFitting, fitting_constraint
 from problems.runner import RunSpec, run
 from sqpoptim.layers import OutputConstraints
 

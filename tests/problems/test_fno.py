@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from problems.fno import FNO, SpectralConv2d, real_parameter_count
+from problems.core.fno import FNO, SpectralConv2d, real_parameter_count
 
 
 def test_parameter_count_of_the_paper_configuration():

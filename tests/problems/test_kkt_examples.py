@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from problems import get_problem
-from problems.kkt_examples import E3_BEST_FEASIBLE_MSE, e1_target, e2_target
 from problems.methods import METHODS
+from problems.output_tasks.kkt_examples import E3_BEST_FEASIBLE_MSE, e1_target, e2_target
 from problems.runner import RunSpec, run
 from sqpoptim.layers import HardNetAffine, HardNetPP, KKTHardNet, OutputConstraints
 
@@ -148,29 +148,46 @@ def test_methods_run_through_the_runner(name, cache, tmp_path):
         run(RunSpec("kkt_e3", "enforce", lr=1e-3, iterations=1, size="tiny"), tmp_path, cache_dir=cache)
 
 
+def _setup(method, problem, options):
+    m = METHODS[method]
+    return m.setup(problem, problem.make_model(0), 1e-3, m.parse_options(options))
+
+
 def test_soft_weight_defaults_to_the_papers_and_can_be_overridden(cache):
     p = problem("kkt_e1", cache)
-    assert METHODS["soft"].prepare(p, p.make_model(0), {}).soft_rho == 100.0
-    assert METHODS["soft"].prepare(p, p.make_model(0), {"rho": 3.0}).soft_rho == 3.0
+    assert _setup("soft", p, {}).settings["rho"] == 100.0
+    assert _setup("soft", p, {"rho": 3.0}).settings["rho"] == 3.0
     pool = get_problem("pooling", size="tiny", dtype=torch.float64, cache_dir=cache)
-    assert METHODS["soft"].prepare(pool, pool.make_model(0), {}).soft_rho == 1.0
+    assert _setup("soft", pool, {}).settings["rho"] == 1.0
+    # ... and the loss is the task loss plus that weight times the mean squared violation
+    training = _setup("soft", p, {"rho": 3.0})
+    batch = p.sample_batch(torch.Generator().manual_seed(0))
+    x = p.inputs(batch)
+    loss, _ = training.closure(batch)()
+    with torch.no_grad():
+        y = training.model(x)
+        ev = p.output_constraints().evaluate(x, y, jacobian=False)
+        bounds = p.output_constraints().bounds(x, ev.g) if ev.g is not None else (None, None)
+        r = p.output_constraints().residual(ev, *bounds)
+        expected = p.output_loss(x, y, batch) + 3.0 * r.square().sum(-1).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
 
 
 def test_warm_start_trains_the_backbone_alone_above_eta(cache):
     p = problem("kkt_e2", cache)
-    method = METHODS["kkt-hardnet"]
     batch = p.sample_batch(torch.Generator().manual_seed(0))
     x = p.inputs(batch)
     with torch.no_grad():
         raw = float(p.output_loss(x, p.make_model(0)(x), batch))
     for eta, layer_on in ((0.5 * raw, False), (2 * raw, True)):
-        model = method.prepare(p, p.make_model(0), {"eta": eta})
-        loss, _ = method.closure(method, p, model, batch)()
+        training = _setup("kkt-hardnet", p, {"eta": eta})
+        model = training.model
+        loss, _ = training.closure(batch)()
         expected = p.output_loss(x, model(x) if layer_on else model.backbone(x), batch)
         assert float(loss) == pytest.approx(float(expected), rel=1e-12)
         assert (abs(float(loss) - raw) < 1e-12 * raw) is not layer_on
-    off = method.prepare(p, p.make_model(0), {})
-    assert off.eta is None
+    off = _setup("kkt-hardnet", p, {})
+    assert off.settings["eta"] is None
     for bad in (-1.0, 0.0, "high"):
         with pytest.raises(ValueError, match="eta"):
-            method.prepare(p, p.make_model(0), {"eta": bad})
+            _setup("kkt-hardnet", p, {"eta": bad})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from problems.manifold_toy import ANGLE_NOISE, ManifoldToy, _generate, manifold_truth
+from problems.pinn.manifold_toy import ANGLE_NOISE, ManifoldToy, _generate, manifold_truth
 
 
 class Scaled(nn.Module):

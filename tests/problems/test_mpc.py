@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from problems import get_problem
-from problems._mpc_reference import kkt_residual
-from problems.mpc import HORIZON, X_TARGET, Q, mpc_cost, mpc_data, sample_initial_states
+from problems.output_tasks.mpc import HORIZON, X_TARGET, Q, mpc_cost, mpc_data, sample_initial_states
+from problems.reference.mpc_solver import kkt_residual
 from problems.runner import RunSpec, run
 from sqpoptim.layers import OutputConstraints
 

@@ -10,10 +10,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from problems import nonconvex, problem_class, problem_names
-from problems._nlp_reference import solve_references
+from problems import problem_class, problem_names
 from problems.methods import METHODS
-from problems.nonconvex import NonconvexLinear, NonconvexQuadratic, generate_program
+from problems.output_tasks import nonconvex
+from problems.output_tasks.nonconvex import NonconvexLinear, NonconvexQuadratic, generate_program
+from problems.reference.nlp_solver import solve_references
 from problems.runner import RunSpec, run
 
 KINDS = {"linear": NonconvexLinear, "quadratic": NonconvexQuadratic}
@@ -233,9 +234,11 @@ def test_activation_rule_in_the_closure(penalty, tiny):
     """Alg. 2 against its definition: keep ŷ when one NP step worsens the loss measure, else project."""
     p = tiny["linear"]
     method = METHODS["enforce"]
-    model = method.prepare(p, p.make_model(0), {"activation": True, "activation_penalty": penalty})
+    options = method.parse_options({"activation": True, "activation_penalty": penalty})
+    training = method.setup(p, p.make_model(0), 1e-3, options)
+    model = training.model
     batch = p.sample_batch(torch.Generator().manual_seed(0))
-    loss, _ = method.closure(method, p, model, batch)()
+    loss, _ = training.closure(batch)()
     x = p.inputs(batch)
     with torch.no_grad():
         y_hat = model.backbone(x)
@@ -255,7 +258,7 @@ def test_activation_rule_in_the_closure(penalty, tiny):
     )
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="activation rule"):
-        METHODS["hardnet-pp"].prepare(p, p.make_model(0), {"activation": True})
+        METHODS["hardnet-pp"].parse_options({"activation": True})
 
 
 def test_paper_size_settings():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from problems import get_problem
-from problems.pooling import INPUT_BOX, MIN_SPLIT_WIDTH, pooling_data, split_interval
+from problems.output_tasks.pooling import INPUT_BOX, MIN_SPLIT_WIDTH, pooling_data, split_interval
 from problems.runner import RunSpec, run
 from sqpoptim.layers import KKTHardNet, OutputConstraints
 

@@ -7,7 +7,7 @@ import scipy.integrate
 import torch
 from torch import nn
 
-from problems.spring import CONSTRAINT_INDICES, Spring, spring_exact
+from problems.pinn.spring import CONSTRAINT_INDICES, Spring, spring_exact
 
 
 class ExactSpring(nn.Module):

@@ -1,0 +1,117 @@
+"""The closure contract of the constrained optimizers: what ``closure()`` returns, checked.
+
+``step(closure)`` calls ``closure()`` with gradients enabled. The closure returns ``(loss, c)`` or
+``(loss, c, J)``:
+
+* ``loss``: a scalar tensor with a graph to the parameters;
+* ``c``: a 1-D tensor of equality-constraint residuals (``None`` or an empty tensor when there are none), or a
+  :class:`~sqpoptim.PointwiseConstraints` for the ``torch.func`` per-point path;
+* ``J`` (optional): the Jacobian of ``c``, dense ``[m, n]`` over the flattened parameters or a sequence of
+  per-parameter tensors ``[m, *p.shape]``.
+
+The closure must *not* call ``backward()``: the optimizer forms the gradient of ``loss`` and the Jacobian of
+``c`` itself, and ``p.grad`` is left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._jacobian import PointwiseConstraints
+from ._layout import FlatLayout, as_real
+
+__all__ = ["CONTRACT_HINT", "StepInputs", "parse_closure_output"]
+
+CONTRACT_HINT = (
+    "the closure must return (loss, c) or (loss, c, J) and must not call backward(); for example\n"
+    "    def closure():\n"
+    "        loss = criterion(model(x), y)\n"
+    "        c = residuals(model)        # 1-D tensor, driven to c = 0\n"
+    "        return loss, c"
+)
+
+
+@dataclass
+class StepInputs:
+    """What one closure call gave: ``loss`` (0-d), ``c`` ``[m]`` (with its graph unless ``J`` is given) and
+    ``J`` ``[m, n]`` when the closure or a :class:`~sqpoptim.PointwiseConstraints` supplied it."""
+
+    loss: Tensor
+    c: Tensor
+    J: Tensor | None
+
+
+def parse_closure_output(out: Any, layout: FlatLayout, *, max_constraints: int | None = None) -> StepInputs:
+    """Check ``closure()``'s value against the contract and bring it to :class:`StepInputs`.
+
+    ``max_constraints`` (n for the SQP methods, whose linearised constraints must have full row rank) bounds m.
+    A :class:`~sqpoptim.PointwiseConstraints` is evaluated here (values and Jacobian in one pass)."""
+    if isinstance(out, Tensor):
+        raise TypeError(f"the closure returned a single tensor; {CONTRACT_HINT}")
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+        raise TypeError(
+            f"the closure returned {type(out).__name__}"
+            + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+            + f"; {CONTRACT_HINT}"
+        )
+    loss, c = out[0], out[1]
+    J_given = out[2] if len(out) == 3 else None
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"the loss must be a scalar tensor; got {shape}")
+    loss = loss.reshape(())
+    J = None
+    if isinstance(c, PointwiseConstraints):
+        if J_given is not None:
+            raise ValueError("give J either through PointwiseConstraints or as the third value, not both")
+        c, J = c.evaluate(layout.params, layout.n)
+    elif c is None:
+        c = loss.new_zeros(0).detach()
+    elif not isinstance(c, Tensor):
+        raise TypeError(f"c must be a 1-D tensor, None or PointwiseConstraints; got {type(c).__name__}")
+    if c.dim() != 1:
+        raise ValueError(f"c must be a 1-D tensor of constraint residuals; got shape {tuple(c.shape)}")
+    if c.device != layout.device:
+        raise ValueError(f"c is on {c.device} but the parameters are on {layout.device}")
+    if not c.is_floating_point():
+        raise ValueError(f"c must be a floating-point tensor; got {c.dtype}")
+    m = c.shape[0]
+    if max_constraints is not None and m > max_constraints:
+        raise ValueError(
+            f"more constraints than parameters: m = {m} > n = {layout.n}; the linearised constraints "
+            "J d = -c cannot have full row rank"
+        )
+    if J_given is not None:
+        J = dense_jacobian(J_given, m, layout)
+    return StepInputs(loss, c, J)
+
+
+def dense_jacobian(J: Any, m: int, layout: FlatLayout) -> Tensor:
+    """A given Jacobian as a detached ``[m, n]`` tensor over the flat parameters (checked)."""
+    if isinstance(J, Tensor):
+        if J.shape != (m, layout.n):
+            raise ValueError(f"J must have shape [m, n] = [{m}, {layout.n}]; got {tuple(J.shape)}")
+        blocks = [J]
+    elif isinstance(J, (list, tuple)):
+        if len(J) != len(layout.params):
+            raise ValueError(f"J has {len(J)} blocks but there are {len(layout.params)} trainable parameters")
+        blocks = []
+        for i, (Jp, p) in enumerate(zip(J, layout.params)):
+            if not isinstance(Jp, Tensor) or Jp.shape != (m, *p.shape):
+                shape = tuple(Jp.shape) if isinstance(Jp, Tensor) else type(Jp).__name__
+                raise ValueError(f"J block {i} must have shape {(m, *p.shape)}; got {shape}")
+            blocks.append(as_real(Jp).reshape(m, -1))
+    else:
+        raise TypeError(f"J must be a tensor or a sequence of tensors; got {type(J).__name__}")
+    for Jp in blocks:
+        if Jp.dtype != layout.dtype:
+            raise ValueError(f"J has dtype {Jp.dtype} but the parameters have {layout.dtype}")
+        if Jp.device != layout.device:
+            raise ValueError(f"J is on {Jp.device} but the parameters are on {layout.device}")
+        if Jp.is_sparse:
+            raise ValueError("sparse Jacobians are not supported; pass a dense tensor")
+    return blocks[0].detach() if len(blocks) == 1 else torch.cat([b.detach() for b in blocks], dim=1)

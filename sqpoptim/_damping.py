@@ -1,0 +1,184 @@
+r"""Globalisation of the normal step: Levenberg–Marquardt damping with a ratio test and step rejection.
+
+The normal step of the SQP methods is the Gauss–Newton step of the linearised constraints,
+:math:`v = -J^\top(JJ^\top)^{-1}c`. Where the linear model is poor against the size of that step (a large
+initial violation, a nearly rank-deficient J, a piecewise-linear network whose model is exact only until a
+step crosses a kink) it overshoots by orders of magnitude. With ``normal_damping=ν0`` the optimizers take
+
+.. math::
+
+    v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k,\qquad \mu_k = \nu_k \operatorname{mean}_i (JJ^\top)_{ii}
+
+(:func:`sqpoptim._linalg.damped`) and adapt ν from step to step:
+
+* after step k the linear model predicted :math:`\|c_k + J_k\delta_k\|` (δ_k the whole step taken); the next
+  closure gives :math:`\|c_{k+1}\|` and
+  :math:`\rho = (\|c_k\| - \|c_{k+1}\|)/(\|c_k\| - \|c_k + J_k\delta_k\|)`;
+* ρ ≥ 0 (success): :math:`\nu \leftarrow \nu\max(1/3,\ 1 - (2\rho-1)^3)` — Nielsen's rule (H. B. Nielsen,
+  "Damping parameter in Marquardt's method", IMM-REP-1999-05) — and the escalation factor resets to 2;
+* ρ < 0 (the violation grew): the step is **rejected** — the parameters go back to :math:`x_k` — and ν is
+  multiplied by the escalation factor, which doubles on consecutive failures (2, 4, 8, ...).
+
+ν stays in [1e-6, 1e4]: the floor bounds the amplification of the near-null directions of J
+(:math:`\|v\| \le \|c\|/(2\sqrt{\mu})`). The model's error is second order in the *whole* step, so ρ judges the
+normal step only when it was the larger part (:math:`\|\gamma v_k\| > \|u_k\|`). Otherwise nothing is rejected
+(damping the normal step cannot shrink an error made by the tangential step, and rejecting it would repeat it
+forever) and ν relaxes by 10 % per step, so that a damped — hence small — normal step is judged again later
+instead of leaving ν where a failure left it. A step whose model predicted no decrease, and the step after a
+rejection (taken from the same point), are not judged. Non-finite values are not a failure of this kind: they
+are refused with parameters and state unchanged (:mod:`sqpoptim._finite`).
+
+Everything here is a device computation (no host synchronisation); only the exact mode reads the rejection
+flag on the host, to return early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._state import DampingState
+
+__all__ = ["NU_MAX", "NU_MIN", "Verdict", "initial_state", "judge", "record", "rejected", "values_after"]
+
+NU_MIN, NU_MAX = 1e-6, 1e4  # range of ν
+_NU_RELAX = 0.9  # ν's factor per step while the tangential step dominates
+_MAX_ESCALATION = 2.0**20
+
+
+@dataclass
+class Verdict:
+    """The judgement of the last step: ν for this step, the next escalation factor, the ratio ρ (NaN when not
+    judged) and whether the last step is rejected (0-d device tensors)."""
+
+    nu: Tensor
+    escalation: Tensor
+    rho: Tensor
+    reject: Tensor
+
+
+def initial_state(nu0: float, device: torch.device) -> DampingState:
+    nu = torch.full((), nu0, dtype=torch.float64, device=device)
+    return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0))
+
+
+def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
+    """Judge the last step from the new residual ``c`` (and ``loss``, for finiteness); see the module docstring."""
+    nu, escalation, model = state.nu, state.escalation, state.model
+    x_prev = state.x_accepted
+    if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
+        model = None
+    if model is None:
+        no = torch.zeros((), dtype=torch.bool, device=nu.device)
+        return Verdict(nu, escalation, torch.full_like(nu, math.nan), no)
+    before, predicted, normal_dominates = model[0], model[1], model[2] > 0
+    actual = torch.linalg.vector_norm(c.double())
+    pred = before - predicted
+    rho = (before - actual) / torch.where(pred > 0, pred, 1.0)
+    finite = actual.isfinite() & loss.isfinite()  # non-finite values are refused as without damping
+    judged = (pred > 0) & normal_dominates & finite
+    failure = judged & (rho < 0)
+    success = judged & (rho >= 0)
+    nielsen = (1.0 - (2.0 * rho - 1.0) ** 3).clamp_min(1.0 / 3.0)
+    relax = finite & (pred > 0) & ~normal_dominates
+    factor = torch.where(
+        failure,
+        escalation,
+        torch.where(success, nielsen, torch.where(relax, torch.full_like(nu, _NU_RELAX), torch.ones_like(nu))),
+    )
+    return Verdict(
+        nu=(nu * factor).clamp(NU_MIN, NU_MAX),
+        escalation=torch.where(
+            failure, (2.0 * escalation).clamp_max(_MAX_ESCALATION), torch.where(success, 2.0, escalation)
+        ),
+        rho=torch.where(judged, rho, torch.full_like(rho, math.nan)),
+        reject=failure,
+    )
+
+
+def _unjudged(model: Tensor) -> Tensor:
+    """The model after a rejection: no predicted decrease, so the next step (taken from the same point with the
+    escalated ν) neither judges nor relaxes ν."""
+    return torch.stack([model[0], model[0], torch.zeros_like(model[0])])
+
+
+def rejected(state: DampingState, verdict: Verdict) -> DampingState:
+    """Exact mode: the state after rejecting the last step (the caller moves the parameters back to
+    ``state.x_accepted``)."""
+    assert state.model is not None
+    count = state.rejected_steps
+    count = torch.zeros((), dtype=torch.long, device=verdict.nu.device) if count is None else count
+    return dataclasses.replace(
+        state,
+        nu=verdict.nu,
+        escalation=verdict.escalation,
+        model=_unjudged(state.model),
+        retry=torch.ones((), dtype=torch.bool, device=verdict.nu.device),
+        rejected_steps=count + 1,
+    )
+
+
+def values_after(state: DampingState, reject: Tensor | None, loss: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """What ``step`` returns: the closure's ``(loss, c)``, or — where the last step is rejected (``reject``;
+    ``None``: rejected) — the values at the accepted point the parameters go back to."""
+    if state.accepted_loss is None or state.accepted_c is None or state.accepted_c.shape != c.shape:
+        return loss, c
+    if reject is None:
+        return state.accepted_loss, state.accepted_c
+    return torch.where(reject, state.accepted_loss, loss), torch.where(reject, state.accepted_c, c)
+
+
+def record(
+    state: DampingState,
+    verdict: Verdict,
+    *,
+    loss: Tensor,
+    c: Tensor,
+    Jdelta: Tensor,
+    normal_norm: Tensor,
+    u_norm: Tensor,
+    x: Tensor,
+    ok: Tensor | None,
+    reject: Tensor | None,
+) -> DampingState:
+    """The state after this step: ν, the point x_k it was taken from with its ``loss`` and ``c``, and its model
+    (‖c_k‖, ‖c_k + J_kδ_k‖, whether the normal displacement ``normal_norm`` = ‖γv_k‖ exceeded ``u_norm`` =
+    ‖u_k‖).
+
+    Exact mode (``ok`` and ``reject`` are ``None``): the step was accepted. Sync-free mode: ``ok`` says the step
+    was applied, ``reject`` that it moved back to ``state.x_accepted``; neither means it was refused, which
+    leaves ν unchanged."""
+    c64 = c.double()
+    model = torch.stack(
+        [
+            torch.linalg.vector_norm(c64),
+            torch.linalg.vector_norm(c64 + Jdelta.double()),
+            (normal_norm.double() > u_norm.double()).double(),
+        ]
+    )
+    nu, escalation = verdict.nu, verdict.escalation
+    count = state.rejected_steps
+    no = torch.zeros((), dtype=torch.bool, device=nu.device)
+    if ok is None:
+        return DampingState(nu, escalation, model, x, loss, c, no, count)
+    assert reject is not None
+    if state.model is not None:
+        model = torch.where(ok, model, torch.where(reject, _unjudged(state.model), state.model))
+    keep = ~(ok | reject)  # refused: ν unchanged
+    nu = torch.where(keep, state.nu, nu)
+    escalation = torch.where(keep, state.escalation, escalation)
+    x_prev = state.x_accepted
+    if x_prev is None or x_prev.numel() != x.numel():
+        x_new, loss_new, c_new = x, loss, c
+    else:
+        x_new = torch.where(ok, x, x_prev)
+        same = state.accepted_c is not None and state.accepted_c.shape == c.shape
+        loss_new = torch.where(ok, loss, state.accepted_loss) if same else loss
+        c_new = torch.where(ok, c, state.accepted_c) if same else c
+    retry = reject | (state.retry if state.retry is not None else no) & keep
+    count = torch.zeros((), dtype=torch.long, device=x.device) if count is None else count
+    return DampingState(nu, escalation, model, x_new, loss_new, c_new, retry, count + reject.long())
