@@ -63,18 +63,23 @@ class FiniteGuard:
         """Forget unread records; ``seen`` refused steps count as reported (after ``load_state_dict``)."""
         self._pending, self._seen = None, seen
 
-    def check(self, loss: Tensor, c: Tensor, g: Tensor, J: Tensor | None, *, sync_free: bool) -> Tensor | None:
+    def check(
+        self, loss: Tensor, c: Tensor, g: Tensor, J: Tensor | None, *, sync_free: bool, satisfied: Tensor | None = None
+    ) -> Tensor | None:
         """Exact mode: raise on non-finite inputs (``FloatingPointError``) or on all-zero Jacobian rows of
         unsatisfied constraints (:class:`ZeroJacobianRows`) and return ``None``. Sync-free mode: return the
         device flags ``[5]`` of what is wrong (all False: the step may go on); report them with :meth:`commit`.
 
         A zero row of a satisfied constraint (c_i = 0, e.g. c = x² at x = 0) is not an error: the constraint is
-        dropped from this step's linearisation like any dependent row."""
+        dropped from this step's linearisation like any dependent row; nor is one of a row marked ``satisfied`` (an
+        inequality with c_i < 0)."""
         flags = [~loss.isfinite(), ~c.isfinite().all(), ~g.isfinite().all()]
         no = torch.zeros_like(flags[0])
         flags.append(~J.isfinite().all() if J is not None else no)
         m = c.shape[0]
         zero_rows = (J == 0).all(dim=1) & (c != 0) if J is not None and m else None
+        if zero_rows is not None and satisfied is not None:
+            zero_rows = zero_rows & ~satisfied
         if sync_free:
             flags.append(zero_rows.any() if zero_rows is not None else no)
             return torch.stack(flags)

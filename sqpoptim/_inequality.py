@@ -76,7 +76,9 @@ step is the QP above with :math:`\hat d_k = -H_k^{-1}g_k` and a merit-function s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,7 +86,16 @@ from torch import Tensor
 from ._dual_qp import DualQPResult, solve_dual_qp
 from ._linalg import gram
 
-__all__ = ["ELASTIC_SHIFT", "InequalityStep", "default_shift", "inequality_step", "project_gradient", "rmatvec64"]
+__all__ = [
+    "ELASTIC_SHIFT",
+    "InequalitySolver",
+    "InequalityStep",
+    "InequalityWarmStart",
+    "default_shift",
+    "inequality_step",
+    "project_gradient",
+    "rmatvec64",
+]
 
 # ε of the elastic (ℓ2-relaxed) step, relative to the unit diagonal of the scaled Gram matrix: the violation is
 # penalised by 1/ε = 1e6, and multipliers of size ‖s̄‖/ε keep the float64 cancellation in J'y near 1e-10 of s̄.
@@ -92,14 +103,21 @@ ELASTIC_SHIFT = 1e-6
 # A linearised violation above this fraction of max|b| after the exact solve means the linearisation is inconsistent.
 _INCONSISTENT = 1e-8
 
+# Dual solver iterations per QP: exact mode stops at convergence (a cold start on a degenerate problem took 24,
+# a warm start 0 or 1); sync-free mode runs a fixed budget, and an unconverged solve resumes at the next step
+# from where it stopped (warm start).
+_EXACT_MAX_ITER = 200
+_SYNC_FREE_MAX_ITER = 8
+
 # Columns of J converted to float64 at once in rmatvec64 (bounds the temporary to m * 2**25 doubles... per chunk).
 _CHUNK_BYTES = 1 << 28
 
 
 def default_shift(rank_tol: float) -> float:
-    """The dual solver's shift ε (relative to the unit diagonal of the scaled Gram matrix): ``rank_tol²``, at
-    least 1e-12, so that an inconsistent linearisation (multipliers of size ‖s̄‖/ε) keeps the float64
-    cancellation in :math:`J^\\top y` below 1e-3 of the violation."""
+    """The dual solver's shift ε (relative to the unit diagonal of the scaled Gram matrix): ``rank_tol²``, as
+    the equality path's regularisation of a deficient Gram matrix, at least 1e-12: below, a nearly dependent
+    working set (a condition number near 1/ε) costs accuracy in the Cholesky factor faster than the refinement
+    steps win it back."""
     return max(rank_tol * rank_tol, 1e-12)
 
 
@@ -229,3 +247,144 @@ def project_gradient(
     dual = solve_dual_qp(G, b, nonneg, rows=rows, held=held, shift=shift, max_iter=max_iter, early_exit=early_exit)
     gbar = (g.to(torch.float64) + rmatvec64(J, dual.y)).to(g.dtype)
     return gbar, dual
+
+
+@dataclass
+class InequalityWarmStart:
+    """The dual partitions of the last step, ``[m]`` bool (True: in the working set), or ``None`` (cold):
+    ``active`` of the step QP, ``projection_active`` of the gradient projection. They are the
+    ``inequality_active`` and ``projection_active`` of the optimizers' ``state_dict``."""
+
+    active: Tensor | None = None
+    projection_active: Tensor | None = None
+
+
+class InequalitySolver:
+    """The inequality path of one direction: the gradient projection and the step QP of the module docstring,
+    warm-started from the last step's partitions, and the step's diagnostics (device tensors).
+
+    ``num_ineq``: the last rows of c and J are inequalities. ``sync_free``: a fixed iteration budget and no host
+    read (else stop at convergence, reading a flag per dual iteration: free on the CPU)."""
+
+    def __init__(
+        self,
+        num_ineq: int,
+        warm: InequalityWarmStart | None,
+        *,
+        gamma: float | Tensor,
+        rank_tol: float,
+        sync_free: bool,
+    ) -> None:
+        if isinstance(gamma, Tensor) and gamma.dim() > 0:  # checked before any state changes
+            raise ValueError(
+                "inequality constraints need one normal step size (normal_lr) shared by all param groups; the "
+                "groups have different ones"
+            )
+        self.gamma = gamma
+        self.num_ineq = num_ineq
+        self.warm = warm or InequalityWarmStart()
+        self.shift = default_shift(rank_tol)
+        self.sync_free = sync_free
+        self.max_iter = _SYNC_FREE_MAX_ITER if sync_free else _EXACT_MAX_ITER
+        self._projection: DualQPResult | None = None
+
+    def _held(self, active: Tensor | None, m: int) -> Tensor | None:
+        return None if active is None or active.shape != (m,) else ~active
+
+    def project_gradient(self, g: Tensor, c: Tensor, J: Tensor, G: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""``(ḡ, ŷ)``: the gradient projected on the constraints that bind it, and its multipliers (the
+        sign-aware least-squares multipliers, float64 ``[m]``). Candidates: the inequalities in the last step's
+        working set and those at or beyond their bound now."""
+        m = c.shape[0]
+        m_eq = m - self.num_ineq
+        rows = torch.arange(m, device=c.device) >= m_eq
+        candidates = rows & (c >= 0)
+        last = self.warm.active
+        if last is not None and last.shape == (m,):
+            candidates = candidates | (rows & last)
+        gbar, dual = project_gradient(
+            g,
+            J,
+            m_eq,
+            candidates,
+            G=G,
+            held=self._held(self.warm.projection_active, m),
+            shift=self.shift,
+            max_iter=self.max_iter,
+            early_exit=not self.sync_free,
+        )
+        self._projection = dual
+        return gbar, dual.y
+
+    def step(
+        self, d0: Tensor, c: Tensor, J: Tensor, weight: Tensor | None = None, G: Tensor | None = None
+    ) -> InequalityStep:
+        """The step QP for the direction ``d0`` (see :func:`inequality_step`)."""
+        m = c.shape[0]
+        return inequality_step(
+            d0,
+            c,
+            J,
+            m - self.num_ineq,
+            gamma=self.gamma,
+            weight=weight,
+            G=G,
+            held=self._held(self.warm.active, m),
+            shift=self.shift,
+            max_iter=self.max_iter,
+            early_exit=not self.sync_free,
+        )
+
+    def info(self, step: InequalityStep, c: Tensor) -> dict[str, Any]:
+        """The step's diagnostics in the keys of the equality path (``v_norm``: the working set's normal step
+        ‖v_k‖, ``u_norm``: ‖u_k‖, ``rank``: the working-set size, ``gram_cond``: a lower bound on the condition
+        number of its scaled Gram matrix, ``c_predicted``: :math:`\\|V(c + Jd)\\|/\\|V(c)\\|` with the violations
+        :math:`V = [c_E; \\max(c_I, 0)]` and d the QP step) plus ``eq_violation`` (max |c_E|), ``ineq_violation``
+        (max(0, max c_I)), ``active_inequalities``, ``qp_iterations``, ``qp_converged`` and ``elastic``; and
+        the partitions for the next step (``active_set``, ``projection_active_set``)."""
+        m = c.shape[0]
+        m_eq = m - self.num_ineq
+        u = step.tangential()
+        normal = torch.linalg.vector_norm(step.delta - u)
+        gamma = self.gamma
+        if isinstance(gamma, Tensor):
+            v_norm = torch.where(gamma > 0, normal / gamma.clamp_min(torch.finfo(gamma.dtype).tiny), normal)
+        else:
+            v_norm = normal / gamma if gamma > 0 else normal
+        c_eq, c_in = c[:m_eq], c[m_eq:]
+        zero = c.new_zeros(())
+        r = c.double() + (step._J @ step.delta).double()  # c + J d: the violation the full QP step leaves
+        before = torch.linalg.vector_norm(torch.cat([c_eq.double(), c_in.double().clamp_min(0.0)]))
+        after = torch.linalg.vector_norm(torch.cat([r[:m_eq], r[m_eq:].clamp_min(0.0)]))
+        eq_viol = c_eq.abs().max() if m_eq else zero
+        in_viol = c_in.clamp_min(0.0).max() if self.num_ineq else zero
+        pivots = torch.diagonal(step.dual._chol).square()
+        free = step.dual._free
+        big = torch.where(free, pivots, torch.zeros_like(pivots)).max()
+        small = torch.where(free, pivots, torch.full_like(pivots, math.inf)).min()
+        iters = step.iterations
+        converged = step.converged
+        if self._projection is not None:
+            iters = iters + self._projection.iterations
+            converged = converged & self._projection.converged
+        info: dict[str, Any] = {
+            "c_inf": torch.maximum(eq_viol, in_viol),
+            "v_norm": v_norm,
+            "u_norm": torch.linalg.vector_norm(u),
+            "rank": step.active.sum(),
+            "gram_cond": torch.where(free.any(), big / small, torch.ones_like(big)),
+            "truncated": False,
+            "eq_violation": eq_viol,
+            "ineq_violation": in_viol,
+            "active_inequalities": step.active[m_eq:].sum(),
+            "qp_iterations": iters,
+            "qp_converged": converged,
+            "elastic": step.elastic,
+            "c_predicted": torch.where(
+                before > 0, after / torch.where(before > 0, before, 1.0), torch.zeros_like(after)
+            ),
+            "active_set": step.active,
+        }
+        if self._projection is not None:
+            info["projection_active_set"] = ~self._projection.held
+        return info

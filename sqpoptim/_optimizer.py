@@ -33,9 +33,11 @@ from torch.optim import Optimizer
 
 from . import _damping
 from ._closure import StepInputs, parse_closure_output
+from ._constraints import Constraints
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
 from ._hyperparameters import in_group
+from ._inequality import InequalityWarmStart
 from ._jacobian import jacobian
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
@@ -58,7 +60,8 @@ class StepContext:
     """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``; ``ok`` (sync-free
     mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
     (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
-    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
+    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped); the last
+    ``num_ineq`` rows of c and J are inequalities :math:`c_i \\le 0`, ``warm`` the last step's dual partitions."""
 
     layout: FlatLayout
     loss: Tensor
@@ -70,6 +73,8 @@ class StepContext:
     step: Tensor
     sync_free: bool
     damping: Tensor | None = None
+    num_ineq: int = 0
+    warm: InequalityWarmStart | None = None
 
 
 class ConstrainedOptimizer(Optimizer):
@@ -208,20 +213,32 @@ class ConstrainedOptimizer(Optimizer):
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
         with torch.enable_grad():
-            inputs, c_out = self._read_closure(closure(), layout)
+            raw = closure()
+            inputs, c_out = self._read_closure(raw, layout)
             m = inputs.c.shape[0]
+            num_ineq = inputs.num_ineq
+            if num_ineq and self.normal_damping is not None:
+                raise ValueError(
+                    "normal_damping is not available with inequality constraints: the inequality step is one QP, "
+                    "with no separate normal step to damp (use normal_lr < 1 to shorten the feasibility step)"
+                )
             damping, verdict = None, None
             if self.normal_damping is not None and m:
                 damping = self._global.damping or _damping.initial_state(self.normal_damping, layout.device)
                 verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
-                    return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
+                    rejected = self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
+                    return _as_returned(rejected, raw)
             # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
             g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
-            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            J = self._jacobian_of(inputs, layout)
             loss, c = inputs.loss.detach(), inputs.c.detach()
+            # a zero gradient is harmless for a satisfied inequality (c_i < 0): it stays out of the working set
+            satisfied = None
+            if num_ineq:
+                satisfied = (torch.arange(m, device=c.device) >= m - num_ineq) & (c < 0)
             try:
-                bad = self._guard.check(loss, c, g, J, sync_free=sync_free)
+                bad = self._guard.check(loss, c, g, J, sync_free=sync_free, satisfied=satisfied)
             except ZeroJacobianRows as err:
                 raise self._zero_rows_error(err.rows, inputs, layout) from None
         ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
@@ -235,8 +252,12 @@ class ConstrainedOptimizer(Optimizer):
         stats = ok if retry is None else (~retry if ok is None else ok & ~retry)
         ctx = StepContext(layout, loss, g, c, J, ok, stats, self._next_step_count(stats, layout.device), sync_free)
         ctx.damping = None if verdict is None else verdict.nu
+        if num_ineq:
+            ctx.num_ineq = num_ineq
+            ctx.warm = InequalityWarmStart(self._global.inequality_active, self._global.projection_active)
         delta, info = self._direction(ctx)
         formed = info.pop("formed", None)
+        partitions = (info.pop("active_set", None), info.pop("projection_active_set", None))
         if sync_free:
             formed = delta.isfinite().all() if formed is None else formed & delta.isfinite().all()
             self._guard.commit(self._global, bad, formed, reject)
@@ -251,12 +272,14 @@ class ConstrainedOptimizer(Optimizer):
                 )
             counted = stats
         self._commit_step(ctx, counted)
+        if num_ineq:
+            self._commit_partitions(partitions, None if not sync_free else applied)
         self._warn_if_truncated(info, m)
         returned = (loss, c_out)
         Jdelta = None
-        if m and (verdict is not None or sync_free or info.get("truncated")):
+        if m and (verdict is not None or sync_free or info.get("truncated")) and not num_ineq:
             Jdelta = J @ delta
-        if m:
+        if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
             info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
         if verdict is not None:
             assert damping is not None and Jdelta is not None
@@ -298,12 +321,38 @@ class ConstrainedOptimizer(Optimizer):
                     last = torch.full_like(multipliers, float("nan"))
                 multipliers = torch.where(applied, multipliers, last)
             self._multipliers = multipliers
-        info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
+        if m and not num_ineq:
+            info["c_inf"] = returned[1].abs().max()
         info["g_norm"] = torch.linalg.vector_norm(g)
         self._diagnostics = info
         if m and not sync_free:
-            self._watch_feasibility(c, info["c_predicted"])
-        return returned
+            self._watch_feasibility(_violation(c, num_ineq), info["c_predicted"])
+        return _as_returned(returned, raw)
+
+    def _jacobian_of(self, inputs: StepInputs, layout: FlatLayout) -> Tensor:
+        """J as given, or formed from c (by parts when only one part of a :class:`~sqpoptim.Constraints` came
+        with its Jacobian)."""
+        if inputs.J is not None:
+            return inputs.J
+        if inputs.J_parts is None:
+            return self._form_jacobian(inputs.c, layout)
+        m_eq = inputs.c.shape[0] - inputs.num_ineq
+        J_eq, J_in = inputs.J_parts
+        J_eq = J_eq if J_eq is not None else self._form_jacobian(inputs.c[:m_eq], layout)
+        J_in = J_in if J_in is not None else self._form_jacobian(inputs.c[m_eq:], layout)
+        return torch.cat([J_eq, J_in])
+
+    def _commit_partitions(self, partitions: tuple[Tensor | None, Tensor | None], applied: Tensor | None) -> None:
+        """Keep the step's dual partitions (the warm start of the next step); a refused step keeps the old ones."""
+        names = ("inequality_active", "projection_active")
+        for name, new in zip(names, partitions):
+            if new is None:
+                continue
+            old = getattr(self._global, name)
+            if applied is not None:
+                old = torch.zeros_like(new) if old is None or old.shape != new.shape else old
+                new = torch.where(applied, new, old)
+            setattr(self._global, name, new)
 
     def _predicted_violation(self, layout: FlatLayout, c: Tensor, Jdelta: Tensor | None) -> Tensor:
         r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|`, the part of the violation the linearised step leaves (0 for
@@ -338,7 +387,8 @@ class ConstrainedOptimizer(Optimizer):
             )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
-        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
+        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods;
+        equalities first when the closure returned a :class:`~sqpoptim.Constraints`)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
 
@@ -465,3 +515,21 @@ class ConstrainedOptimizer(Optimizer):
 
 def _rejected_count(damping: DampingState) -> Tensor | int:
     return 0 if damping.rejected_steps is None else damping.rejected_steps
+
+
+def _violation(c: Tensor, num_ineq: int) -> Tensor:
+    """:math:`[c_E; \\max(c_I, 0)]`: the constraint violations (``c`` itself without inequalities)."""
+    if not num_ineq:
+        return c
+    m_eq = c.shape[0] - num_ineq
+    return torch.cat([c[:m_eq], c[m_eq:].clamp_min(0.0)])
+
+
+def _as_returned(returned: tuple[Tensor, Tensor], raw: Any) -> tuple[Tensor, Tensor | Constraints]:
+    """``(loss, c)`` as ``step`` returns it: c a tensor, or a :class:`~sqpoptim.Constraints` of its detached parts
+    when the closure returned one."""
+    loss, c = returned
+    if not (isinstance(raw, (tuple, list)) and len(raw) >= 2 and isinstance(raw[1], Constraints)):
+        return loss, c
+    m_eq = c.shape[0] - raw[1].num_ineq
+    return loss, Constraints(eq=c[:m_eq], ineq=c[m_eq:])

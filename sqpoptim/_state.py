@@ -59,11 +59,16 @@ class OptimizerState:
     """Optimizer-wide state shared by every constrained optimizer; methods with more derive from it.
 
     ``step`` is k, the number of steps taken (a 0-d float64 device tensor; refused and rejected steps do not
-    count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode."""
+    count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode. With
+    inequality constraints, ``inequality_active`` and ``projection_active`` (``[m]`` bool) are the working sets
+    of the last step's QP and gradient projection, the warm start of the next step (:mod:`sqpoptim._inequality`).
+    """
 
     step: Tensor | None = None
     nonfinite_steps: Tensor | None = None
     damping: DampingState | None = None
+    inequality_active: Tensor | None = None
+    projection_active: Tensor | None = None
 
     #: sqpoptim 0.1's flat ``state["global"]`` keys -> (field, damping field) of this form.
     _LEGACY: ClassVar[dict[str, tuple[str, str | None]]] = {

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._finite import both, require_finite
 from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
+from ._inequality import InequalitySolver, InequalityWarmStart
 from ._layout import StepCounts
 from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
@@ -60,6 +61,14 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     :math:`(1-\alpha)^k`. That default is a measured deviation from the spec (which marks it [design] with
     γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
     comparison of the projection and bias-correction options.
+
+    Inequalities (``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the moments are fed the
+    gradient projected on the null space of the equalities and of the inequalities that bind it, and the step is
+    the QP :math:`\min_d \tfrac12\|d + D_k^{-1}p_k\|_H^2` s.t. :math:`\gamma c_{E,k} + J_{E,k}d = 0`,
+    :math:`\gamma c_{I,k} + J_{I,k}d \le 0` (H = I for ``"euclidean"``, :math:`H = D_k` for ``"scaled"``), which
+    with no active inequality is the step of the box above (:mod:`sqpoptim._inequality`: derivation, solver,
+    the elastic step of an infeasible linearisation, deviations from Curtis, Robinson & Zhou, arXiv:2302.14790).
+    All groups must share ``normal_lr``; ``normal_damping`` is not available with inequalities.
 
     Globalisation of the normal step (every SQP method here and :class:`~sqpoptim.ConstrainedAdam`): by default
     the normal step is the full Gauss–Newton step of the *linearised* constraints, with no merit function or
@@ -164,6 +173,8 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             sync_free=ctx.sync_free,
             ok=ctx.stats,
             damping=ctx.damping,
+            num_ineq=ctx.num_ineq,
+            warm=ctx.warm,
         )
 
     def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
@@ -195,6 +206,8 @@ def adam_sqp_direction(
     sync_free: bool = False,
     ok: Tensor | None = None,
     damping: Tensor | None = None,
+    num_ineq: int = 0,
+    warm: InequalityWarmStart | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of one :class:`ProjectedAdamSQP` step on flat vectors.
 
@@ -206,18 +219,27 @@ def adam_sqp_direction(
     step) is checked before it touches the moments (:func:`sqpoptim._finite.require_finite`): exact mode raises,
     sync-free mode masks the moments and reports ``formed`` in the diagnostics. ``multipliers`` in the
     diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg` (in the Adam metric when the Euclidean
-    factor is not formed).
+    factor is not formed). With ``num_ineq`` > 0 the last rows of c and J are inequalities :math:`c_i \\le 0`:
+    the moments are fed the cone-projected gradient and the step is the QP of :mod:`sqpoptim._inequality` in the
+    metric of ``projection`` (``warm``: the last step's partitions; the multipliers are the sign-aware ones, or
+    the step QP's when the gradients are not projected).
     """
     m = c.shape[0]
     euclidean = projection == "euclidean"
-    F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m and (project_gradients or euclidean) else None
+    solver = None
+    if num_ineq:  # before anything changes: a per-group normal_lr is refused here
+        solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+    G = gram(J) if solver is not None and (project_gradients or euclidean) else None
+    F = None
+    if solver is None and m and (project_gradients or euclidean):
+        F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
     lam = None
     if m and project_gradients:
-        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
+        gbar, lam = solver.project_gradient(g, c, J, G) if solver is not None else project_with_multipliers(J, g, F)
     else:
         gbar = g
     delta_n = v = None
-    if m and euclidean:  # the normal step does not depend on the moments: check it before they change
+    if m and euclidean and solver is None:  # the normal step does not depend on the moments: check it first
         delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
         formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
     else:
@@ -244,6 +266,9 @@ def adam_sqp_direction(
         denom = (exp_avg_sq / bc2 + eps).sqrt_()
         p = (lr / bc1) * exp_avg
     d = p / denom  # D_k^{-1} p_k: Adam's direction, lr and bias correction included
+    if solver is not None:
+        st = solver.step(-d, c, J, weight=None if euclidean else denom.reciprocal(), G=G if euclidean else None)
+        return st.delta, {**solver.info(st, c), "formed": formed, "multipliers": st.y if lam is None else lam}
     if not m:
         u = -d
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed}

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._finite import both, require_finite
 from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
+from ._inequality import InequalitySolver, InequalityWarmStart
 from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
@@ -47,6 +48,15 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
     Param groups: each group's ``lr`` (and ``momentum``) multiplies its coordinates *before* the projection,
     :math:`u_k = -P_k(\Lambda m_k)`, so :math:`J_k u_k = 0` still holds. When groups have different normal step
     sizes the normal step is distributed in proportion to them (see :func:`sqpoptim._linalg.scaled_normal_step`).
+
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the
+    momentum is fed :math:`\bar g_k = P_{\hat{\mathcal A}_k} g_k`, the gradient projected on the null space of
+    the equalities and of the inequalities that bind it (sign-aware least-squares multipliers), and the step is
+    the QP :math:`\min_d \tfrac12\|d + \alpha m_k\|^2` s.t. :math:`\gamma c_{E,k} + J_{E,k}d = 0`,
+    :math:`\gamma c_{I,k} + J_{I,k}d \le 0`, which is :math:`\gamma v_k + u_k` of the box above on its working
+    set (:mod:`sqpoptim._inequality`, with the derivation and the deviations from Curtis, Robinson & Zhou,
+    arXiv:2302.14790). All groups must share ``normal_lr``; ``normal_damping`` is not available with
+    inequalities.
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -122,6 +132,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             sync_free=ctx.sync_free,
             ok=ctx.stats,
             damping=ctx.damping,
+            num_ineq=ctx.num_ineq,
+            warm=ctx.warm,
         )
 
 
@@ -138,6 +150,8 @@ def heavy_ball_sqp_direction(
     sync_free: bool = False,
     ok: Tensor | None = None,
     damping: Tensor | None = None,
+    num_ineq: int = 0,
+    warm: InequalityWarmStart | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of one :class:`ProjectedHeavyBallSQP` step on flat vectors.
 
@@ -145,9 +159,15 @@ def heavy_ball_sqp_direction(
     Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool) turns the step into a no-op
     on the momentum when False. The projected gradient and the normal step are checked before the momentum
     changes (:func:`sqpoptim._finite.require_finite`); ``multipliers`` in the diagnostics are the least-squares
-    estimates :math:`-(JJ^\top)^{-1}Jg`.
+    estimates :math:`-(JJ^\top)^{-1}Jg`. With ``num_ineq`` > 0 the last rows of c and J are inequalities
+    :math:`c_i \\le 0` (``warm``: the last step's partitions; the new ones are in the diagnostics, see
+    :class:`sqpoptim._inequality.InequalitySolver`) and the multipliers the sign-aware ones.
     """
     m = c.shape[0]
+    if num_ineq:
+        return _with_inequalities(
+            g, c, J, momentum_buffer, lr, momentum, normal_lr, rank_tol, sync_free, ok, num_ineq, warm
+        )
     F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m else None
     if m:
         gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
@@ -165,3 +185,33 @@ def heavy_ball_sqp_direction(
     u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
     info = step_info(c, F, v, u)
     return delta_n + u, {**info, "formed": formed, "multipliers": lam}
+
+
+def _with_inequalities(
+    g: Tensor,
+    c: Tensor,
+    J: Tensor,
+    momentum_buffer: Tensor,
+    lr: float | Tensor,
+    momentum: float | Tensor,
+    normal_lr: float | Tensor,
+    rank_tol: float,
+    sync_free: bool,
+    ok: Tensor | None,
+    num_ineq: int,
+    warm: InequalityWarmStart | None,
+) -> tuple[Tensor, dict[str, Any]]:
+    r"""The inequality path of :func:`heavy_ball_sqp_direction`: the same momentum, the step QP in place of
+    :math:`\gamma v + u`."""
+    solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+    G = gram(J)  # Euclidean: the projection and the step QP share it
+    gbar, lam = solver.project_gradient(g, c, J, G)
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
+    ok = both(ok, formed)
+    weight = 1.0 - momentum
+    if ok is not None:
+        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
+        weight = masked(ok, weight, 0.0, g)
+    momentum_buffer.lerp_(gbar, weight)
+    step = solver.step(-(lr * momentum_buffer), c, J, G=G)
+    return step.delta, {**solver.info(step, c), "formed": formed, "multipliers": lam}
