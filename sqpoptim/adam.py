@@ -226,20 +226,20 @@ def adam_sqp_direction(
     """
     m = c.shape[0]
     euclidean = projection == "euclidean"
-    solver = None
-    if num_ineq:  # before anything changes: a per-group normal_lr is refused here
+    if num_ineq:  # the solver refuses a per-group normal_lr before anything changes
         solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
-    G = gram(J) if solver is not None and (project_gradients or euclidean) else None
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, defossez=bias_correction == "defossez")
+        return _with_inequalities(g, c, J, exp_avg, exp_avg_sq, step, solver, hyper, euclidean, project_gradients, ok)
     F = None
-    if solver is None and m and (project_gradients or euclidean):
+    if m and (project_gradients or euclidean):
         F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
     lam = None
     if m and project_gradients:
-        gbar, lam = solver.project_gradient(g, c, J, G) if solver is not None else project_with_multipliers(J, g, F)
+        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
     else:
         gbar = g
     delta_n = v = None
-    if m and euclidean and solver is None:  # the normal step does not depend on the moments: check it first
+    if m and euclidean:  # the normal step does not depend on the moments: check it before they change
         delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
         formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
     else:
@@ -255,20 +255,7 @@ def adam_sqp_direction(
         w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
     exp_avg.mul_(b1).add_(gbar * w1)
     exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
-    k = torch.as_tensor(step, dtype=torch.float64, device=g.device)
-    if defossez:
-        alpha_k = lr * (1.0 - beta1) * torch.sqrt((1.0 - beta2**k) / (1.0 - beta2)).to(g.dtype)
-        denom = (exp_avg_sq + eps).sqrt_()  # D_k
-        p = alpha_k * exp_avg
-    else:
-        bc1 = (1.0 - beta1**k).to(g.dtype)
-        bc2 = (1.0 - beta2**k).to(g.dtype)
-        denom = (exp_avg_sq / bc2 + eps).sqrt_()
-        p = (lr / bc1) * exp_avg
-    d = p / denom  # D_k^{-1} p_k: Adam's direction, lr and bias correction included
-    if solver is not None:
-        st = solver.step(-d, c, J, weight=None if euclidean else denom.reciprocal(), G=G if euclidean else None)
-        return st.delta, {**solver.info(st, c), "formed": formed, "multipliers": st.y if lam is None else lam}
+    d, denom = _scaled_direction(exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, defossez)
     if not m:
         u = -d
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed}
@@ -285,3 +272,72 @@ def adam_sqp_direction(
             lam = project_with_multipliers(J, W * g, FW)[1]  # -(J W Jᵀ)⁻¹ J W g
         info = step_info(c, FW, v, u)
     return delta_n + u, {**info, "formed": formed, "multipliers": lam}
+
+
+def _scaled_direction(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    defossez: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(D_k^{-1} p_k, D_k)``: Adam's direction from the updated moments, learning rate and bias correction
+    included, and the metric diagonal."""
+    k = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device)
+    if defossez:
+        alpha_k = lr * (1.0 - beta1) * torch.sqrt((1.0 - beta2**k) / (1.0 - beta2)).to(exp_avg.dtype)
+        denom = (exp_avg_sq + eps).sqrt_()  # D_k
+        p = alpha_k * exp_avg
+    else:
+        bc1 = (1.0 - beta1**k).to(exp_avg.dtype)
+        bc2 = (1.0 - beta2**k).to(exp_avg.dtype)
+        denom = (exp_avg_sq / bc2 + eps).sqrt_()
+        p = (lr / bc1) * exp_avg
+    return p / denom, denom
+
+
+def _with_inequalities(
+    g: Tensor,
+    c: Tensor,
+    J: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    solver: InequalitySolver,
+    hyper: dict[str, Any],
+    euclidean: bool,
+    project_gradients: bool,
+    ok: Tensor | None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """The inequality path of :func:`adam_sqp_direction`: the moments fed the gradient mapping (reach
+    lr·√n, :mod:`sqpoptim._inequality`), and the step QP in the method's metric in place of the projection and
+    the normal step."""
+    beta1, beta2, defossez, lr = hyper["beta1"], hyper["beta2"], hyper["defossez"], hyper["lr"]
+    lam = None
+    if project_gradients:
+        G = gram(J)
+        lr_max = lr.max() if isinstance(lr, Tensor) else lr
+        reach = lr_max * g.numel() ** 0.5 / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
+        gbar, lam = solver.project_gradient(g, c, J, reach.to(torch.float64), G)
+    else:
+        G, gbar = None, g
+    formed = require_finite(sync_free=solver.sync_free, projected_gradient=gbar)
+    ok = both(ok, formed)
+    w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
+    w2 = 1.0 if defossez else 1.0 - beta2
+    b1, b2 = beta1, beta2
+    if ok is not None:  # a refused step leaves the moments bit-identical: β → 1, weights → 0
+        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
+        b1, b2 = (masked(ok, b, 1.0, g) for b in (beta1, beta2))
+        w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
+    exp_avg.mul_(b1).add_(gbar * w1)
+    exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
+    d, denom = _scaled_direction(exp_avg, exp_avg_sq, step, lr, beta1, beta2, hyper["eps"], defossez)
+    if euclidean:
+        st = solver.step(-d, c, J, G=G)
+    else:
+        st = solver.step(-d, c, J, weight=denom.reciprocal())
+    return st.delta, {**solver.info(st, c), "formed": formed, "multipliers": st.y if lam is None else lam}

@@ -205,13 +205,14 @@ def _with_inequalities(
     :math:`\gamma v + u`."""
     solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
     G = gram(J)  # Euclidean: the projection and the step QP share it
-    gbar, lam = solver.project_gradient(g, c, J, G)
+    reach = lr.max() if isinstance(lr, Tensor) else lr
+    gbar, lam = solver.project_gradient(g, c, J, reach, G)
     formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
     ok = both(ok, formed)
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
         weight = masked(ok, weight, 0.0, g)
-    momentum_buffer.lerp_(gbar, weight)
+    momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
     step = solver.step(-(lr * momentum_buffer), c, J, G=G)
     return step.delta, {**solver.info(step, c), "formed": formed, "multipliers": lam}

@@ -265,33 +265,46 @@ def test_kkt_conditions_hold_on_random_consistent_problems(m_eq, m_in, n, seed, 
 # ---------------------------------------------------------------- the projected gradient
 
 
-def test_projected_gradient_without_candidates_is_the_equality_projection():
+def test_gradient_mapping_with_equalities_or_out_of_reach_inequalities_is_the_equality_projection():
     J, _, g, _, _ = feasible_problem(3, 5, 20, seed=1)
-    none = torch.zeros(8, dtype=torch.bool)
-    gbar, _ = project_gradient(g, J, 3, none)
     F = factor_gram(gram(J[:3]), 1e-7)
-    torch.testing.assert_close(gbar, project(J[:3], g, F), rtol=1e-12, atol=1e-12)
-    gbar0, _ = project_gradient(g, J[3:], 0, torch.zeros(5, dtype=torch.bool))
-    assert torch.equal(gbar0, g)  # nothing to project on: g itself, bit for bit
+    far = torch.cat([torch.zeros(3, dtype=f64), torch.full((5,), -1e6, dtype=f64)])
+    for alpha in (1e-3, 0.5):
+        gbar, lam, _ = project_gradient(g, far, J, 3, alpha)
+        torch.testing.assert_close(gbar, project(J[:3], g, F), rtol=1e-12, atol=1e-12)
+        assert (lam[3:] == 0).all()
+    gbar0, _, _ = project_gradient(g, far[3:], J[3:], 0, 0.5)
+    assert torch.equal(gbar0, g)  # nothing within reach: g itself, bit for bit
 
 
-def test_projected_gradient_is_the_cone_projection():
-    """-ḡ is the Euclidean projection of -g onto {d: J_E d = 0, J_i d <= 0 (i candidate)} (scipy, 1e-10), and
-    ḡ = P_A g on the constraints with positive multipliers."""
-    J, _, _, _, _ = feasible_problem(2, 8, 10, seed=4)
+@pytest.mark.parametrize("alpha", [1e-2, 0.3])
+def test_gradient_mapping_against_scipy(alpha):
+    """ḡ = -d/α with d the certified projection of -αg onto {J_E d = 0, min(c_I, 0) + J_I d <= 0} (1e-10), and
+    ḡ = g + J'λ with λ >= 0 on the inequalities."""
+    J, c, _, _, _ = feasible_problem(2, 8, 10, seed=4)
+    c = c.clone()
+    c[2:6] = torch.tensor([0.0, -1e-3, 0.5, -2.0], dtype=f64)  # on, just inside, beyond, far inside
     gen = torch.Generator().manual_seed(5)
-    g = torch.randn(10, generator=gen, dtype=f64)
-    cand = torch.tensor([False, False, True, True, False, True, True, True, False, True])
-    gbar, dual = project_gradient(g, J, 2, cand)
-    rows = torch.cat([torch.ones(2, dtype=torch.bool), cand[2:]])
-    d_ref, _ = qp_reference(J[rows].numpy(), np.zeros(int(rows.sum())), -g.numpy(), 2)
-    np.testing.assert_allclose(-gbar.numpy(), d_ref, rtol=1e-10, atol=1e-10)
-    A = torch.cat([torch.ones(2, dtype=torch.bool), (dual.y[2:] > 0)])
-    assert 0 < int(A[2:].sum()) < int(cand.sum())  # some candidates bind, some do not
-    F = factor_gram(gram(J[A]), 1e-7)
-    torch.testing.assert_close(gbar, project(J[A], g, F), rtol=1e-10, atol=1e-10)
-    assert (J[rows][2:] @ gbar >= -1e-12).all()  # -ḡ is in the cone
-    assert abs(torch.dot(gbar, g - gbar).item()) < 1e-10  # Moreau: ḡ ⊥ g - ḡ
+    g = 3 * torch.randn(10, generator=gen, dtype=f64)
+    gbar, lam, _ = project_gradient(g, c, J, 2, alpha)
+    shifted = torch.cat([torch.zeros(2, dtype=f64), c[2:].clamp_max(0.0)])
+    d_ref, _ = qp_reference(J.numpy(), shifted.numpy(), (-alpha * g).numpy(), 2)
+    np.testing.assert_allclose((-alpha * gbar).numpy(), d_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gbar, g + J.T @ lam, rtol=1e-12, atol=1e-12)
+    assert (lam[2:] >= 0).all() and (lam[2:] > 0).any()
+
+
+def test_gradient_mapping_vanishes_at_a_kkt_point():
+    """g = -J_A'λ with λ >= 0 on constraints at their bound (plus an equality), others inside: ḡ = 0 and the
+    multipliers are recovered."""
+    gen = torch.Generator().manual_seed(6)
+    J = torch.randn(5, 8, generator=gen, dtype=f64)
+    lam_true = torch.tensor([0.7, 1.3, 0.0, 2.0, 0.0], dtype=f64)  # row 0 equality; rows 1, 3 active
+    c = torch.tensor([0.0, 0.0, -0.4, 0.0, -1.0], dtype=f64)
+    g = -(J.T @ lam_true)
+    gbar, lam, _ = project_gradient(g, c, J, 1, 0.1)
+    assert gbar.abs().max() < 1e-12
+    torch.testing.assert_close(lam, lam_true, rtol=1e-10, atol=1e-12)
 
 
 def test_default_shift():
