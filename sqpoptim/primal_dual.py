@@ -13,7 +13,7 @@ from torch import Tensor
 from ._closure import parse_closure_output
 from ._hyperparameters import check_nonnegative
 from ._layout import as_real
-from ._optimizer import ConstrainedOptimizer
+from ._optimizer import ConstrainedOptimizer, _as_returned
 from ._state import OptimizerState
 
 __all__ = ["PrimalDual"]
@@ -45,6 +45,11 @@ class PrimalDual(ConstrainedOptimizer):
     :math:`\nabla f` (no Jacobian is formed). The multipliers are :attr:`multipliers` (and part of
     ``state_dict``); the number of constraints must stay fixed. Unlike the penalty method it can reach c = 0
     with a bounded weight, but it only converges as fast as the multipliers do.
+
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): their
+    multipliers are kept nonnegative by projected ascent, :math:`\lambda_{I,k+1} = \max(0, \lambda_{I,k} +
+    \eta_\lambda c_I(x_k))`, the Arrow–Hurwicz method for :math:`\min_x \max_{\lambda_I \ge 0} \mathcal L`;
+    a satisfied constraint's multiplier decays to zero and stops acting on x.
 
     Non-finite values always raise here (one host read per step): the inner optimizer's state cannot be
     rolled back on the device.
@@ -89,7 +94,8 @@ class PrimalDual(ConstrainedOptimizer):
         self._check_groups()
         layout = self._layout()
         with torch.enable_grad():
-            inputs = parse_closure_output(closure(), layout)
+            raw = closure()
+            inputs = parse_closure_output(raw, layout)
             loss, c = inputs.loss, inputs.c
             m = c.shape[0]
             if m and not c.requires_grad:
@@ -102,6 +108,9 @@ class PrimalDual(ConstrainedOptimizer):
             # Dual step first, with this iterate's c (alternating / Arrow-Hurwicz order; see the class docstring).
             dual_lr = max(g["dual_lr"] for g in self.param_groups)
             lam = lam + dual_lr * c.detach()
+            if inputs.num_ineq:  # projected ascent keeps the inequalities' multipliers nonnegative
+                ineq = torch.arange(m, device=c.device) >= m - inputs.num_ineq
+                lam = torch.where(ineq, lam.clamp_min(0.0), lam)
             lagrangian = loss + (lam * c).sum() if m else loss
             grads = (
                 torch.autograd.grad(lagrangian, layout.params, allow_unused=True)
@@ -123,12 +132,15 @@ class PrimalDual(ConstrainedOptimizer):
         self.inner.step()
         self._global.multipliers = lam
         self._global.step = self._next_step_count(None, layout.device)
+        violation = c.detach()
+        if inputs.num_ineq:
+            violation = torch.cat([violation[: m - inputs.num_ineq], violation[m - inputs.num_ineq :].clamp_min(0.0)])
         self._diagnostics = {
-            "c_inf": c.detach().abs().max() if m else c.new_zeros(()),
+            "c_inf": violation.abs().max() if m else c.new_zeros(()),
             "multiplier_inf": lam.abs().max() if m else c.new_zeros(()),
             "g_norm": torch.linalg.vector_norm(flat),  # the Lagrangian gradient given to the inner optimizer
         }
-        return loss.detach(), c.detach()
+        return _as_returned((loss.detach(), c.detach()), raw)
 
     @property
     def multipliers(self) -> Tensor | None:

@@ -322,3 +322,37 @@ def test_multipliers_of_an_active_bound():
             opt.step(lambda: (((x - 2) ** 2).sum(), sqpoptim.Constraints(ineq=x - 1)))
         assert x.item() == pytest.approx(1.0, abs=1e-12)
         assert opt.multipliers.item() == pytest.approx(2.0, rel=1e-6)
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def test_penalty_with_inequalities_matches_its_closed_form():
+    """f = (x-2)² with x <= 1 and 0.5 x = 0: Adam on (x-2)² + ρ/2 (max(0, x-1)² + 0) settles at x = (4+ρ)/(2+ρ);
+    a satisfied inequality (y <= 1 at y = 0.5) adds nothing."""
+    rho = 10.0
+    x = torch.zeros(2, dtype=f64, requires_grad=True)
+    opt = sqpoptim.PenaltyAdam([x], lr=0.05, rho=rho)
+    for _ in range(1000):
+        loss, cons = opt.step(
+            lambda: ((x[0] - 2) ** 2 + (x[1] - 0.5) ** 2, sqpoptim.Constraints(ineq=torch.stack([x[0] - 1, x[1] - 1])))
+        )
+    assert isinstance(cons, sqpoptim.Constraints) and cons.ineq.shape == (2,)
+    torch.testing.assert_close(x.detach(), torch.tensor([(4 + rho) / (2 + rho), 0.5], dtype=f64), atol=1e-4, rtol=0)
+    penalized = opt.diagnostics()["penalized_loss"]
+    assert penalized == pytest.approx(loss.item() + 0.5 * rho * max(0.0, x[0].item() - 1) ** 2, rel=1e-3)
+
+
+def test_primal_dual_keeps_inequality_multipliers_nonnegative():
+    """min (x-2)² + (y-0.5)² s.t. x <= 1 (active, λ = 2) and y <= 1 (inactive, λ = 0)."""
+    x = torch.zeros(2, dtype=f64, requires_grad=True)
+    opt = sqpoptim.PrimalDual([x], lr=0.1, dual_lr=0.5, inner=torch.optim.SGD)
+    lams = []
+    for _ in range(600):
+        opt.step(
+            lambda: ((x[0] - 2) ** 2 + (x[1] - 0.5) ** 2, sqpoptim.Constraints(ineq=torch.stack([x[0] - 1, x[1] - 1])))
+        )
+        lams.append(opt.multipliers.clone())
+    assert min(lam.min().item() for lam in lams) >= 0.0
+    torch.testing.assert_close(x.detach(), torch.tensor([1.0, 0.5], dtype=f64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(opt.multipliers, torch.tensor([2.0, 0.0], dtype=f64), atol=1e-7, rtol=0)
