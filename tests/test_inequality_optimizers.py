@@ -356,3 +356,50 @@ def test_primal_dual_keeps_inequality_multipliers_nonnegative():
     assert min(lam.min().item() for lam in lams) >= 0.0
     torch.testing.assert_close(x.detach(), torch.tensor([1.0, 0.5], dtype=f64), atol=1e-8, rtol=0)
     torch.testing.assert_close(opt.multipliers, torch.tensor([2.0, 0.0], dtype=f64), atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------- CUDA (run only where a GPU is present)
+
+
+def _network_closure(model, device):
+    X = torch.rand(32, 2, dtype=f64, generator=torch.Generator().manual_seed(3)).to(device)
+    Y = torch.sin(2 * X[:, :1])
+    pts = torch.tensor([[0.2, 0.3], [0.6, 0.4]], dtype=f64, device=device)
+    grid = torch.rand(12, 2, dtype=f64, generator=torch.Generator().manual_seed(4)).to(device)
+
+    def closure():  # u >= 0.2 on a grid: active from the start for this initialisation
+        ineq = 0.2 - model(grid).squeeze(-1)
+        return ((model(X) - Y) ** 2).mean(), sqpoptim.Constraints(eq=burgers_residual(model, pts), ineq=ineq)
+
+    return closure
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(SMALL_LR))
+def test_cuda_matches_cpu_with_inequalities(name):
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = TinyPINN(seed=5).to(device)
+        opt = SMALL_LR[name](model.parameters())
+        for _ in range(5):
+            opt.step(_network_closure(model, device))
+        assert opt.diagnostics()["active_inequalities"] > 0
+        out[device] = torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(SMALL_LR))
+def test_cuda_step_with_inequalities_never_synchronises(name):
+    model = TinyPINN(seed=6).to("cuda")
+    opt = SMALL_LR[name](model.parameters())
+    closure = _network_closure(model, "cuda")
+    opt.step(closure)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.global_state.inequality_active.device.type == "cuda"
