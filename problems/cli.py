@@ -4,6 +4,8 @@ Examples::
 
     python -m problems run spring --quick --methods sqp-adam,adam-unc,adam-con   # < 2 min on a laptop CPU
     python -m problems run darcy --methods sqp-adam,adam-unc --lr 5e-3,5e-4 --batch full,mini --seeds 0-4
+    python -m problems run burgers --quick --methods sqp-adam --batch mini --nproc 2   # 2 CPU processes
+    torchrun --nproc-per-node 2 -m problems run burgers --quick --methods sqp-adam --batch mini
     python -m problems plot spring
     python -m problems list
 """
@@ -17,6 +19,7 @@ from . import problem_class, problem_names
 from .methods import METHODS
 from .runner import RunSpec, run_sweep
 from .runner.checkpoint import CheckpointError
+from .runner.parallel import from_torchrun, run_sweep_on_ranks
 from .runner.results import ResultsFileError
 
 PAPER_METHODS = "sqp-adam,sqp-hb,adam-unc,adam-con"
@@ -76,6 +79,7 @@ def _specs(args: argparse.Namespace) -> list[RunSpec]:
                             args.model_seed,
                             args.eval_every,
                             args.threads,
+                            args.nproc,
                         )
                     )
     return specs
@@ -102,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="torch intra-op threads per run (default 1: these problems are small and extra threads only spin)",
+    )
+    r.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="CPU processes (gloo) sharing each mini-batch; rank 0 writes (see problems.runner.parallel). "
+        "Under torchrun the ranks it started are used instead",
     )
     r.add_argument("--model-seed", type=int, default=0)
     r.add_argument("--eval-every", type=int, help="iterations between full evaluations (default: 1%% of the budget)")
@@ -133,8 +144,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
+        if args.nproc < 1:
+            raise ValueError(f"invalid --nproc {args.nproc}: expected a positive number of processes")
+        ranks = from_torchrun(args.threads)
+        if ranks is not None:
+            args.nproc = ranks.world
         specs = _specs(args)
-        results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
+        if ranks is not None:  # started by torchrun: this process is one rank of the run
+            results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet, ranks=ranks)
+            if not ranks.writer:
+                return 0
+        elif args.nproc > 1:
+            results = run_sweep_on_ranks(
+                specs,
+                args.nproc,
+                args.results,
+                threads=args.threads or 1,
+                cache_dir=args.cache,
+                progress=not args.quiet,
+            )
+        else:
+            results = run_sweep(specs, args.results, cache_dir=args.cache, progress=not args.quiet)
         print(
             f"\n{'method':34s} {'lr':>8s} {'batch':>5s} {'seed':>4s} {'objective':>11s} {'test MSE':>10s} "
             f"{'max|c|':>9s} {'ms/it':>7s}"

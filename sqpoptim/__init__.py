@@ -10,11 +10,16 @@ equalities and inequalities c_I <= 0):
 * Baselines: :class:`ConstrainedAdam` (Adam(con)), :class:`AdamUnc` (Adam(unc)), :class:`PenaltyAdam`,
   :class:`PrimalDual`.
 
+Every optimizer takes ``process_group=`` to step as one across the ranks of a ``torch.distributed`` group: losses
+and gradients averaged, constraints replicated or :class:`Sharded` over the ranks, replicas kept bit-identical
+(see :mod:`sqpoptim._exchange`).
+
 Output layers that enforce constraints on a network's predictions live in :mod:`sqpoptim.layers`.
 """
 
 from . import layers
 from ._constraints import Constraints
+from ._distributed import Sharded
 from ._jacobian import JacobianFallbackWarning, PointwiseConstraints
 from ._optimizer import ConstrainedOptimizer, InfeasibilityWarning, RankDeficiencyWarning
 from .adam import ProjectedAdamSQP, adam_sqp_direction
@@ -38,6 +43,7 @@ __all__ = [
     "ProjectedAdamSQP",
     "ProjectedHeavyBallSQP",
     "RankDeficiencyWarning",
+    "Sharded",
     "StochasticSQP",
     "adam_sqp_direction",
     "adaptive_step_size",

@@ -11,6 +11,10 @@ A step reads
 6. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
 7. **record** the damping model for the next judgement and the step's diagnostics.
 
+With a ``process_group`` each rank first parses its own closure and forms its own g and J (steps 1 and 3), then
+the ranks exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the
+rows of sharded constraints); steps 2 and 4–7 then run on the same numbers on every rank.
+
 Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
 (:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
 last step and is never checkpointed.
@@ -32,8 +36,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _damping
+from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
 from ._constraints import Constraints
+from ._distributed import RankGroup, strip_sharded
+from ._exchange import exchange, form_locally
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
 from ._hyperparameters import in_group
@@ -94,6 +101,7 @@ class ConstrainedOptimizer(Optimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         if jacobian not in ("batched", "loop"):
             raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
@@ -124,6 +132,10 @@ class ConstrainedOptimizer(Optimizer):
         self._rank_warned = False
         self._violations: deque[tuple[float, float]] = deque(maxlen=20)
         self._infeasibility_warned = False
+        self.process_group = process_group
+        self._ranks = None if process_group is None else RankGroup(process_group)
+        if process_group is None:
+            _warn_if_distributed(type(self).__name__)
 
     # ------------------------------------------------------------------ hyperparameters
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -208,13 +220,21 @@ class ConstrainedOptimizer(Optimizer):
         accepted point: then the values at that point."""
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure returning (loss, c) or (loss, c, J)")
-        self._guard.raise_pending(wait=False)
-        self._check_groups()
+        # With a process group every rank must decide alike, so it waits for the flag (the agreement round waits
+        # for the device anyway).
+        self._guard.raise_pending(wait=self._ranks is not None)
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
+        sent = 0 if self._ranks is None else self._ranks.sent_bytes
+        g: Tensor | None = None
         with torch.enable_grad():
-            raw = closure()
-            inputs, c_out = self._read_closure(raw, layout)
+            raw = None
+            if self._ranks is None:
+                self._check_groups()
+                raw = strip_sharded(closure())[0]
+                inputs, c_out = self._read_closure(raw, layout)
+            else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
+                inputs, c_out, g = self._exchanged_inputs(closure, layout)
             m = inputs.c.shape[0]
             num_ineq = inputs.num_ineq
             if num_ineq and self.normal_damping is not None:
@@ -229,8 +249,9 @@ class ConstrainedOptimizer(Optimizer):
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
                     rejected = self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
                     return _as_returned(rejected, raw)
-            # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
-            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            if g is None:
+                # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
+                g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
             J = self._jacobian_of(inputs, layout)
             loss, c = inputs.loss.detach(), inputs.c.detach()
             # a zero gradient is harmless for a satisfied inequality (c_i < 0): it stays out of the working set
@@ -324,6 +345,8 @@ class ConstrainedOptimizer(Optimizer):
         if m and not num_ineq:
             info["c_inf"] = returned[1].abs().max()
         info["g_norm"] = torch.linalg.vector_norm(g)
+        if self._ranks is not None:
+            info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
         if m and not sync_free:
             self._watch_feasibility(_violation(c, num_ineq), info["c_predicted"])
@@ -391,6 +414,48 @@ class ConstrainedOptimizer(Optimizer):
         equalities first when the closure returned a :class:`~sqpoptim.Constraints`)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
+
+    def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
+        (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
+        of every rank. Whatever fails on one rank (a param group's settings, the closure, its parsing, g, J) is
+        raised on every rank, and nothing has changed when it is."""
+        assert self._ranks is not None
+
+        def form() -> LocalInputs:
+            self._check_groups()
+            out, sharded = strip_sharded(closure())
+            inputs, c_out = self._read_closure(out, layout)
+            if inputs.num_ineq:
+                raise ValueError("inequality constraints are not supported across several processes (process_group)")
+            uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
+            m = inputs.c.shape[0]
+            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
+            J = inputs.J if inputs.J is not None or not uses_c else self._form_jacobian(inputs.c, layout)
+            return LocalInputs(inputs.loss.detach(), c_out, g, J, sharded, uses_c)
+
+        local, error = form_locally(form)
+        shared = exchange(self._ranks, local, error, layout.params, layout.n)
+        assert local is not None
+        if not local.uses_c:
+            return StepInputs(shared.loss, shared.c.new_zeros(0), None), shared.c, shared.g
+        if shared.c.shape[0] > layout.n:  # sharded rows: only now is m known (the same decision on every rank)
+            raise ValueError(
+                f"more constraints than parameters: m = {shared.c.shape[0]} > n = {layout.n} over all ranks; "
+                "the linearised constraints J d = -c cannot have full row rank"
+            )
+        return StepInputs(shared.loss, shared.c, shared.J), shared.c, shared.g
+
+    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """``(inputs, g, J)`` at the current parameters — every rank's, exchanged, with a process group — for
+        extra evaluations of the closure within a step (the inputs as parsed, J formed when not given)."""
+        if self._ranks is not None:
+            inputs, _, g = self._exchanged_inputs(closure, layout)
+            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
+            return inputs, g, J
+        inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
+        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+        return inputs, flat_gradient(inputs.loss, layout), J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
@@ -511,6 +576,20 @@ class ConstrainedOptimizer(Optimizer):
         if not sync:
             return dict(self._diagnostics)
         return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._diagnostics.items()}
+
+
+def _warn_if_distributed(name: str) -> None:
+    """Without a process group every rank steps on its own: say so where that is likely a mistake."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            warn_user(
+                f"torch.distributed is initialised with {world} ranks but {name} was given no process_group: "
+                "each rank steps on its own gradient and constraints, and replicas drift apart (wrapping the "
+                "model in DistributedDataParallel does not average the gradients this optimizer forms); pass "
+                "process_group=torch.distributed.group.WORLD to step together",
+                UserWarning,
+            )
 
 
 def _rejected_count(damping: DampingState) -> Tensor | int:

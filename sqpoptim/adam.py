@@ -103,7 +103,8 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: ``"defossez"`` or ``"standard"``.
         project_gradients: feed :math:`P_k g_k` (True, the paper) or :math:`g_k` (False: Adam(con)) to the
             moments.
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
     _flat_state_names = ("exp_avg", "exp_avg_sq")
@@ -124,6 +125,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, betas=betas, eps=eps, normal_lr=normal_lr))
         if projection not in _PROJECTIONS:
@@ -139,6 +141,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            process_group=process_group,
         )
         self.projection = projection
         self.bias_correction = bias_correction

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._closure import StepInputs, parse_closure_output
 from ._constraints import Constraints
+from ._distributed import Sharded, strip_sharded
 from ._layout import FlatLayout
 from .adam import ProjectedAdamSQP
 
@@ -76,7 +77,8 @@ class AdamUnc(ProjectedAdamSQP):
 
     ``torch.optim.Adam`` puts ε outside the square root (:math:`\sqrt{\hat w} + \epsilon`); the SQP paper's
     baselines use it inside, with ε = 1e-7. The closure may return ``loss`` or ``(loss, c)``; ``c`` is not
-    used for the step, only returned.
+    used for the step, only returned (with a ``process_group``: all ranks' rows, for logging).
+    ``process_group``: see :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
     def __init__(
@@ -87,8 +89,11 @@ class AdamUnc(ProjectedAdamSQP):
         eps: float = 1e-7,
         *,
         sync_free: bool | None = None,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, bias_correction="standard", sync_free=sync_free)
+        super().__init__(
+            params, lr, betas, eps, bias_correction="standard", sync_free=sync_free, process_group=process_group
+        )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
         """The step sees the loss alone; ``c`` (if returned) is only passed back to the caller."""
@@ -110,9 +115,11 @@ class PenaltyAdam(AdamUnc):
 
     The soft approach the Lagrangian/SQP methods are compared against: the violation shrinks only like
     :math:`O(1/\rho)` and large ρ makes the problem ill-conditioned. ``step`` returns the *unpenalised*
-    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``. With
-    ``(loss, Constraints(eq=c_E, ineq=c_I))`` the penalty is :math:`\tfrac{\rho}{2}(\|c_E\|^2 +
-    \|\max(0, c_I)\|^2)`: a satisfied inequality costs nothing.
+    ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``. With a
+    ``process_group`` the penalty is that of all ranks' rows (a sharded rank weighs its own rows' penalty by the
+    number of ranks, as the gradients are averaged) and the returned loss is the ranks' mean (one more
+    all-reduce of a scalar). With ``(loss, Constraints(eq=c_E, ineq=c_I))`` (one process) the penalty is
+    :math:`\tfrac{\rho}{2}(\|c_E\|^2 + \|\max(0, c_I)\|^2)`: a satisfied inequality costs nothing.
     """
 
     def __init__(
@@ -124,10 +131,11 @@ class PenaltyAdam(AdamUnc):
         eps: float = 1e-7,
         *,
         sync_free: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not rho >= 0.0:
             raise ValueError(f"Invalid rho: {rho} (expected rho >= 0)")
-        super().__init__(params, lr, betas, eps, sync_free=sync_free)
+        super().__init__(params, lr, betas, eps, sync_free=sync_free, process_group=process_group)
         self.rho = rho
 
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -136,16 +144,16 @@ class PenaltyAdam(AdamUnc):
         seen: dict[str, Tensor] = {}
 
         def penalised() -> tuple[Tensor, Any]:
-            out = closure()
+            out, sharded = strip_sharded(closure())
             cons = out[1] if isinstance(out, (tuple, list)) and len(out) >= 2 else None
             if isinstance(cons, Constraints):
-                parts = (cons.eq, cons.ineq)
-                if any(p is not None and not isinstance(p, Tensor) for p in parts):
+                if any(p is not None and not isinstance(p, Tensor) for p in (cons.eq, cons.ineq)):
                     raise TypeError(
                         "PenaltyAdam needs the residuals themselves; PointwiseConstraints are not supported"
                     )
-                c_eq = cons.eq if cons.eq is not None else out[0].new_zeros(0)
-                c_in = cons.ineq if cons.ineq is not None else out[0].new_zeros(0)
+                zero = out[0].new_zeros(0)
+                c_eq = cons.eq if cons.eq is not None else zero
+                c_in = cons.ineq if cons.ineq is not None else zero
                 seen["loss"] = out[0]
                 penalty = c_eq.square().sum() + c_in.clamp_min(0.0).square().sum()
                 return out[0] + 0.5 * self.rho * penalty, cons
@@ -155,8 +163,14 @@ class PenaltyAdam(AdamUnc):
                 )
             loss, c = out[0], cons
             seen["loss"] = loss
-            return loss + 0.5 * self.rho * c.square().sum(), c
+            # Sharded rows: the union's penalty is the sum of the ranks' penalties while gradients are averaged
+            # over the ranks, so each rank weighs its own penalty by their number.
+            weight = self._ranks.world if (sharded and self._ranks is not None) else 1
+            return loss + 0.5 * self.rho * weight * c.square().sum(), Sharded(c) if sharded else c
 
         penalized, c = super().step(penalised)
         self._diagnostics["penalized_loss"] = penalized
-        return seen["loss"].detach(), c
+        loss = seen["loss"].detach()
+        if self._ranks is not None:  # the mean over the ranks, like the penalised loss step() returned
+            loss = self._ranks.average_(loss.reshape(1).clone())[0]
+        return loss, c

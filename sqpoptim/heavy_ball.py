@@ -77,6 +77,18 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
             networks (RESULTS.md §5). ``diagnostics()`` then
             has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks)
+            to step as one across its ranks; ``step`` is then a collective that every rank calls. Each rank's
+            closure gives the loss on its own data, and the losses and gradients are averaged; constraints are
+            replicated (a plain c, the same on every rank, which is checked) or sharded (``Sharded(c)``: each
+            rank its own rows, the step uses all of them in rank order). Every rank then takes the same step,
+            so the replicas stay bit-identical (checked at every step); an error or a NaN on any rank is raised
+            on every rank before anything changes. Costs and design: :mod:`sqpoptim._exchange`.
+            ``diagnostics()`` then has ``comm_bytes``. Default ``None``: no communication, even when
+            ``torch.distributed`` is initialised — turning ``step`` into a collective unasked would hang
+            programs that step on some ranks only, and an optimizer cannot see whether its model is wrapped in
+            ``DistributedDataParallel`` (which would not average these gradients anyway); a warning says so
+            when several ranks run without a group.
 
     Example:
         >>> opt = ProjectedHeavyBallSQP(model.parameters(), lr=1e-3, momentum=0.9)
@@ -99,6 +111,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, momentum=momentum, normal_lr=normal_lr))
         defaults = dict(lr=lr, momentum=momentum, normal_lr=normal_lr)
@@ -110,6 +123,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            process_group=process_group,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

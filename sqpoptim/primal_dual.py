@@ -10,9 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._agreement import LocalInputs
 from ._closure import parse_closure_output
+from ._distributed import strip_sharded
+from ._exchange import exchange, form_locally
 from ._hyperparameters import check_nonnegative
-from ._layout import as_real
+from ._layout import FlatLayout, as_real
 from ._optimizer import ConstrainedOptimizer, _as_returned
 from ._state import OptimizerState
 
@@ -21,9 +24,11 @@ __all__ = ["PrimalDual"]
 
 @dataclass
 class PrimalDualState(OptimizerState):
-    """:class:`PrimalDual`'s optimizer-wide state: the multipliers λ ``[m]`` (``None`` before the first step)."""
+    """:class:`PrimalDual`'s optimizer-wide state: the multipliers λ ``[m]`` (``None`` before the first step)
+    and, for constraints sharded over ranks, each rank's row count (int64 ``[P]``)."""
 
     multipliers: Tensor | None = None
+    multiplier_counts: Tensor | None = None  # sharded rows: how many of the multipliers each rank owns
 
 
 class PrimalDual(ConstrainedOptimizer):
@@ -46,10 +51,10 @@ class PrimalDual(ConstrainedOptimizer):
     ``state_dict``); the number of constraints must stay fixed. Unlike the penalty method it can reach c = 0
     with a bounded weight, but it only converges as fast as the multipliers do.
 
-    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): their
-    multipliers are kept nonnegative by projected ascent, :math:`\lambda_{I,k+1} = \max(0, \lambda_{I,k} +
-    \eta_\lambda c_I(x_k))`, the Arrow–Hurwicz method for :math:`\min_x \max_{\lambda_I \ge 0} \mathcal L`;
-    a satisfied constraint's multiplier decays to zero and stops acting on x.
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`; one
+    process): their multipliers are kept nonnegative by projected ascent, :math:`\lambda_{I,k+1} = \max(0,
+    \lambda_{I,k} + \eta_\lambda c_I(x_k))`, the Arrow–Hurwicz method for :math:`\min_x \max_{\lambda_I \ge 0}
+    \mathcal L`; a satisfied constraint's multiplier decays to zero and stops acting on x.
 
     Non-finite values always raise here (one host read per step): the inner optimizer's state cannot be
     rolled back on the device.
@@ -59,6 +64,9 @@ class PrimalDual(ConstrainedOptimizer):
         lr: the inner optimizer's learning rate.
         dual_lr: η_λ ≥ 0.
         inner: a ``torch.optim.Optimizer`` class, or its name in ``torch.optim`` (``"SGD"``).
+        process_group: see :class:`~sqpoptim.ProjectedHeavyBallSQP`. The multipliers of all rows, sharded or
+            not, are kept on every rank, so one rank's ``state_dict`` is the whole state. A parameter that no
+            rank's Lagrangian reaches gets a zero gradient rather than ``None``.
         **inner_kwargs: passed to ``inner``.
     """
 
@@ -71,6 +79,8 @@ class PrimalDual(ConstrainedOptimizer):
         lr: float = 1e-3,
         dual_lr: float = 1e-2,
         inner: type[torch.optim.Optimizer] | str = torch.optim.Adam,
+        *,
+        process_group: Any = None,
         **inner_kwargs: Any,
     ) -> None:
         self._check_group(dict(lr=lr, dual_lr=dual_lr))
@@ -79,7 +89,7 @@ class PrimalDual(ConstrainedOptimizer):
             inner = getattr(torch.optim, name, None)
             if not (isinstance(inner, type) and issubclass(inner, torch.optim.Optimizer)):
                 raise ValueError(f"Invalid inner optimizer {name!r}: not a torch.optim optimizer")
-        super().__init__(params, dict(lr=lr, dual_lr=dual_lr), sync_free=False)
+        super().__init__(params, dict(lr=lr, dual_lr=dual_lr), sync_free=False, process_group=process_group)
         # The inner optimizer shares the param-group dicts, so schedulers acting on this optimizer reach it.
         self.inner = inner(self.param_groups, lr=lr, **inner_kwargs)
 
@@ -91,10 +101,12 @@ class PrimalDual(ConstrainedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         if closure is None:
             raise RuntimeError("PrimalDual.step() needs a closure returning (loss, c)")
-        self._check_groups()
         layout = self._layout()
+        if self._ranks is not None:
+            return self._distributed_step(closure, layout)
+        self._check_groups()
         with torch.enable_grad():
-            raw = closure()
+            raw = strip_sharded(closure())[0]
             inputs = parse_closure_output(raw, layout)
             loss, c = inputs.loss, inputs.c
             m = c.shape[0]
@@ -106,17 +118,30 @@ class PrimalDual(ConstrainedOptimizer):
             elif lam.shape[0] != m:
                 raise ValueError(f"the number of constraints changed from {lam.shape[0]} to {m}")
             # Dual step first, with this iterate's c (alternating / Arrow-Hurwicz order; see the class docstring).
-            dual_lr = max(g["dual_lr"] for g in self.param_groups)
-            lam = lam + dual_lr * c.detach()
+            lam = lam + self._dual_lr() * c.detach()
             if inputs.num_ineq:  # projected ascent keeps the inequalities' multipliers nonnegative
                 ineq = torch.arange(m, device=c.device) >= m - inputs.num_ineq
                 lam = torch.where(ineq, lam.clamp_min(0.0), lam)
-            lagrangian = loss + (lam * c).sum() if m else loss
-            grads = (
-                torch.autograd.grad(lagrangian, layout.params, allow_unused=True)
-                if lagrangian.requires_grad
-                else [None] * len(layout.params)
-            )
+            flat, grads = self._lagrangian_gradient(loss, c, lam, 1, layout)
+        self._guard.check(loss.detach(), c.detach(), flat, None, sync_free=False)
+        returned = self._primal_step(layout, flat, grads, loss.detach(), c.detach(), lam, inputs.num_ineq)
+        return _as_returned(returned, raw)
+
+    def _dual_lr(self) -> float:
+        return max(g["dual_lr"] for g in self.param_groups)
+
+    @staticmethod
+    def _lagrangian_gradient(
+        loss: Tensor, c: Tensor, lam: Tensor, weight: int, layout: FlatLayout
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        r"""The gradient of :math:`f + w\,\lambda^\top c` (one backward pass, no Jacobian), flat and per
+        parameter (``None`` where a parameter does not reach it)."""
+        lagrangian = loss + weight * (lam * c).sum() if c.shape[0] else loss
+        grads = (
+            torch.autograd.grad(lagrangian, layout.params, allow_unused=True)
+            if lagrangian.requires_grad
+            else [None] * len(layout.params)
+        )
         for gp in grads:
             if gp is not None and gp.is_sparse:
                 raise ValueError("sparse gradients are not supported")
@@ -126,21 +151,81 @@ class PrimalDual(ConstrainedOptimizer):
                 for gp, v in zip(grads, layout.views)
             ]
         )
-        self._guard.check(loss.detach(), c.detach(), flat, None, sync_free=False)
+        return flat, list(grads)
+
+    def _primal_step(
+        self,
+        layout: FlatLayout,
+        flat: Tensor,
+        grads: list[Tensor | None],
+        loss: Tensor,
+        c: Tensor,
+        lam: Tensor,
+        num_ineq: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Hand the Lagrangian gradient to the inner optimizer through ``p.grad`` and record the step (``c_inf``:
+        the largest violation, max(0, c_i) for the last ``num_ineq`` rows)."""
         for p, gp in zip(layout.params, grads):
             p.grad = None if gp is None else gp.detach()
         self.inner.step()
         self._global.multipliers = lam
         self._global.step = self._next_step_count(None, layout.device)
-        violation = c.detach()
-        if inputs.num_ineq:
-            violation = torch.cat([violation[: m - inputs.num_ineq], violation[m - inputs.num_ineq :].clamp_min(0.0)])
+        m = c.shape[0]
+        violation = torch.cat([c[: m - num_ineq].abs(), c[m - num_ineq :].clamp_min(0.0)]) if num_ineq else c.abs()
         self._diagnostics = {
-            "c_inf": violation.abs().max() if m else c.new_zeros(()),
+            "c_inf": violation.max() if m else c.new_zeros(()),
             "multiplier_inf": lam.abs().max() if m else c.new_zeros(()),
             "g_norm": torch.linalg.vector_norm(flat),  # the Lagrangian gradient given to the inner optimizer
         }
-        return _as_returned((loss.detach(), c.detach()), raw)
+        return loss, c
+
+    def _distributed_step(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[Tensor, Tensor]:
+        r"""The step across ranks. Rank r differentiates :math:`f_r + w\,\lambda_{k+1,r}^\top c_r` with the
+        updated multipliers of its own rows (:math:`w = P` for sharded rows, 1 for replicated ones), so that the
+        averaged gradient is :math:`\nabla f + J^\top\lambda_{k+1}` of the union; then every rank updates the
+        multipliers of all rows alike from the gathered c, and keeps them whole (one checkpoint serves all)."""
+        ranks = self._ranks
+        assert ranks is not None
+        lam_all, counts_before = self._global.multipliers, self._global.multiplier_counts
+
+        def form() -> LocalInputs:
+            self._check_groups()
+            out, sharded = strip_sharded(closure())
+            inputs = parse_closure_output(out, layout)
+            if inputs.num_ineq:
+                raise ValueError("inequality constraints are not supported by PrimalDual across several processes")
+            loss, c = inputs.loss, inputs.c
+            m = c.shape[0]
+            if m and not c.requires_grad:
+                raise ValueError("the constraints c do not depend on any parameter (c has no autograd graph)")
+            lam = torch.zeros(m, dtype=c.dtype, device=c.device)
+            if lam_all is not None:
+                start, count = 0, lam_all.shape[0]
+                if sharded and counts_before is not None:
+                    owned = counts_before.tolist()
+                    start, count = sum(owned[: ranks.rank]), owned[ranks.rank]
+                if count != m:
+                    raise ValueError(f"the number of constraints changed from {count} to {m} on this rank")
+                lam = lam_all[start : start + m]
+            lam = lam + self._dual_lr() * c.detach()
+            flat, _ = self._lagrangian_gradient(loss, c, lam, ranks.world if sharded else 1, layout)
+            return LocalInputs(loss.detach(), c.detach(), flat, None, sharded)
+
+        with torch.enable_grad():
+            local, error = form_locally(form)
+        shared = exchange(ranks, local, error, layout.params, layout.n)
+        assert local is not None
+        m = shared.c.shape[0]
+        if lam_all is not None and lam_all.shape[0] != m:
+            raise ValueError(f"the number of constraints changed from {lam_all.shape[0]} to {m}")
+        lam_all = (lam_all if lam_all is not None else shared.c.new_zeros(m)) + self._dual_lr() * shared.c
+        self._guard.check(shared.loss, shared.c, shared.g, None, sync_free=False)
+        self._global.multiplier_counts = torch.tensor(shared.counts) if local.sharded else None
+        # the averaged gradient as p.grad (a parameter no rank's Lagrangian reaches gets zeros, not None)
+        grads = [
+            torch.view_as_complex(g) if p.is_complex() else g for p, g in zip(layout.params, layout.split(shared.g))
+        ]
+        return self._primal_step(layout, shared.g, grads, shared.loss, shared.c, lam_all)
 
     @property
     def multipliers(self) -> Tensor | None:

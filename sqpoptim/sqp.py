@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._closure import parse_closure_output
 from ._finite import both, require_finite
-from ._gradient import flat_gradient
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart
 from ._linalg import (
@@ -90,7 +88,8 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping: see :class:`~sqpoptim.ProjectedHeavyBallSQP`
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`
             (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
     """
 
@@ -116,6 +115,7 @@ class StochasticSQP(ConstrainedOptimizer):
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, normal_lr=normal_lr))
         if step_rule not in ("fixed", "adaptive"):
@@ -144,6 +144,7 @@ class StochasticSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            process_group=process_group,
         )
         self.step_rule = step_rule
         self.rule = dict(tau0=tau0, xi0=xi0, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi)
@@ -263,14 +264,12 @@ class StochasticSQP(ConstrainedOptimizer):
                 e = e * (radius / torch.linalg.vector_norm(e))
                 layout.assign(x0 + e)
                 with torch.enable_grad():
-                    inputs = parse_closure_output(self._closure(), layout, max_constraints=layout.n)
+                    inputs, g, J = self._evaluate(self._closure, layout)  # every rank's, with a process group
                     if inputs.c.shape != ctx.c.shape:
                         raise ValueError(
                             f"the closure returned {inputs.c.shape[0]} constraints at a nearby point (Lipschitz "
                             f"estimate) but {ctx.c.shape[0]} at the iterate; it must evaluate the same batch"
                         )
-                    J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
-                    g = flat_gradient(inputs.loss, layout)
                 try:  # the same checks as the step's own inputs: NaN here would make α = 1 silently
                     self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, J, sync_free=False)
                 except (FloatingPointError, ValueError) as err:

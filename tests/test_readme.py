@@ -18,8 +18,17 @@ def test_readme_example_runs_and_enforces_the_constraints(capsys):
 
 
 def test_readme_commands_are_the_ones_ci_runs():
+    """README's two set-up commands are make targets; CI runs the test one word for word, and the demo target
+    runs the main job README quotes."""
     text = README.read_text()
-    assert "python -m pytest\n" in text
+    assert "```bash\nmake test\n```" in text and "```bash\nmake demo\n```" in text
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "\npython -m pytest\n" in ci
-    assert "python -m problems run spring --quick --methods sqp-adam,adam-unc,adam-con" in text
+    assert "\nmake test\n" in ci
+    main_job = "python -m problems run spring --quick --methods sqp-adam,adam-unc,adam-con"
+    assert main_job in text
+    makefile = (README.parent / "Makefile").read_text()
+    recipes = {}
+    for block in re.findall(r"^([a-z-]+): .*\n((?:\t.*\n)+)", makefile, flags=re.M):
+        recipes[block[0]] = [line.strip() for line in block[1].splitlines()]
+    assert recipes["demo"] == ["$(BIN)/" + main_job]
+    assert recipes["test"] == ["$(BIN)/python -m ruff check .", "$(BIN)/python -m pytest"]

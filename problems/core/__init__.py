@@ -9,6 +9,24 @@
 * :mod:`problems.core.fno` — a two-dimensional Fourier neural operator.
 """
 
-from .problem import PREDICTION_KINDS, Batch, PredictionKind, Problem, ProblemDefaults, Size, batch_indices
+from .problem import (
+    PREDICTION_KINDS,
+    Batch,
+    PredictionKind,
+    Problem,
+    ProblemDefaults,
+    Size,
+    batch_indices,
+    require_keys,
+)
 
-__all__ = ["PREDICTION_KINDS", "Batch", "PredictionKind", "Problem", "ProblemDefaults", "Size", "batch_indices"]
+__all__ = [
+    "PREDICTION_KINDS",
+    "Batch",
+    "PredictionKind",
+    "Problem",
+    "ProblemDefaults",
+    "Size",
+    "batch_indices",
+    "require_keys",
+]

@@ -10,7 +10,7 @@ Conventions
 * ``objective(model, batch)`` returns a scalar tensor with a graph to the model parameters. ``batch=None`` is
   the full batch. Terms that need derivatives with respect to the model *inputs* build them with
   ``torch.autograd.grad(..., create_graph=True)``.
-* ``constraints(model)`` returns a 1-D tensor of length :attr:`num_constraints` (the residuals at the fixed
+* ``constraints(model)`` returns a 1-D tensor of length :attr:`Problem.num_constraints` (the residuals at the fixed
   constraint points; the constrained methods drive it to zero). Constraints are deterministic: never
   subsampled.
 * ``sample_batch(generator)`` returns an opaque :class:`Batch` (named index tensors into the problem's data).
@@ -40,7 +40,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PREDICTION_KINDS", "Batch", "PredictionKind", "Problem", "ProblemDefaults", "Size", "batch_indices"]
+__all__ = [
+    "PREDICTION_KINDS",
+    "Batch",
+    "PredictionKind",
+    "Problem",
+    "ProblemDefaults",
+    "Size",
+    "batch_indices",
+    "require_keys",
+]
 
 Size = Literal["paper", "small", "tiny"]
 PredictionKind = Literal["series", "field", "manifold"]
@@ -136,6 +145,13 @@ class Problem(abc.ABC):
             "num_constraints": self.num_constraints,
             **{k: v for k, v in self.defaults.extra.items()},
         }
+
+
+def require_keys(batch: Mapping[str, Tensor], keys: tuple[str, ...], problem: str) -> None:
+    """Refuse a batch that is not a mapping with ``keys`` (as ``sample_batch`` makes them), naming ``problem``;
+    no look at the values, so no host synchronisation."""
+    if not isinstance(batch, Mapping) or any(k not in batch for k in keys):
+        raise ValueError(f"{problem}: a batch must be a mapping with keys {keys} (from sample_batch); got {batch!r}")
 
 
 def batch_indices(batch: Mapping[str, Tensor], key: str, n: int, problem: str, device: torch.device) -> Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +58,9 @@ class AdamOptions:
     betas: tuple[float, float] | None = None
     eps: float | None = None
 
-    def adam(self, params: Any, lr: float) -> torch.optim.Optimizer:
+    def adam(self, params: Any, lr: float, process_group: Any = None) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in (("betas", self.betas), ("eps", self.eps)) if v is not None}
-        return sqpoptim.AdamUnc(params, lr=lr, **kwargs)
+        return sqpoptim.AdamUnc(params, lr=lr, process_group=process_group, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,16 @@ class LayerMethod(_OutputMethod):
         except (TypeError, ValueError) as err:
             raise ValueError(f"method {self.name!r}: {err}") from None
 
-    def setup(self, problem: Problem, model: nn.Module, lr: float, options: LayerOptions) -> Training:
+    def setup(
+        self, problem: Problem, model: nn.Module, lr: float, options: LayerOptions, *, process_group: Any = None
+    ) -> Training:
         _require_layer_problem(problem, self.name)
         assert isinstance(problem, LayerProblem)
+        if process_group is not None and options.eta is not None:
+            raise ValueError(
+                f"method {self.name!r}: the warm start (eta) decides on the batch's loss, which with several "
+                "processes each rank would decide on its own share of the batch; drop eta or run one process"
+            )
         wrapped = LayeredModel(model, self.layer(problem.output_constraints(), **options.layer))
         default_lambda = 0.5 if self.name == "enforce" else 0.0
         lambda_d = default_lambda if options.lambda_d is None else options.lambda_d
@@ -182,9 +189,21 @@ class LayerMethod(_OutputMethod):
             settings["activation_penalty"] = penalty
 
         def closure(batch: Batch | None):
-            return _layer_closure(problem, wrapped, batch, lambda_d, options.eta, activation, penalty)
+            step = _layer_closure(problem, wrapped, batch, lambda_d, options.eta, activation, penalty)
+            return step if process_group is None else _per_sample_rows(step)
 
-        return Training(wrapped, options.adam(wrapped.parameters(), lr), closure, settings)
+        return Training(wrapped, options.adam(wrapped.parameters(), lr, process_group), closure, settings)
+
+
+def _per_sample_rows(closure: Callable[[], Any]) -> Callable[[], Any]:
+    """With several processes: the logged per-sample violations of a rank's share of the batch are that rank's
+    own rows (gathered for the log, not checked for equality across ranks)."""
+
+    def sharded() -> tuple[torch.Tensor, sqpoptim.Sharded]:
+        loss, c = closure()
+        return loss, sqpoptim.Sharded(c)
+
+    return sharded
 
 
 def _layer_closure(problem, model, batch, lambda_d: float, eta: float | None, activation: bool, penalty: float):
@@ -231,7 +250,9 @@ class SoftMethod(_OutputMethod):
         check_keys(self.name, options, {f.name for f in dataclasses.fields(SoftOptions)}, {})
         return SoftOptions(**_typed(SoftOptions, options, self.name))  # SoftOptions names the method itself
 
-    def setup(self, problem: Problem, model: nn.Module, lr: float, options: SoftOptions) -> Training:
+    def setup(
+        self, problem: Problem, model: nn.Module, lr: float, options: SoftOptions, *, process_group: Any = None
+    ) -> Training:
         _require_layer_problem(problem, self.name)
         assert isinstance(problem, LayerProblem)
         rho = problem.soft_rho if options.rho is None else options.rho
@@ -247,9 +268,9 @@ class SoftMethod(_OutputMethod):
                 loss = problem.output_loss(x, y, batch) + rho * r.square().sum(-1).mean()
                 return loss, r.detach().abs().amax(-1)
 
-            return step_closure
+            return step_closure if process_group is None else _per_sample_rows(step_closure)
 
-        return Training(model, options.adam(model.parameters(), lr), closure, {"rho": rho})
+        return Training(model, options.adam(model.parameters(), lr, process_group), closure, {"rho": rho})
 
 
 LAYER_METHODS: list[Method] = [

@@ -56,8 +56,12 @@ class Method(abc.ABC):
         the learning rate the options will be used with (some checks depend on it)."""
 
     @abc.abstractmethod
-    def setup(self, problem: Problem, model: nn.Module, lr: float, options: Any) -> Training:
-        """The :class:`Training` of ``model`` on ``problem`` with parsed ``options``."""
+    def setup(
+        self, problem: Problem, model: nn.Module, lr: float, options: Any, *, process_group: Any = None
+    ) -> Training:
+        """The :class:`Training` of ``model`` on ``problem`` with parsed ``options``. With a ``process_group``
+        the optimizer steps as one across its ranks (``sqpoptim``'s ``process_group``), each rank's closure
+        being given its own share of the batch; a method that cannot run so raises ``ValueError``."""
 
     def check_problem(self, problem: type[Problem]) -> None:  # noqa: B027 (every problem, unless overridden)
         """Refuse a problem this method cannot train (checked on the class, before any data are built)."""

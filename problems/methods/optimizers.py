@@ -104,8 +104,13 @@ class OptimizerMethod(Method):
         except (TypeError, ValueError) as err:
             raise ValueError(f"method {self.name!r}: {err}") from None
 
-    def setup(self, problem: Problem, model: nn.Module, lr: float, options: Any) -> Training:
-        optimizer = self.optimizer(model.parameters(), lr=lr, **self._kwargs(options))
+    def setup(
+        self, problem: Problem, model: nn.Module, lr: float, options: Any, *, process_group: Any = None
+    ) -> Training:
+        kwargs = self._kwargs(options)
+        if process_group is not None:  # every rank evaluates the same constraints: replicated rows
+            kwargs = {**kwargs, "process_group": process_group}
+        optimizer = self.optimizer(model.parameters(), lr=lr, **kwargs)
         return Training(model, optimizer, lambda batch: self._closure(problem, model, batch), self._kwargs(options))
 
     def _closure(self, problem: Problem, model: nn.Module, batch: Batch | None) -> Callable[[], Any]:

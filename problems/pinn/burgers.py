@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from ..core.data import cached_arrays
 from ..core.nets import forked_mlp
-from ..core.problem import Batch, Problem, ProblemDefaults, Size
+from ..core.problem import Batch, Problem, ProblemDefaults, Size, require_keys
 from ..reference.burgers_solver import fourier_interpolate, solve_burgers
 
 __all__ = ["Burgers"]
@@ -208,6 +208,7 @@ class Burgers(Problem):
             initial = torch.arange(self._n_initial, device=self.device)
             fit = self._fit_points
         else:
+            require_keys(batch, ("pde", "periodic", "initial", "fit"), self.name)
             pde, edge, initial, fit = batch["pde"], batch["periodic"], batch["initial"], batch["fit"]
             fit = self._fit_points[fit]
         r = self.residual(model, pde, create_graph=create_graph)

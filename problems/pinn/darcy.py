@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from ..core.data import cached_arrays
 from ..core.fno import FNO
-from ..core.problem import Batch, Problem, ProblemDefaults, Size
+from ..core.problem import Batch, Problem, ProblemDefaults, Size, require_keys
 from ..reference.darcy_solver import (
     darcy_residual,
     face_coefficients,
@@ -185,6 +185,8 @@ class Darcy(Problem):
     # --- training terms ----------------------------------------------------------------------------------
     def terms(self, model: nn.Module, batch: Batch | None = None) -> dict[str, Tensor]:
         """The objective's parts (each a mean over its points, unweighted): pde, boundary, fit."""
+        if batch is not None:
+            require_keys(batch, ("fields",), self.name)
         fields = torch.arange(self.n_train, device=self.device) if batch is None else batch["fields"]
         u = model(self.inputs_train[fields]).squeeze(1)  # [B, N, N]
         r = darcy_residual(u, self.nu_x[fields], self.nu_y[fields])  # [B, N-2, N-2]

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from .. import problem_class, problem_names
 from ..core.problem import PREDICTION_KINDS
+from ..methods import METHODS
 from ..runner.results import load_results, read_prediction
 from .curves import curve_figure, final_figure, overview_figure
 from .predictions import PREDICTION_FIGURES
@@ -62,9 +63,18 @@ def _prediction(run: dict[str, Any]) -> dict[str, np.ndarray]:
     return read_prediction(run)
 
 
+def _order(run: dict[str, Any]) -> tuple:
+    cfg = run["config"]
+    names = list(METHODS)
+    base = cfg["method"].split(":")[0]
+    rank = names.index(base) if base in names else len(names)
+    return (rank, cfg["method"], -cfg["lr"], cfg["batch"], cfg.get("seed", 0))
+
+
 def make_figures(runs: list[dict[str, Any]], problem: str) -> dict[str, Figure]:
     """Every figure type for a list of finished runs (as :func:`problems.runner.load_results` returns them, or
     compact exports with embedded predictions)."""
+    runs = sorted(runs, key=_order)  # legends and bars in the registry's order of methods
     styles = method_styles(r["config"]["method"] for r in runs)
     best = best_runs(runs)
     preds = {m: _prediction(r) for m, r in best.items()}

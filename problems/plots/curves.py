@@ -132,7 +132,7 @@ def final_figure(runs, styles: dict[str, Style], problem: str) -> Figure:
     grouped = groups(runs)
     methods = list(dict.fromkeys(m for m, _, _ in grouped))
     settings = sorted({(lr, b) for _, lr, b in grouped}, key=lambda s: (-s[0], s[1]))
-    fig = Figure(figsize=(max(9.0, 1.2 * len(methods) * len(settings)) + 3.2, 4.4))
+    fig = Figure(figsize=(min(18.0, max(9.0, 0.55 * len(methods) * len(settings))) + 3.2, 4.4))
     axes = fig.subplots(1, 2)
     width = 0.8 / max(len(methods), 1)
     for ax, key, title in zip(axes, ("test_mse", "max_abs_c"), ("final test MSE", "final max |c|")):

@@ -19,8 +19,7 @@ import matplotlib
 __all__ = ["BATCH_LINESTYLE", "Style", "method_label", "method_styles"]
 
 _TAB10 = matplotlib.colormaps["tab10"].colors
-_TAB20 = matplotlib.colormaps["tab20"].colors
-_BASE_COLORS = {
+_BASE_COLORS = {  # one colour per registered method, none of them the grey of the truth in prediction figures
     "sqp-adam": _TAB10[0],  # blue
     "sqp-hb": _TAB10[2],  # green
     "adam-unc": _TAB10[1],  # orange
@@ -30,15 +29,15 @@ _BASE_COLORS = {
     "sqp": _TAB10[6],  # pink
     "sqp-adaptive": _TAB10[8],  # olive
     "sqp-adam-scaled": _TAB10[9],  # cyan
-    "sqp-adam-standard": _TAB20[1],
-    "sqp-adam-scaled-standard": _TAB20[19],
-    "soft": _TAB10[7],  # grey
-    "hardnet": _TAB20[5],
-    "enforce": _TAB20[9],
-    "hardnet-pp": _TAB20[3],
-    "kkt-hardnet": _TAB20[13],
+    "sqp-adam-standard": "#1f3a93",  # navy
+    "sqp-adam-scaled-standard": "#7fb3d5",  # light blue
+    "soft": "#a6761d",  # tan
+    "hardnet": "#1b9e77",  # teal
+    "enforce": "black",
+    "hardnet-pp": "#e7298a",  # magenta
+    "kkt-hardnet": "#7570b3",  # slate blue
 }
-_SPARE = [_TAB20[i] for i in (7, 11, 15, 17, 12, 14, 16, 18, 10, 8, 6, 4, 2, 0)]
+_SPARE = ["#999900", "#00bfff", "#ff1493", "#8b0000", "#006400", "#4b0082", "#ff8c00", "#2f4f4f", "#bc8f8f"]
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 _UNCONSTRAINED = ("adam-unc", "penalty", "soft")
 

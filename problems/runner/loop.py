@@ -15,19 +15,27 @@ model initialisation seed is ``model_seed`` (shared by all runs, so methods star
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from .. import get_problem, problem_class, problem_names
 from ..core.problem import Problem
 from ..methods import parse_method, resolve_method
 from .checkpoint import load_checkpoint, save_checkpoint
+from .parallel import Ranks, shard_batch, split_is_even
 from .results import read_result, versions, write_result
 from .spec import RunSpec
 
@@ -131,8 +139,12 @@ def _legacy_result(out_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
         return None
     result = read_result(path)
     config = result["config"]
-    # the first release recorded every field but the thread count (which it left to torch)
-    same = "threads" not in config and all(config.get(k) == v for k, v in asdict(spec).items() if k != "threads")
+    # the first release recorded every field but the thread count (which it left to torch) and ran on one process
+    same = (
+        "threads" not in config
+        and spec.nproc == 1
+        and all(config.get(k) == v for k, v in asdict(spec).items() if k not in ("threads", "nproc"))
+    )
     return result if same else None
 
 
@@ -144,35 +156,86 @@ def run(
     checkpoint_every: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or load) one training run and return its results dictionary.
 
     ``stop_after`` stops after that many iterations *of this call*, leaving the checkpoint behind (used to
-    test resumption; a real interruption leaves the same state)."""
+    test resumption; a real interruption leaves the same state). ``ranks``: this process's place in a run on
+    several processes (:mod:`problems.runner.parallel`); only rank 0 writes files, evaluates and reports, and
+    the other ranks return ``{"status": "worker"}``."""
+    if spec.nproc != (1 if ranks is None else ranks.world):
+        raise ValueError(
+            f"the run's spec says nproc={spec.nproc} but it runs on {1 if ranks is None else ranks.world} "
+            "process(es); run it with --nproc (or torchrun) as its spec says"
+        )
     out_dir = Path(results_dir) / spec.problem
     out_json, out_npz, ckpt = (out_dir / f"{spec.key()}{ext}" for ext in (".json", ".npz", ".ckpt"))
-    if out_json.exists():
+    # On several processes whether the run is finished is decided once, by rank 0, below: ranks that looked at
+    # the folder at different moments could otherwise go different ways. (Legacy results are one-process runs.)
+    if ranks is None and out_json.exists():
         return read_result(out_json)
     legacy = _legacy_result(out_dir, spec)
     if legacy is not None:
         return legacy
     validate_spec(spec)
-    for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
-        stale.unlink(missing_ok=True)
-    threads = torch.get_num_threads()
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
-    try:
-        return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after)
-    finally:
-        torch.set_num_threads(threads)
+    writer = ranks is None or ranks.writer
+    # the writer alone holds the lock (two ranks of one run waiting on each other's flock would never start)
+    lock = run_lock(out_dir, spec.key(), done=out_json.exists) if writer else contextlib.nullcontext()
+    with lock:  # another process trains this run: wait for it
+        finished = out_json.exists()
+        if ranks is not None:
+            finished = ranks.broadcast_flag(finished)  # every rank goes the writer's way
+        if finished:
+            return read_result(out_json)
+        if writer:
+            for stale in out_dir.glob(f".{spec.key()}.*.tmp"):  # a write cut short by a kill: never a complete file
+                stale.unlink(missing_ok=True)
+        threads = torch.get_num_threads()
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        try:
+            return _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after, ranks)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after) -> dict[str, Any]:
+@contextlib.contextmanager
+def run_lock(out_dir: Path, key: str, done: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Hold ``<out_dir>/.<key>.lock`` exclusively while a run trains, so two sweeps over one results folder do
+    not train (or clean up after) the same run at once; whoever gets the lock checks for a finished result
+    first. The operating system releases the lock when its process ends, however it ends (``kill -9``
+    included), so a lock is never stale. The lock file is removed once ``done()`` (the result exists): a
+    process still waiting on it then finds the result. No locking where ``fcntl`` is missing (Windows)."""
+    if fcntl is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f".{key}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if done():
+                path.unlink(missing_ok=True)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _train(
+    spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress, stop_after, ranks: Ranks | None
+) -> dict[str, Any]:
     method, options = resolve_method(spec.method, spec.lr)
+    writer = ranks is None or ranks.writer
+    if ranks is not None and not writer:
+        ranks.barrier()  # rank 0 builds (and caches) the data first
     problem = _problem(spec, Path(cache_dir) if cache_dir else None)
+    if ranks is not None and writer:
+        ranks.barrier()
     torch.manual_seed(spec.model_seed)
-    training = method.setup(problem, problem.make_model(spec.model_seed), spec.lr, options)
+    # one process: setup as before (a method need not know about process groups until it runs on several)
+    several = {} if ranks is None else {"process_group": ranks.group}
+    training = method.setup(problem, problem.make_model(spec.model_seed), spec.lr, options, **several)
     model, opt = training.model, training.optimizer
     gen = torch.Generator().manual_seed(spec.seed)
     evals = spec.evaluation_points()
@@ -201,6 +264,8 @@ def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress,
             torch.cuda.synchronize(dev)
 
     def evaluate(it: int) -> None:
+        if not writer:  # the replicas are identical: rank 0 evaluates for all
+            return
         model.eval()  # output layers switch to their inference tolerances
         m = problem.metrics(model)
         model.train()
@@ -217,8 +282,12 @@ def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress,
     sync()
     t0 = time.perf_counter()
     diverged: tuple[int, str] | None = None
+    even = True
     for it in range(start, n):
         batch = None if spec.batch == "full" else problem.sample_batch(gen)
+        if ranks is not None and batch is not None:  # every rank drew the same batch; each keeps its share
+            even = even and split_is_even(batch, ranks.world)
+            batch = shard_batch(batch, ranks)
         try:
             loss, c = opt.step(training.closure(batch))
         except FloatingPointError as err:  # diverged: recorded as such; a sweep goes on with the next run
@@ -236,16 +305,22 @@ def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress,
             step_time += time.perf_counter() - t0
             if done in eval_set:
                 evaluate(done)
-            if stopping or (done < n and done % every == 0):
+            if writer and (stopping or (done < n and done % every == 0)):
                 logs = (train_loss, train_c, train_g)
                 save_checkpoint(ckpt, spec, model, opt, gen, logs, curves, done, step_time)
             if stopping:
+                if ranks is not None:
+                    ranks.barrier()  # the checkpoint is on disk for every rank
                 return {"status": "interrupted", "iteration": done}
             t0 = time.perf_counter()
-        elif progress and bar.due():
+        elif progress and writer and bar.due():
             bar.update(done, float(train_loss[it]), float(train_c[it]))
     sync()
     step_time += time.perf_counter() - t0 if start < n else 0.0
+    if not writer:
+        assert ranks is not None
+        ranks.barrier()  # returns once rank 0 has written the results
+        return {"status": "worker"}
     model.eval()
     if diverged is None:
         final = {k: float(v) for k, v in problem.metrics(model).items()}
@@ -264,6 +339,7 @@ def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress,
             "settings": _settings(dict(training.settings)),
             "problem_settings": problem.describe(),
             "versions": versions(),
+            **({"batch_split": "even" if even else "uneven"} if ranks is not None else {}),
         },
         "curves": {
             **curves,
@@ -277,6 +353,8 @@ def _train(spec, out_json, out_npz, ckpt, cache_dir, checkpoint_every, progress,
     }
     saved = write_result(out_json, out_npz, result, pred)
     ckpt.unlink(missing_ok=True)
+    if ranks is not None:
+        ranks.barrier()
     return saved
 
 

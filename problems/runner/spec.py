@@ -40,6 +40,10 @@ class RunSpec:
     """torch's intra-op threads during the run (``None``: leave torch's setting). The problems are small: on a
     CPU extra threads mostly spin (one measured 4.6x faster than two on the spring), and results differ in the
     last bits with the thread count, so it is part of the run's identity."""
+    nproc: int = 1
+    """Processes sharing each mini-batch (:mod:`problems.runner.parallel`). Like the thread count it changes the
+    last bits of the results, so it is part of the run's identity; the key leaves it out when it is 1, so that
+    one-process runs keep the keys they had."""
 
     def _readable(self) -> str:
         method = re.sub(r"[^A-Za-z0-9.=_-]+", "_", self.method.replace(":", "_"))
@@ -47,7 +51,10 @@ class RunSpec:
 
     def key(self) -> str:
         """The file name of this run's results (see the module docstring)."""
-        blob = json.dumps({"key_version": KEY_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if self.nproc == 1:
+            del fields["nproc"]
+        blob = json.dumps({"key_version": KEY_VERSION, **fields}, sort_keys=True)
         return f"{self._readable()}__{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     def legacy_key(self) -> str:
@@ -61,10 +68,11 @@ class RunSpec:
             raise ValueError(f"Invalid batch mode {self.batch!r}: expected 'full' or 'mini'")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Invalid learning rate {self.lr!r}: expected a finite lr > 0")
-        for name in ("iterations", "seed", "model_seed"):
+        for name in ("iterations", "seed", "model_seed", "nproc"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "iterations" else 0):
-                raise ValueError(f"Invalid {name} {value!r}: expected an integer >= {1 if name == 'iterations' else 0}")
+            least = 1 if name in ("iterations", "nproc") else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"Invalid {name} {value!r}: expected an integer >= {least}")
         for name in ("eval_every", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

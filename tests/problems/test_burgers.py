@@ -43,11 +43,6 @@ class ColeHopfModel(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("burgers-cache")
-
-
-@pytest.fixture(scope="module")
 def problem64(cache):
     return Burgers("tiny", dtype=torch.float64, cache_dir=cache)
 
@@ -246,18 +241,6 @@ def test_metrics_and_prediction(problem64):
     pred = problem64.prediction(model)
     assert pred["u_true"].shape == pred["u_pred"].shape == (32, 32) and pred["x"].shape == pred["t"].shape == (32,)
     np.testing.assert_array_equal(pred["u_true"], problem64.data["u_test"][0])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dtypes(cache, dtype):
-    problem = Burgers("tiny", dtype=dtype, cache_dir=cache)
-    model = problem.make_model(0)
-    assert all(p.dtype == dtype for p in model.parameters())
-    assert problem.objective(model).dtype == dtype and problem.constraints(model).dtype == dtype
-    # The seeded model is the same function in both precisions.
-    reference = Burgers("tiny", dtype=torch.float64, cache_dir=cache).make_model(0)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.double(), q, rtol=1e-6, atol=1e-7)
 
 
 def test_cache_hit_and_regeneration(tmp_path, monkeypatch):

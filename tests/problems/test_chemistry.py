@@ -212,32 +212,8 @@ def test_cache_roundtrip_and_edit(cache):
     assert len(list(cache.glob("chemistry-*.npz"))) == 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_runs_in_both_dtypes(cache, dtype):
-    p = Chemistry("tiny", dtype=dtype, cache_dir=cache)
-    model = p.make_model(0)
-    assert all(q.dtype == dtype for q in model.parameters())
-    f = p.objective(model, p.sample_batch(torch.Generator().manual_seed(0)))
-    assert f.dtype == dtype and f.dim() == 0
-    f.backward()
-    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in model.parameters())
-    metrics = p.metrics(model)
-    assert set(metrics) == {"objective", "test_mse", "max_abs_c"}
-    assert all(np.isfinite(v) for v in metrics.values())
-    pred = p.prediction(model)
+def test_prediction_starts_at_the_initial_condition(cache):
+    p = Chemistry("tiny", cache_dir=cache)
+    pred = p.prediction(p.make_model(0))
     assert pred["u_pred"].shape == pred["u_true"].shape == (len(pred["t"]), 4) and pred["t_data"].shape == (64,)
     np.testing.assert_allclose(pred["u_true"][0], pred["u0"], rtol=1e-14)
-
-
-@pytest.mark.cuda
-def test_cuda_matches_cpu(cache):
-    cpu, gpu = (Chemistry("tiny", device=d, dtype=torch.float64, cache_dir=cache) for d in ("cpu", "cuda"))
-    m_cpu, m_gpu = cpu.make_model(0), gpu.make_model(0)
-    batch = cpu.sample_batch(torch.Generator().manual_seed(0))
-    torch.testing.assert_close(gpu.objective(m_gpu, batch).cpu(), cpu.objective(m_cpu, batch))
-    c = gpu.constraints(m_gpu)
-    torch.testing.assert_close(c.cpu(), cpu.constraints(m_cpu))
-    eye = torch.eye(10, dtype=torch.float64, device="cuda")
-    J = torch.autograd.grad(c, list(m_gpu.parameters()), grad_outputs=eye, is_grads_batched=True, allow_unused=True)
-    assert all(j is None or j.device.type == "cuda" for j in J)
-    assert gpu.metrics(m_gpu).keys() == cpu.metrics(m_cpu).keys()

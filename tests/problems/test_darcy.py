@@ -36,11 +36,6 @@ class Oracle(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("darcy-cache")
-
-
-@pytest.fixture(scope="module")
 def problem64(cache):
     return Darcy("tiny", dtype=torch.float64, cache_dir=cache)
 
@@ -224,19 +219,6 @@ def test_metrics_and_prediction(problem64):
     pred = problem64.prediction(model)
     assert pred["nu"].shape == pred["u_true"].shape == pred["u_pred"].shape == (16, 16)
     np.testing.assert_array_equal(pred["u_true"], problem64.data["u_test"][0])
-
-
-@pytest.mark.parametrize(
-    ("dtype", "complex_dtype"), [(torch.float32, torch.complex64), (torch.float64, torch.complex128)]
-)
-def test_dtypes(cache, dtype, complex_dtype):
-    problem = Darcy("tiny", dtype=dtype, cache_dir=cache)
-    model = problem.make_model(0)
-    assert {p.dtype for p in model.parameters()} == {dtype, complex_dtype}
-    assert problem.objective(model).dtype == dtype and problem.constraints(model).dtype == dtype
-    reference = Darcy("tiny", dtype=torch.float64, cache_dir=cache).make_model(0)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.to(q.dtype), q, rtol=1e-6, atol=1e-7)
 
 
 def test_cache_hit_and_regeneration(tmp_path, monkeypatch):

@@ -15,11 +15,6 @@ from problems.runner import RunSpec, run
 from sqpoptim.layers import OutputConstraints
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 class ExactModel(nn.Module):
     """The defining formulas plus a constant offset, with one parameter so a graph exists."""
 

@@ -28,11 +28,6 @@ class Lookup(nn.Module):
         return self.fn(x) + 0 * self.dummy
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def problem(name, cache, size="tiny"):
     return get_problem(name, size=size, dtype=torch.float64, cache_dir=cache)
 

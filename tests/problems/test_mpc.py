@@ -17,8 +17,8 @@ from sqpoptim.layers import OutputConstraints
 
 
 @pytest.fixture(scope="module")
-def mpc(tmp_path_factory):
-    return get_problem("mpc", size="tiny", dtype=torch.float64, cache_dir=tmp_path_factory.mktemp("cache"))
+def mpc(cache):
+    return get_problem("mpc", size="tiny", dtype=torch.float64, cache_dir=cache)
 
 
 def test_initial_states_fill_the_ellipsoid_uniformly():

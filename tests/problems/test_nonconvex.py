@@ -21,11 +21,6 @@ KINDS = {"linear": NonconvexLinear, "quadratic": NonconvexQuadratic}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def tiny(cache):
     return {k: cls("tiny", dtype=torch.float64, cache_dir=cache) for k, cls in KINDS.items()}
 

@@ -15,11 +15,6 @@ from sqpoptim.layers import KKTHardNet, OutputConstraints
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def data():
     return pooling_data(2000)
 

@@ -303,3 +303,22 @@ def test_a_write_cut_short_leaves_no_temporary_file_behind_after_the_run(tmp_pat
     other.write_bytes(b"partial")
     run(spec, tmp_path, cache_dir=cache, progress=False)
     assert not stale.exists() and other.exists()  # only this run's leftovers are removed
+
+
+def test_two_processes_on_one_folder_never_train_the_same_run_at_once(tmp_path, cache):
+    """While one holds a run's lock, another call of the same run waits, then loads the finished result."""
+    import threading
+
+    from problems.runner.loop import run_lock
+
+    spec = RunSpec(**SPRING)
+    out_json, _, _ = _files(tmp_path, spec)
+    results = []
+    with run_lock(out_json.parent, spec.key()):
+        worker = threading.Thread(target=lambda: results.append(run(spec, tmp_path, cache_dir=cache, progress=False)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not out_json.exists()  # waiting for the lock, nothing trained
+    worker.join(timeout=120)
+    assert not worker.is_alive() and results[0]["status"] == "complete" and out_json.exists()
+    assert not list(out_json.parent.glob(".*.lock"))  # removed once the result exists

@@ -180,34 +180,3 @@ def test_cache_regenerates_a_truncated_file(cache):
     npz.write_bytes(npz.read_bytes()[:100])
     repaired = Spring(dtype=torch.float64, cache_dir=cache)
     assert torch.equal(first.u_test, repaired.u_test)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_runs_in_both_dtypes(cache, dtype):
-    p = Spring("tiny", dtype=dtype, cache_dir=cache)
-    model = p.make_model(0)
-    f = p.objective(model, p.sample_batch(torch.Generator().manual_seed(0)))
-    assert f.dtype == dtype and f.dim() == 0
-    assert p.constraints(model).dtype == dtype
-    metrics = p.metrics(model)
-    assert set(metrics) == {"objective", "test_mse", "max_abs_c"}
-    assert all(np.isfinite(v) and isinstance(v, float) for v in metrics.values())
-    pred = p.prediction(model)
-    assert set(pred) == {"t", "u_true", "u_pred", "t_fit", "u_fit", "t_constraint"}
-    assert pred["u_pred"].shape == pred["t"].shape == (1000,) and pred["t_constraint"].shape == (3,)
-    assert p.describe()["num_constraints"] == 3
-
-
-@pytest.mark.cuda
-def test_cuda_matches_cpu(cache):
-    cpu, gpu = (Spring(device=d, dtype=torch.float64, cache_dir=cache) for d in ("cpu", "cuda"))
-    m_cpu, m_gpu = cpu.make_model(0), gpu.make_model(0)
-    assert all(q.device.type == "cuda" for q in m_gpu.parameters())
-    batch = cpu.sample_batch(torch.Generator().manual_seed(0))
-    torch.testing.assert_close(gpu.objective(m_gpu, batch).cpu(), cpu.objective(m_cpu, batch))
-    c = gpu.constraints(m_gpu)
-    torch.testing.assert_close(c.cpu(), cpu.constraints(m_cpu))
-    eye = torch.eye(3, dtype=torch.float64, device="cuda")
-    J = torch.autograd.grad(c, list(m_gpu.parameters()), grad_outputs=eye, is_grads_batched=True)
-    assert all(j.device.type == "cuda" for j in J)
-    assert gpu.metrics(m_gpu).keys() == cpu.metrics(m_cpu).keys()
