@@ -5,10 +5,19 @@ Loads a second copy of the package (``--before``: a directory holding an older `
 rounds, ``torch.optim.Adam``, the old and the new optimizer on the same tanh MLP, batch and m equality
 constraints (the model's output at m fixed points minus a target; the closure returns ``(loss, c)``). Each
 round runs every method for ``--steps`` steps and records process CPU time and wall time per step; the report
-is the median over rounds of each method's time divided by Adam's in the same round, and new/old.
+is the median over rounds of each method's time divided by Adam's in the same round, and new/old; the order of
+the methods is shuffled in every round.
 
     git archive main sqpoptim | (mkdir -p /tmp/before && tar -x -C /tmp/before)
-    python benchmarks/equality_path_overhead.py --before /tmp/before
+    PYTHONPATH=. python benchmarks/equality_path_overhead.py --before /tmp/before
+    PYTHONPATH=. python benchmarks/equality_path_overhead.py --before /tmp/before --inequalities 10
+
+(``PYTHONPATH=.``: the working tree's package, not an installed one; the report names the files it timed.)
+
+With ``--inequalities K`` the new optimizers' closure also returns K inequalities (u(q_j) <= 10 at K more
+points; inactive: the step QP's working set is the equalities) through ``sqpoptim.Constraints``, the old ones
+the equalities alone: new/before is then the cost of the inequality path (its dual solves) over the equality
+path.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import datetime
 import importlib.util
 import platform
+import random
 import statistics
 import sys
 import time
@@ -54,6 +64,7 @@ def main() -> None:
     ap.add_argument("--constraints", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--inequalities", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     before = load_before(args.before)
@@ -62,6 +73,7 @@ def main() -> None:
     Y = torch.sin(3 * X[:, :1])
     P = torch.rand(args.constraints, 2, generator=gen)
     T = torch.cos(2 * P[:, :1]).squeeze(1)
+    Q = torch.rand(args.inequalities, 2, generator=gen)
 
     def model():
         torch.manual_seed(1)
@@ -74,9 +86,13 @@ def main() -> None:
     def run(name: str, make) -> tuple[float, float]:
         net = model()
         opt = make(net.parameters())
+        with_ineq = args.inequalities > 0 and name != "adam" and "(before)" not in name
 
         def closure():
-            return ((net(X) - Y) ** 2).mean(), net(P).squeeze(1) - T
+            loss, c = ((net(X) - Y) ** 2).mean(), net(P).squeeze(1) - T
+            if with_ineq:
+                return loss, sqpoptim.Constraints(eq=c, ineq=net(Q).squeeze(1) - 10.0)
+            return loss, c
 
         def adam_step():
             opt.zero_grad()
@@ -96,14 +112,19 @@ def main() -> None:
         methods[f"{name} (before)"] = old[name]
         methods[name] = new[name]
     ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
+    order = list(methods)
+    shuffle = random.Random(0).shuffle
     for _ in range(args.rounds):
-        times = {name: run(name, make) for name, make in methods.items()}
+        shuffle(order)  # no method always runs right after another
+        times = {name: run(name, methods[name]) for name in order}
         for name in methods:
             ratios[name].append((times[name][0] / times["adam"][0], times[name][1] / times["adam"][1]))
     n = sum(p.numel() for p in model().parameters())
+    print(f"new: {sqpoptim.__file__}, before: {before.__file__}")
     print(
         f"{datetime.date.today()}, {platform.machine()} {torch.__version__}, 1 thread, n = {n}, "
-        f"m = {args.constraints}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps\n"
+        f"m = {args.constraints}, inequalities (new only) {args.inequalities}, batch {args.batch}, "
+        f"{args.rounds} rounds x {args.steps} steps\n"
     )
     print("| optimizer | CPU time / Adam | wall time / Adam | new / before (CPU) | new / before (wall) |")
     print("|---|---|---|---|---|")
