@@ -2,8 +2,10 @@
 
 An iteration is what the runner does per step: draw the batch (mini-batch mode), build the closure (objective
 and constraints, or the problem's per-point constraint description) and ``optimizer.step``. Methods are timed
-in interleaved rounds after a warm-up; on CUDA with ``torch.utils.benchmark`` (device synchronisation around
-the timed region only) and with the peak GPU memory of each method's iterations.
+in interleaved rounds after a warm-up: on the CPU one iteration of each method in turn, with process CPU time
+(the ratio to read on a shared machine) beside wall time, for at least ``--rounds`` rounds and
+``--min-time`` seconds per method; on CUDA with ``torch.utils.benchmark`` (device synchronisation around the
+timed region only) and with the peak GPU memory of each method's iterations.
 
     python benchmarks/problem_step_time.py --problems spring,chemistry,burgers,darcy --size paper
     python benchmarks/problem_step_time.py --device cuda --problems spring --methods sqp-adam,adam-unc,adam-con
@@ -15,6 +17,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import time
 
 import torch
 from torch.utils import benchmark
@@ -51,12 +54,26 @@ def measure(problem_name: str, batch_mode: str, methods: list[str], args: argpar
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
             peak[m] = torch.cuda.max_memory_allocated() / 2**20
-    timers = {m: benchmark.Timer("f()", globals={"f": it}) for m, it in iterations.items()}
     samples: dict[str, list[float]] = {m: [] for m in names}
-    for _ in range(args.rounds):
-        for m, t in timers.items():
-            samples[m].append(t.blocked_autorange(min_run_time=args.min_time).median)
+    cpu: dict[str, list[float]] = {m: [] for m in names}
+    if args.device.startswith("cuda"):
+        timers = {m: benchmark.Timer("f()", globals={"f": it}) for m, it in iterations.items()}
+        for _ in range(args.rounds):
+            for m, t in timers.items():
+                samples[m].append(t.blocked_autorange(min_run_time=args.min_time).median)
+    else:  # one iteration of each method in turn, process CPU time beside wall time (the machine is shared)
+        rounds = max(args.rounds, 1)
+        started = time.perf_counter()
+        for r in range(10**6):
+            for m, it in iterations.items():
+                t0, w0 = time.process_time(), time.perf_counter()
+                it()
+                cpu[m].append(time.process_time() - t0)
+                samples[m].append(time.perf_counter() - w0)
+            if r + 1 >= rounds and time.perf_counter() - started >= args.min_time * len(names):
+                break
     base = statistics.median(samples["adam-unc"])
+    base_cpu = statistics.median(cpu["adam-unc"]) if cpu["adam-unc"] else None
     return [
         dict(
             problem=problem_name,
@@ -64,6 +81,9 @@ def measure(problem_name: str, batch_mode: str, methods: list[str], args: argpar
             method=m,
             ms=1e3 * statistics.median(s),
             ratio=statistics.median(s) / base,
+            cpu_ms=1e3 * statistics.median(cpu[m]) if base_cpu else None,
+            cpu_ratio=statistics.median(cpu[m]) / base_cpu if base_cpu else None,
+            iterations=len(s),
             peak_mib=peak.get(m),
         )
         for m, s in samples.items()
@@ -96,11 +116,20 @@ def main() -> None:
         f"\n{datetime.date.today()} · torch {torch.__version__} · {args.device} ({device}) · "
         f"{torch.get_num_threads()} threads · {args.dtype} · size {args.size}\n"
     )
-    print("| problem | batch | method | ms / iteration | ratio to Adam(unc) | peak MiB |")
-    print("|---|---|---|---:|---:|---:|")
+    if args.device.startswith("cuda"):
+        print("| problem | batch | method | ms / iteration | ratio to Adam(unc) | peak MiB |")
+        print("|---|---|---|---:|---:|---:|")
+        for r in rows:
+            peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "–"
+            print(f"| {r['problem']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r['ratio']:.2f}× | {peak} |")
+        return
+    print("| problem | batch | method | CPU ms / iteration | ratio to Adam(unc), CPU | ratio, wall | iterations |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
-        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "–"
-        print(f"| {r['problem']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r['ratio']:.2f}× | {peak} |")
+        print(
+            f"| {r['problem']} | {r['batch']} | {r['method']} | {r['cpu_ms']:.2f} | {r['cpu_ratio']:.3f}× | "
+            f"{r['ratio']:.3f}× | {r['iterations']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -158,11 +158,12 @@ def _stacked(loss: Tensor, cons: Constraints, layout: FlatLayout, max_constraint
         )
     dtype = c_in.dtype if m_in else c_eq.dtype
     c = torch.cat([c_eq.to(dtype), c_in.to(dtype)])
+    missing_eq, missing_in = m_eq > 0 and J_eq is None, m_in > 0 and J_in is None
+    if missing_eq == bool(m_eq) and missing_in == bool(m_in) and (m_eq or m_in):
+        return StepInputs(loss, c, None, num_ineq=m_in)  # no Jacobian given: the step forms all of it
     no_rows = c.new_zeros((0, layout.n), dtype=layout.dtype)  # an absent part's Jacobian is known: empty
     J_eq = J_eq if m_eq else no_rows
     J_in = J_in if m_in else no_rows
     if J_eq is not None and J_in is not None:
         return StepInputs(loss, c, torch.cat([J_eq, J_in]), num_ineq=m_in)
-    if J_eq is None and J_in is None:
-        return StepInputs(loss, c, None, num_ineq=m_in)
     return StepInputs(loss, c, None, num_ineq=m_in, J_parts=(J_eq, J_in))

@@ -64,7 +64,14 @@ class FiniteGuard:
         self._pending, self._seen = None, seen
 
     def check(
-        self, loss: Tensor, c: Tensor, g: Tensor, J: Tensor | None, *, sync_free: bool, satisfied: Tensor | None = None
+        self,
+        loss: Tensor,
+        c: Tensor,
+        g: Tensor,
+        rows: Tensor | None,
+        *,
+        sync_free: bool,
+        satisfied: Tensor | None = None,
     ) -> Tensor | None:
         """Exact mode: raise on non-finite inputs (``FloatingPointError``) or on all-zero Jacobian rows of
         unsatisfied constraints (:class:`ZeroJacobianRows`) and return ``None``. Sync-free mode: return the
@@ -72,12 +79,14 @@ class FiniteGuard:
 
         A zero row of a satisfied constraint (c_i = 0, e.g. c = x² at x = 0) is not an error: the constraint is
         dropped from this step's linearisation like any dependent row; nor is one of a row marked ``satisfied`` (an
-        inequality with c_i < 0)."""
+        inequality with c_i < 0). ``rows`` (float64 ``[m]``) stands for J: zero exactly at its all-zero rows and
+        non-finite exactly at rows with a non-finite entry — the diagonal of JJᵀ, read off the Gram matrix when the
+        solver forms it (no other pass over J); ``None`` when m = 0."""
         flags = [~loss.isfinite(), ~c.isfinite().all(), ~g.isfinite().all()]
         no = torch.zeros_like(flags[0])
-        flags.append(~J.isfinite().all() if J is not None else no)
+        flags.append(~rows.isfinite().all() if rows is not None else no)
         m = c.shape[0]
-        zero_rows = (J == 0).all(dim=1) & (c != 0) if J is not None and m else None
+        zero_rows = (rows == 0) & (c != 0) if rows is not None and m else None
         if zero_rows is not None and satisfied is not None:
             zero_rows = zero_rows & ~satisfied
         if sync_free:

@@ -87,6 +87,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._constraint_solver import ConstraintSolver, DenseSolver
 from ._dual_qp import DualQPResult, solve_dual_qp
 from ._linalg import gram
 
@@ -96,6 +97,7 @@ __all__ = [
     "InequalityStep",
     "InequalityWarmStart",
     "default_shift",
+    "explicit_jacobian",
     "inequality_step",
     "project_gradient",
     "rmatvec64",
@@ -137,6 +139,24 @@ def rmatvec64(J: Tensor, y: Tensor) -> Tensor:
     for start in range(0, n, chunk):
         out[start : start + chunk] = J[:, start : start + chunk].to(torch.float64).T @ y
     return out
+
+
+def explicit_jacobian(J: Tensor | ConstraintSolver) -> tuple[Tensor, Tensor | None]:
+    r"""``(J, G)``: the explicit ``[m, n]`` Jacobian the QPs are posed on, and the solver's :math:`JJ^\top`
+    (float64; the one whose diagonal validated the step, from the operator — cheaper from per-sample layer
+    factors than from J) when the method factors the Euclidean Gram matrix, else ``None``. A tensor passes
+    through; the dense solver gives its operator's matrix (formed from the layer factors when the step took that
+    path). The matrix-free solver is refused: the dual QP needs the Gram matrix, and the optimizers never build
+    one for a step with inequalities."""
+    if isinstance(J, Tensor):
+        return J, None
+    if not isinstance(J, DenseSolver):
+        raise ValueError(
+            f"inequality constraints need the dense constraint solver (got the {J.kind!r} one): the step QP is "
+            "solved in its dual on the m x m Gram matrix; pass solver='dense' or 'auto'"
+        )
+    G = J.gram if J.weight is None and J.needs_gram else None
+    return J.op.dense(), G
 
 
 @dataclass

@@ -119,6 +119,8 @@ def jacobian(
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err:
+        if "Sparse" in str(err):  # a sparse gradient (nn.Embedding(sparse=True)): the loop would refuse it too
+            raise ValueError("sparse gradients are not supported (use a dense embedding, sparse=False)") from None
         if not warned[0]:
             warned[0] = True
             warn_user(

@@ -4,12 +4,18 @@ A step reads
 
 1. **parse** the closure's output against the contract (:mod:`sqpoptim._closure`);
 2. **judge** the last step when the normal step is damped, and undo it if it failed (:mod:`sqpoptim._damping`);
-3. **form** the objective's gradient g and the constraint Jacobian J (:mod:`sqpoptim._gradient`,
-   :mod:`sqpoptim._jacobian`);
-4. **check** that they are finite (:mod:`sqpoptim._finite`);
-5. **direction**: the subclass turns (g, c, J) and its state into the displacement δ (``_direction``);
-6. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
-7. **record** the damping model for the next judgement and the step's diagnostics.
+3. **form** the constraint Jacobian J as an operator (:mod:`sqpoptim._jacobian_path`: per-sample layer factors,
+   an explicit matrix or autograd products), then the objective's gradient g (:mod:`sqpoptim._gradient`) —
+   J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s;
+4. **solver**: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
+   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``); always dense when the
+   closure gave inequalities, whose step QP is solved in its dual on the Gram matrix (:mod:`sqpoptim._inequality`);
+5. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
+6. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
+7. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
+8. **record** the damping model for the next judgement, the matrix-free solver's warm starts and the step's
+   diagnostics (``jacobian``: the path used; ``solver``; for the matrix-free solver ``krylov_iterations``,
+   ``krylov_converged``, ``krylov_test``, ``krylov_residual`` and the merit penalty ``penalty``).
 
 With a ``process_group`` each rank first parses its own closure and forms its own g and J (steps 1 and 3), then
 the ranks exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the
@@ -38,6 +44,7 @@ from torch.optim import Optimizer
 from . import _damping
 from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
+from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
 from ._constraints import Constraints
 from ._distributed import RankGroup, strip_sharded
 from ._exchange import exchange, form_locally
@@ -46,6 +53,8 @@ from ._gradient import flat_gradient
 from ._hyperparameters import in_group
 from ._inequality import InequalityWarmStart
 from ._jacobian import jacobian
+from ._jacobian_path import JacobianPath
+from ._krylov import KrylovOptions
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
@@ -64,7 +73,9 @@ class InfeasibilityWarning(UserWarning):
 
 @dataclass
 class StepContext:
-    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J ``[m, n]``; ``ok`` (sync-free
+    """What a direction needs, all on the parameters' device: g ``[n]``, c ``[m]``, J (the constraint solver over
+    this step's Jacobian, :mod:`sqpoptim._constraint_solver`; the direction functions also take an explicit
+    ``[m, n]`` tensor); ``ok`` (sync-free
     mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
     (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
     k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped); the last
@@ -74,7 +85,7 @@ class StepContext:
     loss: Tensor
     g: Tensor
     c: Tensor
-    J: Tensor
+    J: ConstraintSolver
     ok: Tensor | None
     stats: Tensor | None
     step: Tensor
@@ -90,21 +101,31 @@ class ConstrainedOptimizer(Optimizer):
 
     _flat_state_names: ClassVar[tuple[str, ...]] = ()
     _state_type: ClassVar[type[OptimizerState]] = OptimizerState
+    _forms_jacobian: ClassVar[bool] = True  # False: the method ignores the constraints (no layer recording)
 
     def __init__(
         self,
         params: Any,
         defaults: dict[str, Any],
         *,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
         process_group: Any = None,
     ) -> None:
-        if jacobian not in ("batched", "loop"):
-            raise ValueError(f"Invalid jacobian {jacobian!r}: expected 'batched' or 'loop'")
+        path = JacobianPath(jacobian, chunk_size)  # validates jacobian
+        if solver not in SOLVER_MODES:
+            raise ValueError(f"Invalid solver {solver!r}: expected one of {SOLVER_MODES}")
+        if krylov is not None and not isinstance(krylov, dict):
+            raise TypeError(f"krylov must be a dict of matrix-free solver options; got {type(krylov).__name__}")
+        try:
+            krylov_options = KrylovOptions(**(krylov or {}))
+        except TypeError as err:
+            raise ValueError(f"Invalid krylov options {krylov!r}: {err}") from None
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
         if rank_tol is not None and not 0.0 < rank_tol < 1.0:
@@ -119,6 +140,9 @@ class ConstrainedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.normal_damping = None if normal_damping is None else float(normal_damping)
         self.jacobian_mode = jacobian
+        self.solver_mode = solver
+        self.krylov_options = krylov_options
+        self._jacobian_path = path
         self.chunk_size = chunk_size
         self.rank_tol = rank_tol
         self.sync_free = sync_free
@@ -194,6 +218,7 @@ class ConstrainedOptimizer(Optimizer):
         self._flat.invalidate()
         self._diagnostics = {}
         self._multipliers = None
+        self._jacobian_path.reset()
         # refused steps recorded before the checkpoint were reported then
         seen = new_global.nonfinite_steps
         self._guard.reset(0 if seen is None else int(seen))
@@ -228,15 +253,18 @@ class ConstrainedOptimizer(Optimizer):
         sent = 0 if self._ranks is None else self._ranks.sent_bytes
         g: Tensor | None = None
         with torch.enable_grad():
-            raw = None
+            raw, recorder = None, None
             if self._ranks is None:
                 self._check_groups()
-                raw = strip_sharded(closure())[0]
+                with self._jacobian_path.recording(self._forms_jacobian) as recorder:
+                    out = closure()
+                raw = strip_sharded(out)[0]
                 inputs, c_out = self._read_closure(raw, layout)
             else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
                 inputs, c_out, g = self._exchanged_inputs(closure, layout)
             m = inputs.c.shape[0]
             num_ineq = inputs.num_ineq
+            solver_mode = self._solver_for(num_ineq)
             if num_ineq and self.normal_damping is not None:
                 raise ValueError(
                     "normal_damping is not available with inequality constraints: the inequality step is one QP, "
@@ -249,17 +277,30 @@ class ConstrainedOptimizer(Optimizer):
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
                     rejected = self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
                     return _as_returned(rejected, raw)
+            # J first: c's graph is retained by its backward when the objective shares it, and the objective's
+            # backward then frees its own graph unless the operator still needs c's
+            op, keep_graph = self._jacobian_path.operator(
+                inputs.c, self._given_jacobian(inputs, layout), layout, recorder, solver=solver_mode
+            )
             if g is None:
-                # g first (its errors are the clearer ones, e.g. sparse gradients), keeping the graph for J
-                g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
-            J = self._jacobian_of(inputs, layout)
+                g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
             loss, c = inputs.loss.detach(), inputs.c.detach()
+            J = make_solver(
+                op,
+                solver_mode,
+                rank_tol=self._rank_tol(layout),
+                sync_free=sync_free,
+                options=self.krylov_options,
+                state={} if self._global.krylov is None else self._global.krylov,
+                needs_gram=self._factors_gram(),
+            )
             # a zero gradient is harmless for a satisfied inequality (c_i < 0): it stays out of the working set
             satisfied = None
             if num_ineq:
                 satisfied = (torch.arange(m, device=c.device) >= m - num_ineq) & (c < 0)
             try:
-                bad = self._guard.check(loss, c, g, J, sync_free=sync_free, satisfied=satisfied)
+                rows = J.row_check() if m else None
+                bad = self._guard.check(loss, c, g, rows, sync_free=sync_free, satisfied=satisfied)
             except ZeroJacobianRows as err:
                 raise self._zero_rows_error(err.rows, inputs, layout) from None
         ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
@@ -295,11 +336,14 @@ class ConstrainedOptimizer(Optimizer):
         self._commit_step(ctx, counted)
         if num_ineq:
             self._commit_partitions(partitions, None if not sync_free else applied)
+        if J.kind == "krylov" and (ok is None or bool(applied)):  # (the matrix-free solver synchronises anyway)
+            J.commit()
+            self._global.krylov = J.state  # (kept only once a step is applied: a refused step changes no state)
         self._warn_if_truncated(info, m)
         returned = (loss, c_out)
         Jdelta = None
-        if m and (verdict is not None or sync_free or info.get("truncated")) and not num_ineq:
-            Jdelta = J @ delta
+        if m and not num_ineq and (verdict is not None or sync_free or info.get("truncated") or not J.exact(info)):
+            Jdelta = J.op.mv(delta)
         if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
             info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
         if verdict is not None:
@@ -308,7 +352,7 @@ class ConstrainedOptimizer(Optimizer):
             x_prev = damping.x_accepted
             if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
                 delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
-                Jdelta = J @ delta
+                Jdelta = J.op.mv(delta)
                 returned = _damping.values_after(damping, reject, loss, c_out)
                 for key in ("v_norm", "u_norm"):
                     info[key] = torch.where(reject, torch.zeros_like(info[key]), info[key])
@@ -345,6 +389,8 @@ class ConstrainedOptimizer(Optimizer):
         if m and not num_ineq:
             info["c_inf"] = returned[1].abs().max()
         info["g_norm"] = torch.linalg.vector_norm(g)
+        if m:
+            info.update(J.info(), jacobian=self._jacobian_path.used)
         if self._ranks is not None:
             info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
@@ -352,13 +398,26 @@ class ConstrainedOptimizer(Optimizer):
             self._watch_feasibility(_violation(c, num_ineq), info["c_predicted"])
         return _as_returned(returned, raw)
 
-    def _jacobian_of(self, inputs: StepInputs, layout: FlatLayout) -> Tensor:
-        """J as given, or formed from c (by parts when only one part of a :class:`~sqpoptim.Constraints` came
-        with its Jacobian)."""
-        if inputs.J is not None:
-            return inputs.J
+    def _solver_for(self, num_ineq: int) -> str:
+        """The solver mode of this step: the one asked for, but always the dense solver with inequalities (the
+        step QP is solved in its dual on the explicit Gram matrix, and the gradient mapping too); the matrix-free
+        solver asked for explicitly is refused then, before anything changes."""
+        if not num_ineq:
+            return self.solver_mode
+        if self.solver_mode == "krylov":
+            raise ValueError(
+                "solver='krylov' (matrix-free) is not available with inequality constraints: the step QP is solved "
+                "in its dual on the m x m Gram matrix of the explicit Jacobian; pass solver='dense' or 'auto' (which "
+                "takes the dense solver whenever inequalities are given)"
+            )
+        return "dense"
+
+    def _given_jacobian(self, inputs: StepInputs, layout: FlatLayout) -> Tensor | None:
+        """J when the closure supplied it, whole or by parts (a :class:`~sqpoptim.Constraints` with only one of
+        ``eq_jac``/``ineq_jac``: the other part formed from its values here); ``None``: the step's Jacobian path
+        forms it."""
         if inputs.J_parts is None:
-            return self._form_jacobian(inputs.c, layout)
+            return inputs.J
         m_eq = inputs.c.shape[0] - inputs.num_ineq
         J_eq, J_in = inputs.J_parts
         J_eq = J_eq if J_eq is not None else self._form_jacobian(inputs.c[:m_eq], layout)
@@ -415,6 +474,11 @@ class ConstrainedOptimizer(Optimizer):
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
 
+    def _factors_gram(self) -> bool:
+        """Whether the method factors the unweighted Gram matrix JJᵀ (then the inputs are validated from its
+        diagonal instead of another pass over J)."""
+        return True
+
     def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
         """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
         (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
@@ -454,7 +518,8 @@ class ConstrainedOptimizer(Optimizer):
             J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
             return inputs, g, J
         inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
-        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+        J = self._given_jacobian(inputs, layout)
+        J = self._form_jacobian(inputs.c, layout) if J is None else J
         return inputs, flat_gradient(inputs.loss, layout), J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
@@ -564,14 +629,19 @@ class ConstrainedOptimizer(Optimizer):
     def diagnostics(self, *, sync: bool = True) -> dict[str, Any]:
         r"""The last step's diagnostics: ``c_inf`` (max |c|), ``v_norm`` (‖v_k‖, the unscaled normal step),
         ``u_norm`` (‖u_k‖, the tangential displacement taken), ``rank`` (rank of J used; -1 when a deficient J
-        was regularised on the device), ``gram_cond`` (estimated condition number of the Gram matrix),
-        ``g_norm`` (‖g_k‖, the objective gradient the closure produced), ``step_norm`` (‖δ_k‖, the displacement
-        applied), ``c_predicted`` (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the
-        linearised step leaves: 0 for a full Gauss–Newton step, near 1 when the constraints cannot be reduced
-        from here — with a stalling ‖c‖ this warns once with :class:`InfeasibilityWarning`, in exact mode),
-        with ``normal_damping`` also
-        ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps`` (the count so far), plus
-        method-specific entries. As Python numbers (waits for the device), or with ``sync=False`` as the device
+        was regularised, or with the matrix-free solver), ``gram_cond`` (estimated condition number of the Gram
+        matrix; NaN with the matrix-free solver), ``g_norm`` (‖g_k‖, the objective gradient the closure
+        produced), ``step_norm`` (‖δ_k‖, the displacement applied), ``c_predicted``
+        (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the linearised step leaves: 0 for a
+        full Gauss–Newton step, near 1 when the constraints cannot be reduced from here — with a stalling ‖c‖
+        this warns once with :class:`InfeasibilityWarning`, in exact mode), ``jacobian`` (how J was formed:
+        ``"layers"``, ``"batched"``, ``"loop"``, ``"autograd"``, ``"given"``), ``solver`` (``"dense"`` or
+        ``"krylov"``; the matrix-free solver adds ``krylov_iterations``, ``krylov_converged``, ``krylov_test`` —
+        1 or 2 for the termination test that stopped the step's solve, 0 for ``rtol``, -1 when capped —,
+        ``krylov_residual`` (‖γc + Js‖/‖b‖) and the merit penalty ``penalty``; its one-solve step leaves
+        ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (ν), ``damping_ratio`` (ρ),
+        ``rejected`` and ``rejected_steps`` (the count so far), plus method-specific entries. As Python numbers
+        (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""
         if not sync:
             return dict(self._diagnostics)

@@ -59,7 +59,8 @@ class OptimizerState:
     """Optimizer-wide state shared by every constrained optimizer; methods with more derive from it.
 
     ``step`` is k, the number of steps taken (a 0-d float64 device tensor; refused and rejected steps do not
-    count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode. With
+    count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode, ``krylov`` the
+    matrix-free solver's warm starts (``{"multipliers": {slot: λ}, "penalty": π}``, :mod:`sqpoptim._krylov`). With
     inequality constraints, ``inequality_active`` and ``projection_active`` (``[m]`` bool) are the working sets
     of the last step's QP and gradient projection, the warm start of the next step (:mod:`sqpoptim._inequality`).
     """
@@ -67,6 +68,7 @@ class OptimizerState:
     step: Tensor | None = None
     nonfinite_steps: Tensor | None = None
     damping: DampingState | None = None
+    krylov: dict[str, Any] | None = None
     inequality_active: Tensor | None = None
     projection_active: Tensor | None = None
 

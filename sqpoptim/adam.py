@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._constraint_solver import ConstraintSolver, as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
-from ._inequality import InequalitySolver, InequalityWarmStart
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
 from ._layout import StepCounts
-from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
+from ._linalg import gram, masked, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedAdamSQP", "adam_sqp_direction"]
@@ -103,7 +104,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: ``"defossez"`` or ``"standard"``.
         project_gradients: feed :math:`P_k g_k` (True, the paper) or :math:`g_k` (False: Adam(con)) to the
             moments.
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping, process_group: see
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, solver, krylov, process_group: see
             :class:`~sqpoptim.ProjectedHeavyBallSQP`.
     """
 
@@ -120,11 +121,13 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         bias_correction: str = "defossez",
         *,
         project_gradients: bool = True,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
         process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, betas=betas, eps=eps, normal_lr=normal_lr))
@@ -141,6 +144,8 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            solver=solver,
+            krylov=krylov,
             process_group=process_group,
         )
         self.projection = projection
@@ -180,6 +185,9 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             warm=ctx.warm,
         )
 
+    def _factors_gram(self) -> bool:
+        return self.project_gradients or self.projection == "euclidean"
+
     def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
         super()._commit_step(ctx, counted)
         self._counts.advance(ctx.layout, self.state, counted)
@@ -192,7 +200,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
 def adam_sqp_direction(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: Tensor | float,
@@ -233,20 +241,17 @@ def adam_sqp_direction(
         solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, defossez=bias_correction == "defossez")
         return _with_inequalities(g, c, J, exp_avg, exp_avg_sq, step, solver, hyper, euclidean, project_gradients, ok)
-    F = None
-    if m and (project_gradients or euclidean):
-        F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
+    S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
     lam = None
     if m and project_gradients:
-        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
+        gbar, lam = S.project(g, multipliers=True)  # [n], [m]
     else:
         gbar = g
-    delta_n = v = None
+    normal = None
     if m and euclidean:  # the normal step does not depend on the moments: check it before they change
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-        formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
-    else:
-        formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
+        normal = S.normal_part(c, normal_lr, damping)  # None: the solver forms it with the step (one solve)
+    checked = {} if normal is None else {"normal_step": normal[1]}
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, **checked)
     ok = both(ok, formed)
     defossez = bias_correction == "defossez"
     w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
@@ -263,18 +268,14 @@ def adam_sqp_direction(
         u = -d
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed}
     if euclidean:
-        assert delta_n is not None and v is not None
-        u = -project(J, d, F)
-        info = step_info(c, F, v, u)
+        delta, info = S.step(d, c, normal_lr, damping, normal)
     else:
         W = denom.reciprocal()  # H^{-1} with H = D_k
-        FW = factor_gram(gram(J, W), rank_tol, sync_free=sync_free)
-        u = -project(J, d, FW, W)
-        delta_n, v = scaled_normal_step(J, c, FW, normal_lr, W, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-        if lam is None:
-            lam = project_with_multipliers(J, W * g, FW)[1]  # -(J W Jᵀ)⁻¹ J W g
-        info = step_info(c, FW, v, u)
-    return delta_n + u, {**info, "formed": formed, "multipliers": lam}
+        SW = S.weighted(W)
+        delta, info = SW.step(d, c, normal_lr, damping)
+        if lam is None and SW.kind == "dense":  # (a matrix-free solve for diagnostics alone is not worth it)
+            lam = SW.project(W * g, multipliers=True)[1]  # -(J W Jᵀ)⁻¹ J W g
+    return delta, {**info, "formed": formed, "multipliers": lam}
 
 
 def _scaled_direction(
@@ -305,7 +306,7 @@ def _scaled_direction(
 def _with_inequalities(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: Tensor | float,
@@ -320,13 +321,14 @@ def _with_inequalities(
     the normal step."""
     beta1, beta2, defossez, lr = hyper["beta1"], hyper["beta2"], hyper["defossez"], hyper["lr"]
     lam = None
+    J, G = explicit_jacobian(J)
     if project_gradients:
-        G = gram(J)
+        G = gram(J) if G is None else G
         lr_max = lr.max() if isinstance(lr, Tensor) else lr
         reach = lr_max * g.numel() ** 0.5 / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
         gbar, lam = solver.project_gradient(g, c, J, reach.to(torch.float64), G)
     else:
-        G, gbar = None, g
+        gbar = g
     formed = require_finite(sync_free=solver.sync_free, projected_gradient=gbar)
     ok = both(ok, formed)
     w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._constraint_solver import ConstraintSolver, as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
-from ._inequality import InequalitySolver, InequalityWarmStart
-from ._linalg import factor_gram, gram, masked, project, project_with_multipliers, scaled_normal_step, step_info
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
+from ._linalg import gram, masked, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
@@ -64,7 +65,11 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         momentum: β ∈ [0, 1).
         normal_lr: γ ≥ 0, the normal step size (default 1: the full feasibility step); ``None`` means γ = lr (and
             follows the scheduler), as in the authors' code.
-        jacobian: ``"batched"`` (one vectorised backward) or ``"loop"`` (one backward per constraint).
+        jacobian: how J is formed (:mod:`sqpoptim._jacobian_path`): ``"auto"`` (default: per-sample factors
+            of the ``nn.Linear`` layers from one backward pass when the constraints are pointwise outputs of such
+            layers — checked on random probes —, else one vectorised backward), ``"layers"`` (insist on the
+            factors), ``"batched"`` (one vectorised backward over the rows) or ``"loop"`` (one backward per
+            constraint).
         chunk_size: rows of J per batched backward (bounds memory for large m).
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
@@ -77,6 +82,16 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
             networks (RESULTS.md §5). ``diagnostics()`` then
             has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
+        solver: ``"auto"`` (default), ``"dense"`` (one float64 Gram factorisation per step) or ``"krylov"``
+            (matrix-free MINRES with the inexact-SQP termination tests of Byrd, Curtis and Nocedal, warm-started
+            from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver up to
+            512 constraints, and above while its Gram matrix and factorisation cost no more than a matrix-free step
+            at its iteration cap and fit in memory (:mod:`sqpoptim._constraint_solver`);
+            ``diagnostics()["solver"]`` says which was used. A step with inequality constraints always takes the
+            dense solver (its QP is solved in its dual on the Gram matrix); ``"krylov"`` with inequalities is
+            refused.
+        krylov: options of the matrix-free solver (:class:`sqpoptim._krylov.KrylovOptions`: ``max_iter``,
+            ``kappa``, ``epsilon``, ``tau``, ``penalty0``, ``projection_rtol``, ``rtol``, ``jacobi``).
         process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks)
             to step as one across its ranks; ``step`` is then a collective that every rank calls. Each rank's
             closure gives the loss on its own data, and the losses and gradients are averaged; constraints are
@@ -106,11 +121,13 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         momentum: float = 0.9,
         normal_lr: float | None = 1.0,
         *,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
         process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, momentum=momentum, normal_lr=normal_lr))
@@ -123,6 +140,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            solver=solver,
+            krylov=krylov,
             process_group=process_group,
         )
 
@@ -154,7 +173,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
 def heavy_ball_sqp_direction(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     momentum_buffer: Tensor,
     *,
     lr: float | Tensor,
@@ -182,29 +201,32 @@ def heavy_ball_sqp_direction(
         return _with_inequalities(
             g, c, J, momentum_buffer, lr, momentum, normal_lr, rank_tol, sync_free, ok, num_ineq, warm
         )
-    F = factor_gram(gram(J), rank_tol, sync_free=sync_free) if m else None
+    S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
+    normal = None
     if m:
-        gbar, lam = project_with_multipliers(J, g, F)  # [n], [m]
-        delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
+        gbar, lam = S.project(g, multipliers=True)  # [n], [m]
+        normal = S.normal_part(c, normal_lr, damping)  # None: the solver forms it with the step (one solve)
     else:
         gbar, lam = g, None
-        delta_n = v = torch.zeros_like(g)
-    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, normal_step=v)
+    checked = {} if normal is None else {"normal_step": normal[1]}
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar, **checked)
     ok = both(ok, formed)
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
         weight = masked(ok, weight, 0.0, g)
     momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
-    u = -project(J, lr * momentum_buffer, F) if m else -(lr * momentum_buffer)
-    info = step_info(c, F, v, u)
-    return delta_n + u, {**info, "formed": formed, "multipliers": lam}
+    if not m:
+        u = -(lr * momentum_buffer)
+        return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed, "multipliers": lam}
+    delta, info = S.step(lr * momentum_buffer, c, normal_lr, damping, normal)
+    return delta, {**info, "formed": formed, "multipliers": lam}
 
 
 def _with_inequalities(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     momentum_buffer: Tensor,
     lr: float | Tensor,
     momentum: float | Tensor,
@@ -218,7 +240,8 @@ def _with_inequalities(
     r"""The inequality path of :func:`heavy_ball_sqp_direction`: the same momentum, the step QP in place of
     :math:`\gamma v + u`."""
     solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
-    G = gram(J)  # Euclidean: the projection and the step QP share it
+    J, G = explicit_jacobian(J)
+    G = gram(J) if G is None else G  # Euclidean: the projection and the step QP share it
     reach = lr.max() if isinstance(lr, Tensor) else lr
     gbar, lam = solver.project_gradient(g, c, J, reach, G)
     formed = require_finite(sync_free=sync_free, projected_gradient=gbar)

@@ -10,18 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._constraint_solver import ConstraintSolver, as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
-from ._inequality import InequalitySolver, InequalityWarmStart
-from ._linalg import (
-    factor_gram,
-    gram,
-    normal_step,
-    project,
-    project_with_multipliers,
-    scaled_normal_step,
-    step_info,
-)
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
+from ._jacobian_operator import DenseJacobian
+from ._linalg import step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 from ._state import OptimizerState
 
@@ -88,7 +82,7 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping, process_group: see
+        jacobian, chunk_size, rank_tol, sync_free, normal_damping, solver, krylov, process_group: see
             :class:`~sqpoptim.ProjectedHeavyBallSQP`
             (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
     """
@@ -110,11 +104,13 @@ class StochasticSQP(ConstrainedOptimizer):
         eps_xi: float = 0.01,
         lipschitz: tuple[float, float] | None = None,
         lipschitz_samples: int = 5,
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
         normal_damping: float | None = None,
+        solver: str = "auto",
+        krylov: dict[str, Any] | None = None,
         process_group: Any = None,
     ) -> None:
         self._check_group(dict(lr=lr, normal_lr=normal_lr))
@@ -144,6 +140,8 @@ class StochasticSQP(ConstrainedOptimizer):
             rank_tol=rank_tol,
             sync_free=sync_free,
             normal_damping=normal_damping,
+            solver=solver,
+            krylov=krylov,
             process_group=process_group,
         )
         self.step_rule = step_rule
@@ -199,14 +197,15 @@ class StochasticSQP(ConstrainedOptimizer):
             d, info, alpha, tau_new, xi_new = self._adaptive_with_inequalities(ctx, tau, xi, rule)
             formed = None
         else:
-            F = factor_gram(gram(ctx.J), self._rank_tol(layout), sync_free=ctx.sync_free) if m else None
-            v = normal_step(ctx.J, ctx.c, F) if m else torch.zeros_like(ctx.g)
-            gbar, lam = project_with_multipliers(ctx.J, ctx.g, F) if m else (ctx.g, None)
+            S = ctx.J
+            v = S.normal_step(ctx.c) if m else torch.zeros_like(ctx.g)
+            gbar, lam = S.project(ctx.g, multipliers=True) if m else (ctx.g, None)
             u = -gbar
             d = v + u
             formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
             alpha, tau_new, xi_new = adaptive_step_size(ctx.g, v, u, ctx.c, tau, xi, **rule)
-            info = {**step_info(ctx.c, F, v, alpha.to(u.dtype) * u), "multipliers": lam}
+            factor = getattr(S, "factor", None) if m else None
+            info = {**step_info(ctx.c, factor, v, alpha.to(u.dtype) * u), "multipliers": lam}
         ok = both(ctx.stats, formed)
         if ok is not None:  # a refused step keeps τ and ξ
             tau_new, xi_new = torch.where(ok, tau_new, tau), torch.where(ok, xi_new, xi)
@@ -227,9 +226,10 @@ class StochasticSQP(ConstrainedOptimizer):
         solver = InequalitySolver(
             ctx.num_ineq, ctx.warm, gamma=1.0, rank_tol=self._rank_tol(ctx.layout), sync_free=ctx.sync_free
         )
-        st = solver.step(-ctx.g, ctx.c, ctx.J)
+        J, G = explicit_jacobian(ctx.J)
+        st = solver.step(-ctx.g, ctx.c, J, G=G)
         c64 = ctx.c.double()
-        r = c64 + (ctx.J @ st.delta).double()
+        r = c64 + (J @ st.delta).double()
         m_eq = ctx.c.shape[0] - ctx.num_ineq
         before, after = _violation_l1(c64, m_eq), _violation_l1(r, m_eq)
         dd = torch.dot(st.delta, st.delta).double()
@@ -271,14 +271,16 @@ class StochasticSQP(ConstrainedOptimizer):
                             f"estimate) but {ctx.c.shape[0]} at the iterate; it must evaluate the same batch"
                         )
                 try:  # the same checks as the step's own inputs: NaN here would make α = 1 silently
-                    self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, J, sync_free=False)
+                    rows = DenseJacobian(J).row_check() if J.shape[0] else None
+                    self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, rows, sync_free=False)
                 except (FloatingPointError, ValueError) as err:
                     raise type(err)(f"while estimating the Lipschitz constants (step_rule='adaptive'): {err}") from None
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)
                 if J.shape[0]:
-                    G_est = max(G_est, float(torch.linalg.vector_norm(J - ctx.J, dim=1).sum()) / radius)
+                    J0 = ctx.J.op.dense()
+                    G_est = max(G_est, float(torch.linalg.vector_norm(J - J0, dim=1).sum()) / radius)
                 if dg_norm == 0.0:
                     break  # f is linear along e: nothing to iterate on
                 e = dg
@@ -294,7 +296,7 @@ class StochasticSQP(ConstrainedOptimizer):
 def sqp_direction(
     g: Tensor,
     c: Tensor,
-    J: Tensor,
+    J: Tensor | ConstraintSolver,
     *,
     lr: float | Tensor,
     normal_lr: float | Tensor,
@@ -314,22 +316,18 @@ def sqp_direction(
     m = c.shape[0]
     if num_ineq:
         solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
-        st = solver.step(-(lr * g), c, J)
+        Jm, G = explicit_jacobian(J)
+        st = solver.step(-(lr * g), c, Jm, G=G)
         scale = lr.max().double() if isinstance(lr, Tensor) else lr
         lam = st.y / scale if not (isinstance(scale, float) and scale == 0.0) else st.y
         return st.delta, {**solver.info(st, c), "multipliers": lam}
     if not m:
         u = -(lr * g)
         return u, step_info(c, None, torch.zeros_like(u), u)
-    F = factor_gram(gram(J), rank_tol, sync_free=sync_free)
-    if isinstance(lr, Tensor):  # per-group rates: project Λg; the multipliers need their own solve
-        u = -project(J, lr * g, F)
-        lam = project_with_multipliers(J, g, F)[1]
-    else:
-        gbar, lam = project_with_multipliers(J, g, F)
-        u = -lr * gbar
-    delta_n, v = scaled_normal_step(J, c, F, normal_lr, rank_tol=rank_tol, sync_free=sync_free, damping=damping)
-    return delta_n + u, {**step_info(c, F, v, u), "multipliers": lam}
+    S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
+    delta, info = S.step(lr * g, c, normal_lr, damping)
+    lam = S.project(g, multipliers=True)[1] if S.kind == "dense" else None  # (no matrix-free solve for it)
+    return delta, {**info, "multipliers": lam}
 
 
 def adaptive_step_size(

@@ -273,6 +273,67 @@ def test_refusals_leave_everything_unchanged():
     assert (x == 0).all()
 
 
+@pytest.mark.parametrize("name", FIXED)
+def test_inequality_steps_take_the_dense_solver_and_the_layer_factors(name):
+    """solver="auto" takes the dense solver with inequalities; the Jacobian of pointwise bounds on a network's
+    outputs comes from the per-sample layer factors, and the iterates are those of the explicit batched J."""
+    X = torch.rand(24, 2, dtype=f64, generator=torch.Generator().manual_seed(5))
+    Y = torch.sin(3 * X[:, :1])
+    grid = torch.rand(40, 2, dtype=f64, generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for jac in ("auto", "batched"):
+        model = TinyPINN(seed=3)
+        opt = FACTORIES[name](model.parameters(), jacobian=jac)
+
+        def closure(model=model):  # an upper bound at 0.3 that the fit to sin(3x) must respect
+            return ((model(X) - Y) ** 2).mean(), sqpoptim.Constraints(ineq=model(grid).squeeze(-1) - 0.3)
+
+        active = 0
+        for _ in range(5):
+            opt.step(closure)
+            active = max(active, opt.diagnostics()["active_inequalities"])
+        runs[jac] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.diagnostics(), active)
+    (x_auto, d_auto, active), (x_batched, d_batched, _) = runs["auto"], runs["batched"]
+    assert d_auto["solver"] == d_batched["solver"] == "dense"
+    assert d_auto["jacobian"] == "layers" and d_batched["jacobian"] == "batched"
+    assert active >= 1  # the bound binds at some step: the QP, not the equality step, was taken
+    torch.testing.assert_close(x_auto, x_batched, rtol=1e-10, atol=1e-10)
+
+
+def test_matrix_free_solver_with_inequalities_is_refused_before_anything_changes():
+    C, d, a, D, _, m_eq = projection_problem(seed=14)
+    x = torch.zeros(12, dtype=f64, requires_grad=True)
+    for opt in (
+        sqpoptim.StochasticSQP([x], lr=0.1, solver="krylov"),
+        sqpoptim.ProjectedHeavyBallSQP([x], lr=0.1, solver="krylov"),
+        sqpoptim.ProjectedAdamSQP([x], lr=0.1, solver="krylov"),
+    ):
+        before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=r"solver='krylov' \(matrix-free\) is not available with inequality"):
+            opt.step(closure_of(x, C, d, a, D, m_eq))
+        assert (x == 0).all() and opt.state_dict() == before
+        opt.step(lambda: (0.5 * ((x - a) ** 2).sum(), C[:m_eq] @ x - d[:m_eq]))  # equalities: matrix-free as asked
+        assert opt.diagnostics()["solver"] == "krylov"
+        with torch.no_grad():
+            x.zero_()
+    with pytest.raises(ValueError, match="inequality constraints need the dense constraint solver"):
+        from sqpoptim._constraint_solver import KrylovSolver
+        from sqpoptim._jacobian_operator import DenseJacobian
+        from sqpoptim._krylov import KrylovOptions
+
+        sqpoptim.heavy_ball.heavy_ball_sqp_direction(
+            a,
+            C @ a - d,
+            KrylovSolver(DenseJacobian(C), KrylovOptions(), {}),
+            torch.zeros(12, dtype=f64),
+            lr=0.1,
+            momentum=0.0,
+            normal_lr=1.0,
+            rank_tol=1e-7,
+            num_ineq=C.shape[0] - m_eq,
+        )
+
+
 def test_more_inequalities_than_parameters_and_zero_gradient_rows():
     """Box constraints on 3 parameters plus 10 extra half-spaces (m > n is fine for inequalities); a satisfied
     inequality with a zero gradient is harmless, a violated one is refused with the usual message."""

@@ -115,6 +115,12 @@ class Problem(abc.ABC):
     def constraints(self, model: nn.Module) -> Tensor:
         """Hard-constraint residuals ``c`` at the fixed constraint points, shape ``[num_constraints]``."""
 
+    def objective_and_constraints(self, model: nn.Module, batch: Batch | None = None) -> tuple[Tensor, Tensor]:
+        """``(objective(model, batch), constraints(model))`` — what a constrained method's closure returns.
+        Problems whose constraint points are also objective points override it to evaluate them in one pass
+        (the two then share a graph, which the optimizers allow)."""
+        return self.objective(model, batch), self.constraints(model)
+
     @property
     @abc.abstractmethod
     def num_constraints(self) -> int:

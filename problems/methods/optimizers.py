@@ -121,7 +121,7 @@ class OptimizerMethod(Method):
             if pointwise is not None:  # per-point torch.func Jacobians (see sqpoptim.PointwiseConstraints)
                 residual, points = pointwise()
                 return lambda: (problem.objective(model, batch), sqpoptim.PointwiseConstraints(model, residual, points))
-            return lambda: (problem.objective(model, batch), problem.constraints(model))
+            return lambda: problem.objective_and_constraints(model, batch)
 
         def closure() -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():  # logged only: no graph, no Jacobian
