@@ -28,6 +28,9 @@ instead of leaving ν where a failure left it. A step whose model predicted no d
 rejection (taken from the same point), are not judged. Non-finite values are not a failure of this kind: they
 are refused with parameters and state unchanged (:mod:`sqpoptim._finite`).
 
+This is on by default (ν0 = :data:`DEFAULT_NU0`) in every SQP optimizer's fixed-step rule and in Adam(con);
+``normal_damping=None`` gives the papers' undamped step.
+
 Everything here is a device computation (no host synchronisation); only the exact mode reads the rejection
 flag on the host, to return early.
 """
@@ -43,9 +46,20 @@ from torch import Tensor
 
 from ._state import DampingState
 
-__all__ = ["NU_MAX", "NU_MIN", "Verdict", "initial_state", "judge", "record", "rejected", "values_after"]
+__all__ = [
+    "DEFAULT_NU0",
+    "NU_MAX",
+    "NU_MIN",
+    "Verdict",
+    "initial_state",
+    "judge",
+    "record",
+    "rejected",
+    "values_after",
+]
 
 NU_MIN, NU_MAX = 1e-6, 1e4  # range of ν
+DEFAULT_NU0 = 1e-6  # the optimizers' default ``normal_damping``: chosen by measurement (RESULTS.md)
 _NU_RELAX = 0.9  # ν's factor per step while the tangential step dominates
 _MAX_ESCALATION = 2.0**20
 

@@ -32,6 +32,7 @@ rejected steps are masked no-ops and non-finite inputs are reported at a later s
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,6 +156,7 @@ class ConstrainedOptimizer(Optimizer):
         self._jacobian_warned = [False]
         self._rank_warned = False
         self._violations: deque[tuple[float, float]] = deque(maxlen=20)
+        self._violation_peak = 0.0  # the largest ‖c‖ seen
         self._infeasibility_warned = False
         self.process_group = process_group
         self._ranks = None if process_group is None else RankGroup(process_group)
@@ -265,14 +267,10 @@ class ConstrainedOptimizer(Optimizer):
             m = inputs.c.shape[0]
             num_ineq = inputs.num_ineq
             solver_mode = self._solver_for(num_ineq)
-            if num_ineq and self.normal_damping is not None:
-                raise ValueError(
-                    "normal_damping is not available with inequality constraints: the inequality step is one QP, "
-                    "with no separate normal step to damp (use normal_lr < 1 to shorten the feasibility step)"
-                )
+            nu0 = self._damping_for(num_ineq)
             damping, verdict = None, None
-            if self.normal_damping is not None and m:
-                damping = self._global.damping or _damping.initial_state(self.normal_damping, layout.device)
+            if nu0 is not None and m:
+                damping = self._global.damping or _damping.initial_state(nu0, layout.device)
                 verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
                     rejected = self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
@@ -336,6 +334,8 @@ class ConstrainedOptimizer(Optimizer):
         self._commit_step(ctx, counted)
         if num_ineq:
             self._commit_partitions(partitions, None if not sync_free else applied)
+            if self._global.damping is not None:  # the last damped step's model no longer predicts this point
+                self._global.damping = dataclasses.replace(self._global.damping, model=None, retry=None)
         if J.kind == "krylov" and (ok is None or bool(applied)):  # (the matrix-free solver synchronises anyway)
             J.commit()
             self._global.krylov = J.state  # (kept only once a step is applied: a refused step changes no state)
@@ -412,6 +412,21 @@ class ConstrainedOptimizer(Optimizer):
             )
         return "dense"
 
+    def _damping_for(self, num_ineq: int) -> float | None:
+        """ν0 of this step's damped normal step, or ``None`` (undamped). A step with inequalities is one QP with
+        no separate normal step: the default ν0 globalises the steps without inequalities and leaves it
+        undamped, and any other value, asked for explicitly, is refused before anything changes."""
+        if not num_ineq or self.normal_damping is None:
+            return self.normal_damping
+        if self.normal_damping != _damping.DEFAULT_NU0:
+            raise ValueError(
+                f"normal_damping={self.normal_damping:g} is not available with inequality constraints: the step with "
+                "inequalities is one QP, with no separate normal step to damp; leave normal_damping at its default "
+                f"({_damping.DEFAULT_NU0:g}, which damps only the steps without inequalities) or pass None, and use "
+                "normal_lr < 1 to shorten the feasibility step"
+            )
+        return None
+
     def _given_jacobian(self, inputs: StepInputs, layout: FlatLayout) -> Tensor | None:
         """J when the closure supplied it, whole or by parts (a :class:`~sqpoptim.Constraints` with only one of
         ``eq_jac``/``ineq_jac``: the other part formed from its values here); ``None``: the step's Jacobian path
@@ -451,14 +466,18 @@ class ConstrainedOptimizer(Optimizer):
 
     def _watch_feasibility(self, c: Tensor, predicted: Tensor) -> None:
         """Exact mode: warn once when ‖c‖ has stalled for a window of steps while the linearised step could not
-        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0)."""
+        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0).
+        Not where ‖c‖ has already fallen by three orders of magnitude from its largest value: there the damped
+        normal step leaves what lies along J's near-null directions (σ² below μ), which is no infeasibility."""
         c_norm = float(torch.linalg.vector_norm(c.double()))
         self._violations.append((c_norm, float(predicted)))
+        self._violation_peak = max(self._violation_peak, c_norm)
         window = self._violations
         if self._infeasibility_warned or len(window) < window.maxlen:
             return
         first, last = window[0][0], window[-1][0]
-        if last > 1e-6 and last > 0.99 * first and all(p > 0.5 for _, p in window):
+        stalled = last > 1e-6 and last > 1e-3 * self._violation_peak and last > 0.99 * first
+        if stalled and all(p > 0.5 for _, p in window):
             self._infeasibility_warned = True
             warn_user(
                 f"the constraint violation has stalled at ‖c‖ = {last:.3g} for {len(window)} steps while the "
@@ -554,8 +573,8 @@ class ConstrainedOptimizer(Optimizer):
         values at that point. The diagnostics keep their keys: no displacement was formed (``v_norm`` and
         ``u_norm`` are 0); ``rank``, ``gram_cond`` and ``g_norm`` are those of the last formed step."""
         assert damping.x_accepted is not None
-        x_rejected = layout.gather()
-        with torch.no_grad():  # called from inside the closure's enable_grad block
+        with torch.no_grad():  # called from inside the closure's enable_grad block; the real views of complex
+            x_rejected = layout.gather()  # parameters were made without grad mode and may not be read with it
             layout.assign(damping.x_accepted)
         self._global.damping = _damping.rejected(damping, verdict)
         loss, c = _damping.values_after(damping, None, loss, c)

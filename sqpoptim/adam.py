@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._constraint_solver import ConstraintSolver, as_solver
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
@@ -57,7 +58,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     ε inside the square root (:class:`~sqpoptim.AdamUnc`).
 
     Defaults: ``projection="euclidean"`` and ``bias_correction="defossez"`` follow the paper's Algorithm 3;
-    ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the full Gauss–Newton feasibility step; the
+    ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the whole feasibility step; the
     authors' code scales it by the learning rate (``normal_lr=None``), with which c shrinks only like
     :math:`(1-\alpha)^k`. That default is a measured deviation from the spec (which marks it [design] with
     γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
@@ -69,23 +70,25 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     :math:`\gamma c_{I,k} + J_{I,k}d \le 0` (H = I for ``"euclidean"``, :math:`H = D_k` for ``"scaled"``), which
     with no active inequality is the step of the box above (:mod:`sqpoptim._inequality`: derivation, solver,
     the elastic step of an infeasible linearisation, deviations from Curtis, Robinson & Zhou, arXiv:2302.14790).
-    All groups must share ``normal_lr``; ``normal_damping`` is not available with inequalities.
+    All groups must share ``normal_lr``. That step is not damped: see ``normal_damping`` in
+    :class:`~sqpoptim.ProjectedHeavyBallSQP` for what the default means with inequalities.
 
-    Globalisation of the normal step (every SQP method here and :class:`~sqpoptim.ConstrainedAdam`): by default
-    the normal step is the full Gauss–Newton step of the *linearised* constraints, with no merit function or
-    line search, as in the paper. When the initial violation is large against the constraints' curvature and
-    the Jacobian is nearly rank-deficient (pointwise output constraints of a ReLU network: the ENFORCE C1 task
-    in RESULTS.md, Gram condition numbers 1e8–1e13), that step overshoots by orders of magnitude, kills units
-    and the run never recovers; ``optimizer.diagnostics()`` shows it (``c_inf`` jumps, ``rank`` drops).
-    ``normal_damping=ν0`` globalises it: the normal step becomes the Levenberg–Marquardt step
+    Globalisation of the normal step (every SQP method here and :class:`~sqpoptim.ConstrainedAdam`): the paper
+    takes the full Gauss–Newton step of the *linearised* constraints, with no merit function or line search.
+    Where the Jacobian is nearly rank-deficient against the size of the violation — residuals of an ODE or PDE
+    at a few points of a small network, pointwise output constraints of a ReLU network — that step overshoots by
+    orders of magnitude; the run then either blows up or, worse, satisfies the constraints at their points with
+    a function that is wrong between them (``optimizer.diagnostics()`` shows it: ``step_norm`` far above the
+    parameters' norm, ``c_inf`` jumping). By default the normal step is therefore the Levenberg–Marquardt step
     :math:`v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k`, :math:`\mu_k = \nu_k\,\operatorname{mean}\operatorname{diag}
-    (JJ^\top)`, ν follows Nielsen's ratio rule, and a step that increased ‖c‖ while its normal part dominated
-    is rejected (the parameters go back; no extra closure calls: the rejection happens at the next ``step``,
-    which then returns without moving on). See :mod:`sqpoptim._damping`. Measured (RESULTS.md
-    §5): ``normal_damping=0.1`` turns the blow-ups on two of the layer papers' tasks into fits better than the
-    unconstrained network's, but makes spring 3–10× worse at 1,500 steps; ``1e-6`` (Gauss–Newton until a step
-    fails) changes nothing where Gauss–Newton works and rescues one of the two. The default stays undamped
-    (``None``), as in the paper.
+    (JJ^\top)`, from ν0 = ``normal_damping`` = 1e-6; ν follows Nielsen's ratio rule, and a step that increased
+    ‖c‖ while its normal part dominated is rejected (the parameters go back; no extra closure calls: the
+    rejection happens at the next ``step``, which then returns without moving on). See :mod:`sqpoptim._damping`.
+    ν0 = 1e-6 is Gauss–Newton until a step fails; it was chosen by measurement against the undamped step,
+    larger ν0, and caps and trust regions on the normal step's length (RESULTS.md, "Defaults for a first
+    problem"): it turns the overshooting runs into solutions and leaves the papers' PINN results as they were.
+    ``normal_damping=None`` is the paper's step; ``0.1`` fits pointwise output constraints of ReLU networks
+    better (RESULTS.md §5).
 
     Param groups: each group's ``lr`` (and betas) multiplies its coordinates *before* the projection, so
     :math:`J_k u_k = 0` holds with several groups; the schedulers of ``torch.optim.lr_scheduler`` act on the
@@ -125,7 +128,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
         solver: str = "auto",
         krylov: dict[str, Any] | None = None,
         process_group: Any = None,

@@ -41,7 +41,9 @@ class ConstrainedAdam(ProjectedAdamSQP):
 
     solved by the same decomposition as :class:`~sqpoptim.ProjectedAdamSQP` (``normal_lr`` γ scales the
     normal part as there: the default γ = 1 takes the full feasibility step like every constrained optimizer
-    here; ``normal_lr=None`` gives exactly the published :math:`x_k + \alpha s_k`). The moments are not
+    here; ``normal_lr=None`` gives exactly the published :math:`x_k + \alpha s_k`). Like every constrained
+    optimizer here its normal step is damped by default (``normal_damping``, see
+    :class:`~sqpoptim.ProjectedAdamSQP`); ``normal_damping=None`` is the published step. The moments are not
     projected, so the tangential step carries momentum from directions that the constraints forbid; that is the
     difference the SQP paper measures.
     """
@@ -91,8 +93,16 @@ class AdamUnc(ProjectedAdamSQP):
         sync_free: bool | None = None,
         process_group: Any = None,
     ) -> None:
+        # no constraints reach the step: no normal step to damp
         super().__init__(
-            params, lr, betas, eps, bias_correction="standard", sync_free=sync_free, process_group=process_group
+            params,
+            lr,
+            betas,
+            eps,
+            bias_correction="standard",
+            sync_free=sync_free,
+            normal_damping=None,
+            process_group=process_group,
         )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:

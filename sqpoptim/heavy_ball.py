@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._constraint_solver import ConstraintSolver, as_solver
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
@@ -33,14 +34,18 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         &\quad x_{k+1} = x_k + \gamma v_k + u_k
         \end{aligned}
 
+    By default :math:`v_k` is the Levenberg–Marquardt (damped) normal step, a globalisation the paper does not
+    have (``normal_damping``, below); ``normal_damping=None`` takes :math:`v_k` as written.
+
     The momentum is fed projected gradients, and the momentum itself is re-projected onto the current null
     space, since :math:`m_k` mixes projections onto earlier null spaces. The default γ = 1 (``normal_lr=1.0``)
-    takes the full Gauss–Newton feasibility step, so linear constraints hold after one step and nonlinear ones
-    converge quadratically; ``normal_lr=None`` sets γ = α, which scales the whole step by the learning rate as
-    the authors' code does (c then shrinks only like :math:`(1-\alpha)^k`). **Deviation from the spec's
-    default** (γ = α, marked [design]): measured on the problem suite (RESULTS.md), γ = 1 reaches a lower or
-    equal objective on spring, Darcy, the manifold toy and the reaction network and always satisfies the
-    constraints, which γ = α does not within the budgets (Burgers is the exception on the objective).
+    takes the whole feasibility step, so linear constraints hold after one undamped step (a few damped ones)
+    and nonlinear ones converge fast (quadratically undamped); ``normal_lr=None`` sets γ = α, which scales the
+    whole step by the learning rate as the authors' code does (c then shrinks only like :math:`(1-\alpha)^k`).
+    **Deviation from the spec's default** (γ = α, marked [design]): measured on the problem suite (RESULTS.md),
+    γ = 1 reaches a lower or equal objective on spring, Darcy, the manifold toy and the reaction network and
+    always satisfies the constraints, which γ = α does not within the budgets (Burgers is the exception on the
+    objective).
 
     With no constraints (m = 0) this is exactly the EMA heavy-ball method
     :math:`m_k = \beta m_{k-1} + (1-\beta) g_k,\ x_{k+1} = x_k - \alpha m_k`, i.e. ``torch.optim.SGD`` with
@@ -56,8 +61,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
     the QP :math:`\min_d \tfrac12\|d + \alpha m_k\|^2` s.t. :math:`\gamma c_{E,k} + J_{E,k}d = 0`,
     :math:`\gamma c_{I,k} + J_{I,k}d \le 0`, which is :math:`\gamma v_k + u_k` of the box above on its working
     set (:mod:`sqpoptim._inequality`, with the derivation and the deviations from Curtis, Robinson & Zhou,
-    arXiv:2302.14790). All groups must share ``normal_lr``; ``normal_damping`` is not available with
-    inequalities.
+    arXiv:2302.14790). All groups must share ``normal_lr``. That step is not damped (``normal_damping``, below).
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -74,14 +78,25 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see
             :mod:`sqpoptim._finite`.
-        normal_damping: ``None`` (default: the Gauss–Newton normal step) or ν0 ∈ [1e-6, 1e4], the initial
-            relative Levenberg–Marquardt damping of the normal step, :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c`
-            with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}(JJ^\top)`; ν is adapted by a ratio
-            test and steps that increase ‖c‖ are rejected (:mod:`sqpoptim._damping`). For strongly nonlinear or nearly
-            rank-deficient constraints where the full step overshoots: ``1e-6`` is the safe switch (no change
-            where Gauss–Newton works), ``0.1`` the better choice for pointwise output constraints of ReLU
-            networks (RESULTS.md §5). ``diagnostics()`` then
-            has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected`` and ``rejected_steps``.
+        normal_damping: ν0 ∈ [1e-6, 1e4], the initial relative Levenberg–Marquardt damping of the normal step
+            (default ``1e-6``), or ``None`` for the paper's undamped Gauss–Newton step. Damped, the normal step is
+            :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c` with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}
+            (JJ^\top)`; ν is adapted by a ratio test and a step that increased ‖c‖ is rejected
+            (:mod:`sqpoptim._damping`). It is on by default because the full step, exact for nearly linear
+            constraints, overshoots by orders of magnitude where J is nearly rank-deficient — residuals of an
+            ODE or PDE at a few points of a small network, pointwise output constraints of a ReLU network — and
+            the run then satisfies the constraints at their points with a function that is wrong between them.
+            ν0 = 1e-6 (the floor of ν: Gauss–Newton until a step fails, then damped) was chosen by measurement
+            against larger ν0 and against caps and trust regions on the length of the normal step, on small
+            problems of that kind and on the papers' PINN tasks (RESULTS.md, "Defaults for a first problem"):
+            it turns the failing runs into solutions and leaves the PINN results as they were, where a larger ν0
+            slows the first steps to feasibility. ``0.1`` fits pointwise output constraints of ReLU networks
+            better (RESULTS.md §5). ``diagnostics()`` has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected``
+            and ``rejected_steps``. With inequality constraints the step is one QP with no separate normal step
+            to damp: the default then leaves that step undamped (it still damps the steps of the same run whose
+            closure gives no inequalities, judging them afresh after an inequality step), and any other value
+            is refused with a ``ValueError`` before anything changes; there ``normal_lr`` < 1 shortens the
+            feasibility step, and an inconsistent linearisation takes the elastic step.
         solver: ``"auto"`` (default), ``"dense"`` (one float64 Gram factorisation per step) or ``"krylov"``
             (matrix-free MINRES with the inexact-SQP termination tests of Byrd, Curtis and Nocedal, warm-started
             from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver up to
@@ -125,7 +140,7 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
         solver: str = "auto",
         krylov: dict[str, Any] | None = None,
         process_group: Any = None,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._constraint_solver import ConstraintSolver, as_solver
+from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
@@ -75,6 +76,23 @@ class StochasticSQP(ConstrainedOptimizer):
     (:class:`StochasticSQPState`) and reported by :meth:`diagnostics`.
     A zero step (d_k = 0) leaves τ and ξ unchanged and does not move.
 
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the step
+    solves the QP of Curtis, Robinson & Zhou (arXiv:2302.14790) with H = I,
+
+    .. math::
+        d_k = \arg\min_d\ g_k^\top d + \tfrac12\|d\|^2 \quad\text{s.t.}\quad c_{E,k} + J_{E,k}d = 0,\quad
+        c_{I,k} + J_{I,k}d \le 0,
+
+    which with no inequality active is :math:`v_k + u_k` above. The fixed rule takes the QP with the targets
+    scaled by γ and the direction by α (:math:`\min_d \tfrac12\|d + \alpha g_k\|^2` s.t.
+    :math:`\gamma c_{E,k} + J_{E,k}d = 0`, :math:`\gamma c_{I,k} + J_{I,k}d \le 0`); the adaptive rule takes
+    :math:`x_{k+1} = x_k + \alpha_k d_k` with the merit function
+    :math:`\tau f + \|c_E\|_1 + \|\max(c_I, 0)\|_1` and the model's decrease of that violation in place of
+    :math:`\|c_k\|_1` (:meth:`_adaptive_with_inequalities`). The QP is solved in its dual on the Gram matrix,
+    warm-started from the last working set, with an elastic relaxation when the linearisation is inconsistent
+    (:mod:`sqpoptim._inequality`, which states the deviations from the paper). All groups must share
+    ``normal_lr``; the QP step is not damped (``normal_damping`` in :class:`~sqpoptim.ProjectedHeavyBallSQP`).
+
     Args:
         params: iterable of parameters or param-group dicts.
         lr: α (fixed rule) or β_k (adaptive rule; then all groups must share it).
@@ -82,9 +100,12 @@ class StochasticSQP(ConstrainedOptimizer):
         step_rule: ``"fixed"`` or ``"adaptive"``.
         tau0, xi0, sigma, eps_tau, eps_xi: parameters of the adaptive rule.
         lipschitz: ``(L, Γ)`` or ``None`` (estimate).
-        jacobian, chunk_size, rank_tol, sync_free, normal_damping, solver, krylov, process_group: see
-            :class:`~sqpoptim.ProjectedHeavyBallSQP`
-            (``normal_damping`` with the fixed rule only: the adaptive rule's merit model needs J v = -c).
+        jacobian, chunk_size, rank_tol, sync_free, solver, krylov, process_group: see
+            :class:`~sqpoptim.ProjectedHeavyBallSQP`.
+        normal_damping: the fixed rule's ν0 (default 1e-6: damped, as in :class:`~sqpoptim.ProjectedHeavyBallSQP`,
+            which says why; ``None``: the undamped step). The adaptive rule always takes the undamped normal
+            step — its merit model needs :math:`Jv = -c`, and its step size already globalises the whole step —
+            so with ``step_rule="adaptive"`` the default means "undamped" and any other value is an error.
     """
 
     _state_type = StochasticSQPState
@@ -108,7 +129,7 @@ class StochasticSQP(ConstrainedOptimizer):
         chunk_size: int | None = None,
         rank_tol: float | None = None,
         sync_free: bool | None = None,
-        normal_damping: float | None = None,
+        normal_damping: float | None = DEFAULT_NU0,
         solver: str = "auto",
         krylov: dict[str, Any] | None = None,
         process_group: Any = None,
@@ -126,11 +147,13 @@ class StochasticSQP(ConstrainedOptimizer):
             raise ValueError(f"Invalid lipschitz: {lipschitz!r} (expected (L, Gamma), both > 0)")
         if lipschitz_samples < 1:
             raise ValueError(f"Invalid lipschitz_samples: {lipschitz_samples}")
-        if normal_damping is not None and step_rule == "adaptive":
-            raise ValueError(
-                "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step through "
-                "its merit function and needs the undamped normal step (J v = -c)"
-            )
+        if step_rule == "adaptive":
+            if normal_damping not in (None, DEFAULT_NU0):
+                raise ValueError(
+                    "normal_damping applies to step_rule='fixed'; the adaptive rule globalises the whole step "
+                    "through its merit function and needs the undamped normal step (J v = -c)"
+                )
+            normal_damping = None
         defaults = dict(lr=lr, normal_lr=normal_lr)
         super().__init__(
             params,

@@ -109,7 +109,7 @@ def test_schedulers_drive_the_tangential_step_and_the_normal_step_only_when_norm
     """With linear constraints c_{k+1} = (1 - γ_k) c_k exactly, so the contraction reads off γ_k."""
     C, d, b = linear_problem()
     x = torch.zeros(12, dtype=f64, requires_grad=True)
-    opt = sqpoptim.ProjectedAdamSQP([x], lr=0.5, normal_lr=normal_lr)
+    opt = sqpoptim.ProjectedAdamSQP([x], lr=0.5, normal_lr=normal_lr, normal_damping=None)  # exact: J v = -c
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
     for _ in range(5):
         lr = opt.param_groups[0]["lr"]
@@ -158,7 +158,8 @@ def test_param_groups_apply_their_lr_before_the_projection():
     C, d, b = linear_problem(n=12)
     x1 = torch.zeros(6, dtype=f64, requires_grad=True)
     x2 = torch.zeros(6, dtype=f64, requires_grad=True)
-    opt = sqpoptim.ProjectedAdamSQP([{"params": [x1], "lr": 0.05}, {"params": [x2], "lr": 0.2}], normal_lr=None)
+    groups = [{"params": [x1], "lr": 0.05}, {"params": [x2], "lr": 0.2}]
+    opt = sqpoptim.ProjectedAdamSQP(groups, normal_lr=None, normal_damping=None)  # undamped: J δ = -γ c exactly
 
     def closure():
         x = torch.cat([x1, x2])

@@ -13,13 +13,15 @@ from .catalogue import CASES
 f64 = torch.float64
 
 SQP_METHODS = {
-    "sqp-fixed": lambda p: sqpoptim.StochasticSQP(p, lr=0.5, normal_lr=1.0),
-    "sqp-adaptive": lambda p: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive"),
-    "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=0.5, momentum=0.5, normal_lr=1.0),
-    "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_lr=1.0),
-    "sqp-adam-scaled": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_lr=1.0, projection="scaled"),
-    "sqp-adam-standard": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_lr=1.0, bias_correction="standard"),
-    "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2, normal_lr=1.0),
+    "sqp-fixed": lambda p, **kw: sqpoptim.StochasticSQP(p, lr=0.5, normal_lr=1.0, **kw),
+    "sqp-adaptive": lambda p, **kw: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive", **kw),
+    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, lr=0.5, momentum=0.5, normal_lr=1.0, **kw),
+    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_lr=1.0, **kw),
+    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_lr=1.0, projection="scaled", **kw),
+    "sqp-adam-standard": lambda p, **kw: sqpoptim.ProjectedAdamSQP(
+        p, lr=1e-2, normal_lr=1.0, bias_correction="standard", **kw
+    ),
+    "adam-con": lambda p, **kw: sqpoptim.ConstrainedAdam(p, lr=1e-2, normal_lr=1.0, **kw),
 }
 
 
@@ -35,21 +37,31 @@ def random_qp(seed, n=50, m=5):
     return Q, b, C, d, x_star
 
 
+@pytest.mark.parametrize("damped", [False, True], ids=["undamped", "default"])
 @pytest.mark.parametrize("method", list(SQP_METHODS))
-def test_linear_equality_constrained_qp_converges_to_kkt_point(method):
+def test_linear_equality_constrained_qp_converges_to_kkt_point(method, damped):
     Q, b, C, d, x_star = random_qp(seed=sorted(SQP_METHODS).index(method))
     x = torch.zeros(50, dtype=f64, requires_grad=True)
-    opt = SQP_METHODS[method]([x])
+    # undamped: the papers' normal step (the adaptive rule's is undamped in both cases)
+    opt = SQP_METHODS[method]([x], **({} if damped else {"normal_damping": None}))
 
     def closure():
         return 0.5 * x @ Q @ x + b @ x, C @ x - d
 
     opt.step(closure)
     first_violation = (C @ x.detach() - d).abs().max().item()
-    if method != "sqp-adaptive":  # the adaptive rule scales the whole step by its α_k < 1 (no normal_lr)
+    initial = (C @ torch.zeros(50, dtype=f64) - d).abs().max().item()
+    if method != "sqp-adaptive" and not damped:  # the adaptive rule scales the whole step by its α_k < 1
         assert first_violation < 1e-12  # a full normal step solves linear constraints at once
+    elif method != "sqp-adaptive":
+        # the damped step removes all but ~ν0 of the violation; the linear model is exact, so ρ = 1 and ν falls
+        # by 3 per step (Nielsen's rule) to its floor: feasibility to rounding within a few steps
+        assert first_violation < 1e-2 * initial
+        for _ in range(10):
+            opt.step(closure)
+        assert (C @ x.detach() - d).abs().max().item() < 1e-12
     else:
-        assert first_violation < (C @ torch.zeros(50, dtype=f64) - d).abs().max().item()
+        assert first_violation < initial
         for _ in range(100):
             opt.step(closure)
         assert (C @ x.detach() - d).abs().max().item() < 1e-12

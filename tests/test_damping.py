@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sqpoptim
+from sqpoptim import _damping
 from sqpoptim._linalg import damped, factor_gram, gram, normal_step
 
 from .helpers import TinyPINN, burgers_residual, f64
@@ -65,7 +66,7 @@ def test_damping_globalises_the_normal_step_where_gauss_newton_diverges(name, nu
                 break
         return x.detach(), worst, nus, opt
 
-    _, worst, _, _ = run()  # undamped: |x0| = 2 -> 3.5 -> 13.9 -> 279 -> ...
+    _, worst, _, _ = run(normal_damping=None)  # undamped: |x0| = 2 -> 3.5 -> 13.9 -> 279 -> ...
     assert worst > 1e6
     x, worst, nus, opt = run(normal_damping=nu0)
     assert worst < 4.0  # one Gauss-Newton overshoot (2 -> 3.54) is visited, then rejected: no runaway
@@ -160,6 +161,42 @@ def test_invalid_normal_damping_is_refused(value):
 def test_damping_is_refused_with_the_adaptive_step_rule():
     with pytest.raises(ValueError, match="normal_damping applies to step_rule='fixed'"):
         sqpoptim.StochasticSQP([torch.ones(2, requires_grad=True)], step_rule="adaptive", normal_damping=0.1)
+
+
+@pytest.mark.parametrize("name", list(DAMPED))
+def test_the_normal_step_is_damped_by_default(name):
+    x = torch.tensor([2.0, 0.0], dtype=f64, requires_grad=True)
+    opt = DAMPED[name]([x], lr=0.05)
+    assert opt.normal_damping == _damping.DEFAULT_NU0
+    opt.step(_atan_closure(x))
+    assert opt.diagnostics()["damping"] == pytest.approx(_damping.DEFAULT_NU0)
+    assert DAMPED[name]([x], lr=0.05, normal_damping=None).normal_damping is None  # the papers' step
+
+
+def test_the_adaptive_rule_and_the_unconstrained_baselines_are_undamped_by_default():
+    x = torch.tensor([2.0, 0.0], dtype=f64, requires_grad=True)
+    adaptive = sqpoptim.StochasticSQP([x], step_rule="adaptive")
+    assert adaptive.normal_damping is None
+    adaptive.step(_atan_closure(x))
+    assert "damping" not in adaptive.diagnostics()
+    assert sqpoptim.AdamUnc([x]).normal_damping is None
+    assert sqpoptim.PenaltyAdam([x]).normal_damping is None
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_rejected_steps_move_complex_parameters_back(sync_free):
+    # a complex parameter is stepped through its real view (re, im): the run must be the run of the real pair,
+    # rejections included (moving back after a rejection reads those views from inside the closure's grad mode)
+    z = torch.tensor([2.0 + 0.5j], dtype=torch.complex128, requires_grad=True)
+    x = torch.tensor([2.0, 0.5], dtype=f64, requires_grad=True)
+    opt_z = sqpoptim.ProjectedAdamSQP([z], lr=0.05, normal_damping=1e-6, sync_free=sync_free)
+    opt_x = sqpoptim.ProjectedAdamSQP([x], lr=0.05, normal_damping=1e-6, sync_free=sync_free)
+    for _ in range(60):
+        opt_z.step(lambda: ((z.imag - 1.0).square().sum(), torch.atan(z.real)))
+        opt_x.step(lambda: ((x[1] - 1.0).square(), torch.atan(x[:1])))
+        torch.testing.assert_close(torch.view_as_real(z.detach())[0], x.detach(), rtol=0, atol=0)
+    assert _rejected(opt_z) == _rejected(opt_x) >= 3  # Gauss-Newton from Re z = 2 overshoots: rejected, escalated
+    assert abs(math.atan(z.real.item())) < 1e-12
 
 
 def _atan_closure(x):

@@ -22,10 +22,10 @@ FACTORIES = {
     "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=0.1, projection="scaled", **kw),
 }
 SMALL_LR = {  # for the network: steps that keep the inequalities below far from their bound
-    "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
-    "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2),
-    "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2),
-    "sqp-adam-scaled": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, projection="scaled"),
+    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, lr=1e-2, **kw),
+    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2, **kw),
+    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, **kw),
+    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, projection="scaled", **kw),
 }
 FIXED = ["sqp", "sqp-hb", "sqp-adam", "sqp-adam-scaled"]
 
@@ -78,13 +78,15 @@ def test_converges_to_the_certified_solution_of_a_linearly_constrained_qp(name):
 
 @pytest.mark.parametrize("name", FIXED)
 def test_inactive_inequalities_reproduce_the_equality_path(name):
-    """Inequalities far from their bounds change nothing: the same iterates as the closure (loss, c), to 1e-12."""
+    """Inequalities far from their bounds change nothing: the same iterates as the closure (loss, c), to 1e-12,
+    with the paper's undamped normal step (the step with inequalities is undamped under the default, the
+    equality path damped: see test_default_damping_leaves_the_inequality_step_undamped)."""
     model_a, model_b = TinyPINN(seed=1), TinyPINN(seed=1)
     X = torch.rand(32, 2, dtype=f64, generator=torch.Generator().manual_seed(3))
     Y = torch.sin(2 * X[:, :1])
     pts = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
     grid = torch.rand(20, 2, dtype=f64, generator=torch.Generator().manual_seed(4))
-    opt_a = SMALL_LR[name](model_a.parameters())
+    opt_a = SMALL_LR[name](model_a.parameters(), normal_damping=None)
     opt_b = SMALL_LR[name](model_b.parameters())
     for _ in range(6):
         opt_a.step(lambda: (((model_a(X) - Y) ** 2).mean(), burgers_residual(model_a, pts)))
@@ -242,14 +244,64 @@ def test_non_finite_step_leaves_parameters_and_state_bit_identical(name, sync_fr
                 assert torch.equal(after["state"][k][name_], t)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_default_damping_leaves_the_inequality_step_undamped(name):
+    """The default normal_damping damps the steps without inequalities only: with inequalities the iterates are
+    those of normal_damping=None, bit for bit, and no damping state is kept."""
+    C, d, a, D, _, m_eq = projection_problem(seed=15)
+    xs = [torch.zeros(12, dtype=f64, requires_grad=True) for _ in range(2)]
+    default = FACTORIES[name]([xs[0]])
+    undamped = FACTORIES[name]([xs[1]], normal_damping=None)
+    assert default.normal_damping == sqpoptim._damping.DEFAULT_NU0 or name == "sqp-adaptive"
+    for _ in range(15):
+        default.step(closure_of(xs[0], C, d, a, D, m_eq))
+        undamped.step(closure_of(xs[1], C, d, a, D, m_eq))
+    assert torch.equal(xs[0], xs[1]) and default.diagnostics()["active_inequalities"] >= 1
+    assert default.global_state.damping is None and "damping" not in default.diagnostics()
+
+
+def test_equality_steps_after_an_inequality_step_are_judged_afresh():
+    """A closure that gives inequalities at some steps only: the damped equality steps around them keep ν, but
+    the step after an inequality step is not judged against the model of the last damped step (which predicted
+    a point the inequality step has moved away from); the one after it is judged again."""
+    x = torch.ones(12, dtype=f64, requires_grad=True)
+    a = torch.linspace(-1, 1, 12, dtype=f64)
+    opt = sqpoptim.ProjectedHeavyBallSQP([x], lr=0.1)
+
+    def sphere():
+        return 0.5 * ((x - a) ** 2).sum(), (x @ x - 4.0).reshape(1)
+
+    def with_bounds():
+        return sphere()[0], sqpoptim.Constraints(eq=sphere()[1], ineq=x[:3] - 0.2)
+
+    for _ in range(2):
+        opt.step(sphere)
+    assert 0.5 < opt.diagnostics()["damping_ratio"] < 1.0  # judged: the normal part dominates, ‖c‖ = 8 -> 1.3
+    nu = opt.global_state.damping.nu.clone()
+    opt.step(with_bounds)
+    assert opt.global_state.damping.model is None and torch.equal(opt.global_state.damping.nu, nu)
+    assert "damping" not in opt.diagnostics()
+    opt.step(sphere)
+    diag = opt.diagnostics()
+    assert not diag["rejected"] and np.isnan(diag["damping_ratio"])  # not judged: no stale verdict
+    opt.step(sphere)
+    assert 0.5 < opt.diagnostics()["damping_ratio"] <= 1.0  # judged again from here
+
+
 def test_refusals_leave_everything_unchanged():
     C, d, a, D, _, m_eq = projection_problem(seed=13)
     x = torch.zeros(12, dtype=f64, requires_grad=True)
     closure = closure_of(x, C, d, a, D, m_eq)
-    damped = sqpoptim.ProjectedAdamSQP([x], lr=0.05, normal_damping=0.1)
-    with pytest.raises(ValueError, match="normal_damping is not available with inequality constraints"):
-        damped.step(closure)
-    assert (x == 0).all() and "global" not in damped.state_dict()["state"]
+    for damped in (
+        sqpoptim.ProjectedAdamSQP([x], lr=0.05, normal_damping=0.1),
+        sqpoptim.ProjectedHeavyBallSQP([x], lr=0.05, normal_damping=1.0),
+        sqpoptim.StochasticSQP([x], lr=0.05, normal_damping=1e-3),
+    ):
+        nu = damped.normal_damping
+        with pytest.raises(ValueError, match=f"normal_damping={nu:g} is not available with inequality constraints"):
+            damped.step(closure)
+        assert (x == 0).all() and "global" not in damped.state_dict()["state"]
+        assert all(not st for st in damped.state_dict()["state"].values())
     y = torch.zeros(6, dtype=f64, requires_grad=True)
     z = torch.zeros(6, dtype=f64, requires_grad=True)
     groups = sqpoptim.ProjectedHeavyBallSQP([{"params": [y], "normal_lr": 1.0}, {"params": [z], "normal_lr": 0.5}])
@@ -303,10 +355,10 @@ def test_inequality_steps_take_the_dense_solver_and_the_layer_factors(name):
 def test_matrix_free_solver_with_inequalities_is_refused_before_anything_changes():
     C, d, a, D, _, m_eq = projection_problem(seed=14)
     x = torch.zeros(12, dtype=f64, requires_grad=True)
-    for opt in (
-        sqpoptim.StochasticSQP([x], lr=0.1, solver="krylov"),
-        sqpoptim.ProjectedHeavyBallSQP([x], lr=0.1, solver="krylov"),
-        sqpoptim.ProjectedAdamSQP([x], lr=0.1, solver="krylov"),
+    for opt in (  # (undamped: the damped matrix-free normal step needs row norms the autograd operator lacks)
+        sqpoptim.StochasticSQP([x], lr=0.1, solver="krylov", normal_damping=None),
+        sqpoptim.ProjectedHeavyBallSQP([x], lr=0.1, solver="krylov", normal_damping=None),
+        sqpoptim.ProjectedAdamSQP([x], lr=0.1, solver="krylov", normal_damping=None),
     ):
         before = copy.deepcopy(opt.state_dict())
         with pytest.raises(ValueError, match=r"solver='krylov' \(matrix-free\) is not available with inequality"):

@@ -219,7 +219,7 @@ def test_optimizers_on_the_matrix_free_path_follow_the_dense_one(make):
 
 
 def test_state_dict_round_trip_keeps_the_warm_starts():
-    opts = dict(solver="krylov", krylov=dict(max_iter=20))
+    opts = dict(solver="krylov", krylov=dict(max_iter=20), normal_damping=None)  # the fused (one-solve) step
     model = _model()
     opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, **opts)
     for _ in range(2):
