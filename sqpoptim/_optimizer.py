@@ -8,7 +8,8 @@ A step reads
    an explicit matrix or autograd products), then the objective's gradient g (:mod:`sqpoptim._gradient`) —
    J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s;
 4. **solver**: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
-   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``);
+   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``); always dense when the
+   closure gave inequalities, whose step QP is solved in its dual on the Gram matrix (:mod:`sqpoptim._inequality`);
 5. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
 6. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
 7. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
@@ -31,6 +32,7 @@ rejected steps are masked no-ops and non-finite inputs are reported at a later s
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,11 +46,13 @@ from . import _damping
 from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
 from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
+from ._constraints import Constraints
 from ._distributed import RankGroup, strip_sharded
 from ._exchange import exchange, form_locally
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
 from ._hyperparameters import in_group
+from ._inequality import InequalityWarmStart
 from ._jacobian import jacobian
 from ._jacobian_path import JacobianPath
 from ._krylov import KrylovOptions
@@ -75,7 +79,8 @@ class StepContext:
     ``[m, n]`` tensor); ``ok`` (sync-free
     mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
     (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
-    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
+    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped); the last
+    ``num_ineq`` rows of c and J are inequalities :math:`c_i \\le 0`, ``warm`` the last step's dual partitions."""
 
     layout: FlatLayout
     loss: Tensor
@@ -87,6 +92,8 @@ class StepContext:
     step: Tensor
     sync_free: bool
     damping: Tensor | None = None
+    num_ineq: int = 0
+    warm: InequalityWarmStart | None = None
 
 
 class ConstrainedOptimizer(Optimizer):
@@ -248,40 +255,50 @@ class ConstrainedOptimizer(Optimizer):
         sent = 0 if self._ranks is None else self._ranks.sent_bytes
         g: Tensor | None = None
         with torch.enable_grad():
-            recorder = None
+            raw, recorder = None, None
             if self._ranks is None:
                 self._check_groups()
                 with self._jacobian_path.recording(self._forms_jacobian) as recorder:
                     out = closure()
-                inputs, c_out = self._read_closure(strip_sharded(out)[0], layout)
+                raw = strip_sharded(out)[0]
+                inputs, c_out = self._read_closure(raw, layout)
             else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
                 inputs, c_out, g = self._exchanged_inputs(closure, layout)
             m = inputs.c.shape[0]
+            num_ineq = inputs.num_ineq
+            solver_mode = self._solver_for(num_ineq)
+            nu0 = self._damping_for(num_ineq)
             damping, verdict = None, None
-            if self.normal_damping is not None and m:
-                damping = self._global.damping or _damping.initial_state(self.normal_damping, layout.device)
+            if nu0 is not None and m:
+                damping = self._global.damping or _damping.initial_state(nu0, layout.device)
                 verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
                 if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
-                    return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
+                    rejected = self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
+                    return _as_returned(rejected, raw)
             # J first: c's graph is retained by its backward when the objective shares it, and the objective's
             # backward then frees its own graph unless the operator still needs c's
-            op, keep_graph = self._jacobian_path.operator(inputs.c, inputs.J, layout, recorder, solver=self.solver_mode)
+            op, keep_graph = self._jacobian_path.operator(
+                inputs.c, self._given_jacobian(inputs, layout), layout, recorder, solver=solver_mode
+            )
             if g is None:
                 g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
             loss, c = inputs.loss.detach(), inputs.c.detach()
-            if self._global.krylov is None:
-                self._global.krylov = {}
             J = make_solver(
                 op,
-                self.solver_mode,
+                solver_mode,
                 rank_tol=self._rank_tol(layout),
                 sync_free=sync_free,
                 options=self.krylov_options,
-                state=self._global.krylov,
+                state={} if self._global.krylov is None else self._global.krylov,
                 needs_gram=self._factors_gram(),
             )
+            # a zero gradient is harmless for a satisfied inequality (c_i < 0): it stays out of the working set
+            satisfied = None
+            if num_ineq:
+                satisfied = (torch.arange(m, device=c.device) >= m - num_ineq) & (c < 0)
             try:
-                bad = self._guard.check(loss, c, g, J.row_check() if m else None, sync_free=sync_free)
+                rows = J.row_check() if m else None
+                bad = self._guard.check(loss, c, g, rows, sync_free=sync_free, satisfied=satisfied)
             except ZeroJacobianRows as err:
                 raise self._zero_rows_error(err.rows, inputs, layout) from None
         ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
@@ -295,8 +312,12 @@ class ConstrainedOptimizer(Optimizer):
         stats = ok if retry is None else (~retry if ok is None else ok & ~retry)
         ctx = StepContext(layout, loss, g, c, J, ok, stats, self._next_step_count(stats, layout.device), sync_free)
         ctx.damping = None if verdict is None else verdict.nu
+        if num_ineq:
+            ctx.num_ineq = num_ineq
+            ctx.warm = InequalityWarmStart(self._global.inequality_active, self._global.projection_active)
         delta, info = self._direction(ctx)
         formed = info.pop("formed", None)
+        partitions = (info.pop("active_set", None), info.pop("projection_active_set", None))
         if sync_free:
             formed = delta.isfinite().all() if formed is None else formed & delta.isfinite().all()
             self._guard.commit(self._global, bad, formed, reject)
@@ -311,14 +332,19 @@ class ConstrainedOptimizer(Optimizer):
                 )
             counted = stats
         self._commit_step(ctx, counted)
+        if num_ineq:
+            self._commit_partitions(partitions, None if not sync_free else applied)
+            if self._global.damping is not None:  # the last damped step's model no longer predicts this point
+                self._global.damping = dataclasses.replace(self._global.damping, model=None, retry=None)
         if J.kind == "krylov" and (ok is None or bool(applied)):  # (the matrix-free solver synchronises anyway)
             J.commit()
+            self._global.krylov = J.state  # (kept only once a step is applied: a refused step changes no state)
         self._warn_if_truncated(info, m)
         returned = (loss, c_out)
         Jdelta = None
-        if m and (verdict is not None or sync_free or info.get("truncated") or not J.exact(info)):
+        if m and not num_ineq and (verdict is not None or sync_free or info.get("truncated") or not J.exact(info)):
             Jdelta = J.op.mv(delta)
-        if m:
+        if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
             info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
         if verdict is not None:
             assert damping is not None and Jdelta is not None
@@ -360,7 +386,8 @@ class ConstrainedOptimizer(Optimizer):
                     last = torch.full_like(multipliers, float("nan"))
                 multipliers = torch.where(applied, multipliers, last)
             self._multipliers = multipliers
-        info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
+        if m and not num_ineq:
+            info["c_inf"] = returned[1].abs().max()
         info["g_norm"] = torch.linalg.vector_norm(g)
         if m:
             info.update(J.info(), jacobian=self._jacobian_path.used)
@@ -368,8 +395,61 @@ class ConstrainedOptimizer(Optimizer):
             info["comm_bytes"] = self._ranks.sent_bytes - sent
         self._diagnostics = info
         if m and not sync_free:
-            self._watch_feasibility(c, info["c_predicted"])
-        return returned
+            self._watch_feasibility(_violation(c, num_ineq), info["c_predicted"])
+        return _as_returned(returned, raw)
+
+    def _solver_for(self, num_ineq: int) -> str:
+        """The solver mode of this step: the one asked for, but always the dense solver with inequalities (the
+        step QP is solved in its dual on the explicit Gram matrix, and the gradient mapping too); the matrix-free
+        solver asked for explicitly is refused then, before anything changes."""
+        if not num_ineq:
+            return self.solver_mode
+        if self.solver_mode == "krylov":
+            raise ValueError(
+                "solver='krylov' (matrix-free) is not available with inequality constraints: the step QP is solved "
+                "in its dual on the m x m Gram matrix of the explicit Jacobian; pass solver='dense' or 'auto' (which "
+                "takes the dense solver whenever inequalities are given)"
+            )
+        return "dense"
+
+    def _damping_for(self, num_ineq: int) -> float | None:
+        """ν0 of this step's damped normal step, or ``None`` (undamped). A step with inequalities is one QP with
+        no separate normal step: the default ν0 globalises the steps without inequalities and leaves it
+        undamped, and any other value, asked for explicitly, is refused before anything changes."""
+        if not num_ineq or self.normal_damping is None:
+            return self.normal_damping
+        if self.normal_damping != _damping.DEFAULT_NU0:
+            raise ValueError(
+                f"normal_damping={self.normal_damping:g} is not available with inequality constraints: the step with "
+                "inequalities is one QP, with no separate normal step to damp; leave normal_damping at its default "
+                f"({_damping.DEFAULT_NU0:g}, which damps only the steps without inequalities) or pass None, and use "
+                "normal_lr < 1 to shorten the feasibility step"
+            )
+        return None
+
+    def _given_jacobian(self, inputs: StepInputs, layout: FlatLayout) -> Tensor | None:
+        """J when the closure supplied it, whole or by parts (a :class:`~sqpoptim.Constraints` with only one of
+        ``eq_jac``/``ineq_jac``: the other part formed from its values here); ``None``: the step's Jacobian path
+        forms it."""
+        if inputs.J_parts is None:
+            return inputs.J
+        m_eq = inputs.c.shape[0] - inputs.num_ineq
+        J_eq, J_in = inputs.J_parts
+        J_eq = J_eq if J_eq is not None else self._form_jacobian(inputs.c[:m_eq], layout)
+        J_in = J_in if J_in is not None else self._form_jacobian(inputs.c[m_eq:], layout)
+        return torch.cat([J_eq, J_in])
+
+    def _commit_partitions(self, partitions: tuple[Tensor | None, Tensor | None], applied: Tensor | None) -> None:
+        """Keep the step's dual partitions (the warm start of the next step); a refused step keeps the old ones."""
+        names = ("inequality_active", "projection_active")
+        for name, new in zip(names, partitions):
+            if new is None:
+                continue
+            old = getattr(self._global, name)
+            if applied is not None:
+                old = torch.zeros_like(new) if old is None or old.shape != new.shape else old
+                new = torch.where(applied, new, old)
+            setattr(self._global, name, new)
 
     def _predicted_violation(self, layout: FlatLayout, c: Tensor, Jdelta: Tensor | None) -> Tensor:
         r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|`, the part of the violation the linearised step leaves (0 for
@@ -408,7 +488,8 @@ class ConstrainedOptimizer(Optimizer):
             )
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
-        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
+        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods;
+        equalities first when the closure returned a :class:`~sqpoptim.Constraints`)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
 
@@ -428,6 +509,8 @@ class ConstrainedOptimizer(Optimizer):
             self._check_groups()
             out, sharded = strip_sharded(closure())
             inputs, c_out = self._read_closure(out, layout)
+            if inputs.num_ineq:
+                raise ValueError("inequality constraints are not supported across several processes (process_group)")
             uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
             m = inputs.c.shape[0]
             g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
@@ -454,7 +537,8 @@ class ConstrainedOptimizer(Optimizer):
             J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
             return inputs, g, J
         inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
-        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
+        J = self._given_jacobian(inputs, layout)
+        J = self._form_jacobian(inputs.c, layout) if J is None else J
         return inputs, flat_gradient(inputs.loss, layout), J
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
@@ -599,3 +683,21 @@ def _warn_if_distributed(name: str) -> None:
 
 def _rejected_count(damping: DampingState) -> Tensor | int:
     return 0 if damping.rejected_steps is None else damping.rejected_steps
+
+
+def _violation(c: Tensor, num_ineq: int) -> Tensor:
+    """:math:`[c_E; \\max(c_I, 0)]`: the constraint violations (``c`` itself without inequalities)."""
+    if not num_ineq:
+        return c
+    m_eq = c.shape[0] - num_ineq
+    return torch.cat([c[:m_eq], c[m_eq:].clamp_min(0.0)])
+
+
+def _as_returned(returned: tuple[Tensor, Tensor], raw: Any) -> tuple[Tensor, Tensor | Constraints]:
+    """``(loss, c)`` as ``step`` returns it: c a tensor, or a :class:`~sqpoptim.Constraints` of its detached parts
+    when the closure returned one."""
+    loss, c = returned
+    if not (isinstance(raw, (tuple, list)) and len(raw) >= 2 and isinstance(raw[1], Constraints)):
+        return loss, c
+    m_eq = c.shape[0] - raw[1].num_ineq
+    return loss, Constraints(eq=c[:m_eq], ineq=c[m_eq:])

@@ -14,6 +14,7 @@ from ._constraint_solver import ConstraintSolver, as_solver
 from ._damping import DEFAULT_NU0
 from ._finite import both, require_finite
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
 from ._jacobian_operator import DenseJacobian
 from ._linalg import step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
@@ -74,6 +75,23 @@ class StochasticSQP(ConstrainedOptimizer):
     on every call, as ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in the optimizer's state
     (:class:`StochasticSQPState`) and reported by :meth:`diagnostics`.
     A zero step (d_k = 0) leaves τ and ξ unchanged and does not move.
+
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the step
+    solves the QP of Curtis, Robinson & Zhou (arXiv:2302.14790) with H = I,
+
+    .. math::
+        d_k = \arg\min_d\ g_k^\top d + \tfrac12\|d\|^2 \quad\text{s.t.}\quad c_{E,k} + J_{E,k}d = 0,\quad
+        c_{I,k} + J_{I,k}d \le 0,
+
+    which with no inequality active is :math:`v_k + u_k` above. The fixed rule takes the QP with the targets
+    scaled by γ and the direction by α (:math:`\min_d \tfrac12\|d + \alpha g_k\|^2` s.t.
+    :math:`\gamma c_{E,k} + J_{E,k}d = 0`, :math:`\gamma c_{I,k} + J_{I,k}d \le 0`); the adaptive rule takes
+    :math:`x_{k+1} = x_k + \alpha_k d_k` with the merit function
+    :math:`\tau f + \|c_E\|_1 + \|\max(c_I, 0)\|_1` and the model's decrease of that violation in place of
+    :math:`\|c_k\|_1` (:meth:`_adaptive_with_inequalities`). The QP is solved in its dual on the Gram matrix,
+    warm-started from the last working set, with an elastic relaxation when the linearisation is inconsistent
+    (:mod:`sqpoptim._inequality`, which states the deviations from the paper). All groups must share
+    ``normal_lr``; the QP step is not damped (``normal_damping`` in :class:`~sqpoptim.ProjectedHeavyBallSQP`).
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -185,6 +203,8 @@ class StochasticSQP(ConstrainedOptimizer):
                 rank_tol=self._rank_tol(layout),
                 sync_free=ctx.sync_free,
                 damping=ctx.damping,
+                num_ineq=ctx.num_ineq,
+                warm=ctx.warm,
             )
         state = self._global
         lipschitz = state.lipschitz if state.lipschitz is not None else self._lipschitz_constants(ctx)
@@ -193,36 +213,54 @@ class StochasticSQP(ConstrainedOptimizer):
         if tau is None or xi is None:  # first step only: later steps never create tensors from host values
             tau = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
             xi = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
-        m = ctx.c.shape[0]
-        S = ctx.J
-        v = S.normal_step(ctx.c) if m else torch.zeros_like(ctx.g)
-        gbar, lam = S.project(ctx.g, multipliers=True) if m else (ctx.g, None)
-        u = -gbar
-        d = v + u
-        formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
-        ok = both(ctx.stats, formed)
         L, Gamma = lipschitz
-        alpha, tau_new, xi_new = adaptive_step_size(
-            ctx.g,
-            v,
-            u,
-            ctx.c,
-            tau,
-            xi,
-            beta=lrs[0],
-            L=L,
-            Gamma=Gamma,
-            sigma=self.rule["sigma"],
-            eps_tau=self.rule["eps_tau"],
-            eps_xi=self.rule["eps_xi"],
-        )
+        rule = dict(beta=lrs[0], L=L, Gamma=Gamma, **{k: self.rule[k] for k in ("sigma", "eps_tau", "eps_xi")})
+        m = ctx.c.shape[0]
+        if ctx.num_ineq:
+            d, info, alpha, tau_new, xi_new = self._adaptive_with_inequalities(ctx, tau, xi, rule)
+            formed = None
+        else:
+            S = ctx.J
+            v = S.normal_step(ctx.c) if m else torch.zeros_like(ctx.g)
+            gbar, lam = S.project(ctx.g, multipliers=True) if m else (ctx.g, None)
+            u = -gbar
+            d = v + u
+            formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
+            alpha, tau_new, xi_new = adaptive_step_size(ctx.g, v, u, ctx.c, tau, xi, **rule)
+            factor = getattr(S, "factor", None) if m else None
+            info = {**step_info(ctx.c, factor, v, alpha.to(u.dtype) * u), "multipliers": lam}
+        ok = both(ctx.stats, formed)
         if ok is not None:  # a refused step keeps τ and ξ
             tau_new, xi_new = torch.where(ok, tau_new, tau), torch.where(ok, xi_new, xi)
         state.lipschitz, state.tau, state.xi, state.alpha = lipschitz, tau_new, xi_new, alpha
-        info = step_info(ctx.c, getattr(S, "factor", None) if m else None, v, alpha.to(u.dtype) * u)
-        info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
-        info.update(formed=formed, multipliers=lam)
+        info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma, formed=formed)
         return alpha.to(d.dtype) * d, info
+
+    def _adaptive_with_inequalities(
+        self, ctx: StepContext, tau: Tensor, xi: Tensor, rule: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Any], Tensor, Tensor, Tensor]:
+        r"""The adaptive rule on the step of the QP :math:`\min_d g^\top d + \tfrac12\|d\|^2` s.t.
+        :math:`c_E + J_E d = 0`, :math:`c_I + J_I d \le 0`, with the merit function
+        :math:`\phi_\tau = \tau f + \|c_E\|_1 + \|\max(c_I, 0)\|_1` of Curtis, Robinson & Zhou (arXiv:2302.14790):
+        the model's decrease of the violation :math:`\Delta V = V(c) - V(c + Jd)` takes the place of
+        :math:`\|c\|_1` (the two agree when only equalities are active), and
+        :math:`g^\top d + \|d\|^2 = y^\top(c - r)`, :math:`r = c + Jd`, from the QP's multipliers y
+        (:math:`d = -g - J^\top y`), which is O(‖c‖) without the cancellation of forming it from d."""
+        solver = InequalitySolver(
+            ctx.num_ineq, ctx.warm, gamma=1.0, rank_tol=self._rank_tol(ctx.layout), sync_free=ctx.sync_free
+        )
+        J, G = explicit_jacobian(ctx.J)
+        st = solver.step(-ctx.g, ctx.c, J, G=G)
+        c64 = ctx.c.double()
+        r = c64 + (J @ st.delta).double()
+        m_eq = ctx.c.shape[0] - ctx.num_ineq
+        before, after = _violation_l1(c64, m_eq), _violation_l1(r, m_eq)
+        dd = torch.dot(st.delta, st.delta).double()
+        denom = torch.dot(st.y, c64 - r)  # g'd + ‖d‖²
+        alpha, tau_new, xi_new = _adaptive_rule(denom - dd, dd, denom, (before - after).clamp_min(0.0), tau, xi, **rule)
+        info = {**solver.info(st, ctx.c), "multipliers": st.y}
+        info["u_norm"] = alpha.to(info["u_norm"].dtype) * info["u_norm"]
+        return st.delta, info, alpha, tau_new, xi_new
 
     def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         r"""``(L, Γ)`` as given, or estimated from the closure at nearby points (parameters restored exactly).
@@ -288,11 +326,24 @@ def sqp_direction(
     rank_tol: float,
     sync_free: bool = False,
     damping: Tensor | None = None,
+    num_ineq: int = 0,
+    warm: InequalityWarmStart | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of the fixed-step :class:`StochasticSQP` step: ``(γ v + u, diagnostics)`` with
     :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection). ``multipliers`` in the
-    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg`."""
+    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg`. With ``num_ineq`` > 0 the last rows
+    of c and J are inequalities :math:`c_i \\le 0` and the step is the QP
+    :math:`\\min_d \\tfrac12\\|d + \\Lambda g\\|^2` s.t. :math:`\\gamma c_E + J_E d = 0`,
+    :math:`\\gamma c_I + J_I d \\le 0` (:mod:`sqpoptim._inequality`); its multipliers divided by the (largest)
+    learning rate are the multiplier estimates."""
     m = c.shape[0]
+    if num_ineq:
+        solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+        Jm, G = explicit_jacobian(J)
+        st = solver.step(-(lr * g), c, Jm, G=G)
+        scale = lr.max().double() if isinstance(lr, Tensor) else lr
+        lam = st.y / scale if not (isinstance(scale, float) and scale == 0.0) else st.y
+        return st.delta, {**solver.info(st, c), "multipliers": lam}
     if not m:
         u = -(lr * g)
         return u, step_info(c, None, torch.zeros_like(u), u)
@@ -334,6 +385,34 @@ def adaptive_step_size(
     gd, dd = gv - uu, vv + uu
     c1 = c.abs().sum().double() if c.numel() else gd.new_zeros(())
     denom = gv + vv  # = g'd + max(d'Hd, 0) with H = I
+    return _adaptive_rule(
+        gd, dd, denom, c1, tau, xi, beta=beta, L=L, Gamma=Gamma, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi
+    )
+
+
+def _violation_l1(r: Tensor, m_eq: int) -> Tensor:
+    """:math:`\\|r_E\\|_1 + \\|\\max(r_I, 0)\\|_1`."""
+    return r[:m_eq].abs().sum() + r[m_eq:].clamp_min(0.0).sum()
+
+
+def _adaptive_rule(
+    gd: Tensor,
+    dd: Tensor,
+    denom: Tensor,
+    c1: Tensor,
+    tau: Tensor,
+    xi: Tensor,
+    *,
+    beta: float,
+    L: Tensor,
+    Gamma: Tensor,
+    sigma: float,
+    eps_tau: float,
+    eps_xi: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The rule of :func:`adaptive_step_size` from :math:`g^\\top d`, :math:`\\|d\\|^2`,
+    :math:`g^\\top d + \\|d\\|^2` and the model's decrease of the ℓ1 violation (:math:`\\|c\\|_1` when
+    :math:`Jd = -c`)."""
     inf = torch.full_like(gd, math.inf)
     tau_trial = torch.where(denom > 0, (1.0 - sigma) * c1 / torch.where(denom > 0, denom, 1.0), inf)
     tau_new = torch.where(tau > tau_trial, torch.minimum((1.0 - eps_tau) * tau, tau_trial), tau)
