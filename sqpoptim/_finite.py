@@ -31,7 +31,7 @@ _FLAG_NAMES = (
 
 class ZeroJacobianRows(ValueError):
     """Exact mode: constraints with ``c_i != 0`` whose Jacobian rows are all zero (``rows``: their indices); the
-    optimizer turns this into a message that says why (:meth:`ConstrainedOptimizer._zero_rows_error`)."""
+    optimizer turns this into a message that says why (:func:`sqpoptim._feasibility.zero_rows_error`)."""
 
     def __init__(self, rows: list[int]) -> None:
         super().__init__(f"constraint(s) {rows} have all-zero Jacobian rows")

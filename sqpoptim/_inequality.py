@@ -359,9 +359,10 @@ class InequalitySolver:
         """The step's diagnostics in the keys of the equality path (``v_norm``: the working set's normal step
         ‖v_k‖, ``u_norm``: ‖u_k‖, ``rank``: the working-set size, ``gram_cond``: a lower bound on the condition
         number of its scaled Gram matrix, ``c_predicted``: :math:`\\|V(c + Jd)\\|/\\|V(c)\\|` with the violations
-        :math:`V = [c_E; \\max(c_I, 0)]` and d the QP step) plus ``eq_violation`` (max |c_E|), ``ineq_violation``
-        (max(0, max c_I)), ``active_inequalities``, ``qp_iterations``, ``qp_converged`` and ``elastic``; and
-        the partitions for the next step (``active_set``, ``projection_active_set``)."""
+        :math:`V = [c_E; \\max(c_I, 0)]` and d the QP step) plus ``eq_violation``
+        (:math:`\\max_i |c_{E,i}|`), ``ineq_violation`` (max(0, max c_I)), ``active_inequalities``,
+        ``qp_iterations``, ``qp_converged`` and ``elastic``; and the partitions for the next step
+        (``active_set``, ``projection_active_set``)."""
         m = c.shape[0]
         m_eq = m - self.num_ineq
         u = step.tangential()

@@ -88,7 +88,7 @@ class StochasticSQP(ConstrainedOptimizer):
     :math:`\gamma c_{E,k} + J_{E,k}d = 0`, :math:`\gamma c_{I,k} + J_{I,k}d \le 0`); the adaptive rule takes
     :math:`x_{k+1} = x_k + \alpha_k d_k` with the merit function
     :math:`\tau f + \|c_E\|_1 + \|\max(c_I, 0)\|_1` and the model's decrease of that violation in place of
-    :math:`\|c_k\|_1` (:meth:`_adaptive_with_inequalities`). The QP is solved in its dual on the Gram matrix,
+    :math:`\|c_k\|_1` (``_adaptive_with_inequalities``). The QP is solved in its dual on the Gram matrix,
     warm-started from the last working set, with an elastic relaxation when the linearisation is inconsistent
     (:mod:`sqpoptim._inequality`, which states the deviations from the paper). All groups must share
     ``normal_lr``; the QP step is not damped (``normal_damping`` in :class:`~sqpoptim.ProjectedHeavyBallSQP`).

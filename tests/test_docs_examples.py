@@ -97,7 +97,10 @@ def test_a_closure_calling_backward_is_refused_with_the_contract_and_nothing_cha
     model = linear_model()
     opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
     before = flat(model).clone()
-    with pytest.raises(TypeError, match=r"must return \(loss, c\) or \(loss, c, J\) and must not call backward"):
+    with pytest.raises(
+        TypeError,
+        match=r"must return \(loss, c\), \(loss, c, J\) or \(loss, Constraints\(.*\)\) and must not call backward",
+    ):
         opt.step(forms["closure_calling_backward"](model, opt))
     assert torch.equal(flat(model), before)
 
