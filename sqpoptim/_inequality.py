@@ -87,7 +87,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, DenseSolver
+from ._constraint_solver import ConstraintSolver
+from ._dense_solver import DenseSolver
 from ._dual_qp import DualQPResult, solve_dual_qp
 from ._linalg import gram
 

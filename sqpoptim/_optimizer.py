@@ -9,7 +9,7 @@ A step reads
    an explicit matrix or autograd products), then the objective's gradient g (:mod:`sqpoptim._gradient`) —
    J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s — and
    the solver over J: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
-   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``); always dense when the
+   tests), chosen by :func:`sqpoptim._solver_choice.make_solver` (``solver="auto"``); always dense when the
    closure gave inequalities, whose step QP is solved in its dual on the Gram matrix (:mod:`sqpoptim._inequality`);
 4. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
 5. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 
 from . import _damping
 from ._closure import StepInputs, parse_closure_output
-from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
+from ._constraint_solver import ConstraintSolver
 from ._constraints import Constraints
 from ._feasibility import (
     FeasibilityMonitor,
@@ -58,12 +58,13 @@ from ._feasibility import (
 )
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
-from ._hyperparameters import in_group
+from ._hyperparameters import check_step_options, in_group
 from ._inequality import InequalityWarmStart
-from ._krylov import KrylovOptions
+from ._inequality_policy import damping_for, keep_partitions, solver_for
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
 from ._rejection import move_back, record_step
+from ._solver_choice import make_solver
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
 from ._step_inputs import InputReader, warn_if_distributed
 
@@ -147,25 +148,9 @@ class ConstrainedOptimizer(Optimizer):
         process_group: Any = None,
     ) -> None:
         reader = InputReader(jacobian, chunk_size, process_group)  # validates jacobian
-        if solver not in SOLVER_MODES:
-            raise ValueError(f"Invalid solver {solver!r}: expected one of {SOLVER_MODES}")
-        if krylov is not None and not isinstance(krylov, dict):
-            raise TypeError(f"krylov must be a dict of matrix-free solver options; got {type(krylov).__name__}")
-        try:
-            krylov_options = KrylovOptions(**(krylov or {}))
-        except TypeError as err:
-            raise ValueError(f"Invalid krylov options {krylov!r}: {err}") from None
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
-        if rank_tol is not None and not 0.0 < rank_tol < 1.0:
-            raise ValueError(f"Invalid rank_tol: {rank_tol} (expected 0 < rank_tol < 1)")
-        if normal_damping is not None and not (
-            isinstance(normal_damping, (int, float)) and _damping.NU_MIN <= normal_damping <= _damping.NU_MAX
-        ):
-            raise ValueError(
-                f"Invalid normal_damping: {normal_damping!r} (None, or the initial relative damping ν0 in "
-                f"[{_damping.NU_MIN:g}, {_damping.NU_MAX:g}])"
-            )
+        krylov_options = check_step_options(
+            solver=solver, krylov=krylov, chunk_size=chunk_size, rank_tol=rank_tol, normal_damping=normal_damping
+        )
         super().__init__(params, defaults)
         self.normal_damping = None if normal_damping is None else float(normal_damping)
         self.jacobian_mode = jacobian
@@ -303,8 +288,8 @@ class ConstrainedOptimizer(Optimizer):
         s.inputs, s.c_out, s.raw, s.recorder, s.g = read.inputs, read.c_out, read.raw, read.recorder, read.g
         s.returned = (s.inputs.loss.detach(), s.c_out)
         s.m, s.num_ineq = s.inputs.c.shape[0], s.inputs.num_ineq
-        s.solver_mode = self._solver_for(s.num_ineq)
-        s.nu0 = self._damping_for(s.num_ineq)
+        s.solver_mode = solver_for(self.solver_mode, s.num_ineq)
+        s.nu0 = damping_for(self.normal_damping, s.num_ineq)
 
     def _judge(self, s: _Step) -> bool:
         """Phase 2: judge the last damped step from this closure's values; in exact mode a failed one is undone
@@ -401,7 +386,7 @@ class ConstrainedOptimizer(Optimizer):
         assert s.ctx is not None
         self._commit_step(s.ctx, counted)
         if s.num_ineq:
-            self._commit_partitions(partitions, s.applied)
+            keep_partitions(self._global, partitions, s.applied)
             if self._global.damping is not None:  # the last damped step's model no longer predicts this point
                 self._global.damping = dataclasses.replace(self._global.damping, model=None, retry=None)
         assert s.J is not None
@@ -471,47 +456,6 @@ class ConstrainedOptimizer(Optimizer):
         if self._monitor.stalled(v, predicted):
             op = s.J.op
             self._monitor.judge_stall(stationarity_cosine(v.to(s.layout.dtype), op.mv, op.rmv))
-
-    def _solver_for(self, num_ineq: int) -> str:
-        """The solver mode of this step: the one asked for, but always the dense solver with inequalities (the
-        step QP is solved in its dual on the explicit Gram matrix, and the gradient mapping too); the matrix-free
-        solver asked for explicitly is refused then, before anything changes."""
-        if not num_ineq:
-            return self.solver_mode
-        if self.solver_mode == "krylov":
-            raise ValueError(
-                "solver='krylov' (matrix-free) is not available with inequality constraints: the step QP is solved "
-                "in its dual on the m x m Gram matrix of the explicit Jacobian; pass solver='dense' or 'auto' (which "
-                "takes the dense solver whenever inequalities are given)"
-            )
-        return "dense"
-
-    def _damping_for(self, num_ineq: int) -> float | None:
-        """ν0 of this step's damped normal step, or ``None`` (undamped). A step with inequalities is one QP with
-        no separate normal step: the default ν0 globalises the steps without inequalities and leaves it
-        undamped, and any other value, asked for explicitly, is refused before anything changes."""
-        if not num_ineq or self.normal_damping is None:
-            return self.normal_damping
-        if self.normal_damping != _damping.DEFAULT_NU0:
-            raise ValueError(
-                f"normal_damping={self.normal_damping:g} is not available with inequality constraints: the step with "
-                "inequalities is one QP, with no separate normal step to damp; leave normal_damping at its default "
-                f"({_damping.DEFAULT_NU0:g}, which damps only the steps without inequalities) or pass None, and use "
-                "normal_lr < 1 to shorten the feasibility step"
-            )
-        return None
-
-    def _commit_partitions(self, partitions: tuple[Tensor | None, Tensor | None], applied: Tensor | None) -> None:
-        """Keep the step's dual partitions (the warm start of the next step); a refused step keeps the old ones."""
-        names = ("inequality_active", "projection_active")
-        for name, new in zip(names, partitions):
-            if new is None:
-                continue
-            old = getattr(self._global, name)
-            if applied is not None:
-                old = torch.zeros_like(new) if old is None or old.shape != new.shape else old
-                new = torch.where(applied, new, old)
-            setattr(self._global, name, new)
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
         """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods;

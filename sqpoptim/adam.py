@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, as_solver
+from ._constraint_solver import ConstraintSolver
 from ._damping import DEFAULT_NU0
+from ._dense_solver import as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
@@ -60,9 +61,9 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     Defaults: ``projection="euclidean"`` and ``bias_correction="defossez"`` follow the paper's Algorithm 3;
     ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the whole feasibility step; the
     authors' code scales it by the learning rate (``normal_lr=None``), with which c shrinks only like
-    :math:`(1-\alpha)^k`. That default is a measured deviation from the spec (which marks it [design] with
-    γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
-    comparison of the projection and bias-correction options.
+    :math:`(1-\alpha)^k`. That default deviates from the authors' code (γ = α); why, and the comparison of
+    the projection and bias-correction options, is in the algorithms guide of the documentation and in
+    RESULTS.md.
 
     Inequalities (``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the moments are fed the
     gradient projected on the null space of the equalities and of the inequalities that bind it, and the step is

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, as_solver
+from ._constraint_solver import ConstraintSolver
 from ._damping import DEFAULT_NU0
+from ._dense_solver import as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
@@ -42,10 +43,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
     takes the whole feasibility step, so linear constraints hold after one undamped step (a few damped ones)
     and nonlinear ones converge fast (quadratically undamped); ``normal_lr=None`` sets γ = α, which scales the
     whole step by the learning rate as the authors' code does (c then shrinks only like :math:`(1-\alpha)^k`).
-    **Deviation from the spec's default** (γ = α, marked [design]): measured on the problem suite (RESULTS.md),
-    γ = 1 reaches a lower or equal objective on spring, Darcy, the manifold toy and the reaction network and
-    always satisfies the constraints, which γ = α does not within the budgets (Burgers is the exception on the
-    objective).
+    **Deviation from the authors' code** (γ = α): the measurements behind the default γ = 1 are in the
+    algorithms guide of the documentation and in RESULTS.md.
 
     With no constraints (m = 0) this is exactly the EMA heavy-ball method
     :math:`m_k = \beta m_{k-1} + (1-\beta) g_k,\ x_{k+1} = x_k - \alpha m_k`, i.e. ``torch.optim.SGD`` with

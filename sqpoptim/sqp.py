@@ -2,7 +2,6 @@ r"""Stochastic SQP (Algorithm 1; Berahas, Curtis, Robinson, Zhou, SIAM J. Optim.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,8 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, as_solver
+from ._adaptive_step import _adaptive_rule, _violation_l1, adaptive_step_size
+from ._constraint_solver import ConstraintSolver
 from ._damping import DEFAULT_NU0
+from ._dense_solver import as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
 from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
@@ -20,7 +21,7 @@ from ._linalg import step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 from ._state import OptimizerState
 
-__all__ = ["StochasticSQP", "adaptive_step_size", "sqp_direction"]
+__all__ = ["StochasticSQP", "adaptive_step_size", "sqp_direction"]  # adaptive_step_size: re-exported
 
 
 @dataclass
@@ -351,78 +352,3 @@ def sqp_direction(
     delta, info = S.step(lr * g, c, normal_lr, damping)
     lam = S.project(g, multipliers=True)[1] if S.kind == "dense" else None  # (no matrix-free solve for it)
     return delta, {**info, "multipliers": lam}
-
-
-def adaptive_step_size(
-    g: Tensor,
-    v: Tensor,
-    u: Tensor,
-    c: Tensor,
-    tau: Tensor,
-    xi: Tensor,
-    *,
-    beta: float,
-    L: Tensor,
-    Gamma: Tensor,
-    sigma: float = 0.1,
-    eps_tau: float = 0.01,
-    eps_xi: float = 0.01,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(α_k, τ_k, ξ_k)`` of the Berahas et al. (2021) rule for :math:`d = v + u`, :math:`u = -Pg` (see
-    :class:`StochasticSQP`), as float64 device tensors, computed without host synchronisation. A zero direction
-    returns α = 0 and the old τ, ξ.
-
-    The inner products use the identities of the decomposition instead of forming :math:`g^\top d` and
-    :math:`\\|d\\|^2` from d: :math:`g^\top u = -\\|u\\|^2` and :math:`u^\top v = 0`, so
-    :math:`g^\top d + \\|d\\|^2 = g^\top v + \\|v\\|^2`, which is O(‖c‖). Computed from d directly it is the
-    difference of two O(‖u‖²) numbers, and once c reaches rounding level that cancellation alone drives τ to
-    zero. The model reduction is :math:`\\Delta l = -\tau g^\top d + \\|c\\|_1` (J d = -c); with
-    :math:`\tau \\le \tau^{trial}` it is at least :math:`\tau\\|d\\|^2 + \\sigma\\|c\\|_1 > 0`, so ξ stays
-    positive.
-    """
-    gv = torch.dot(g, v).double()
-    vv, uu = torch.dot(v, v).double(), torch.dot(u, u).double()
-    gd, dd = gv - uu, vv + uu
-    c1 = c.abs().sum().double() if c.numel() else gd.new_zeros(())
-    denom = gv + vv  # = g'd + max(d'Hd, 0) with H = I
-    return _adaptive_rule(
-        gd, dd, denom, c1, tau, xi, beta=beta, L=L, Gamma=Gamma, sigma=sigma, eps_tau=eps_tau, eps_xi=eps_xi
-    )
-
-
-def _violation_l1(r: Tensor, m_eq: int) -> Tensor:
-    """:math:`\\|r_E\\|_1 + \\|\\max(r_I, 0)\\|_1`."""
-    return r[:m_eq].abs().sum() + r[m_eq:].clamp_min(0.0).sum()
-
-
-def _adaptive_rule(
-    gd: Tensor,
-    dd: Tensor,
-    denom: Tensor,
-    c1: Tensor,
-    tau: Tensor,
-    xi: Tensor,
-    *,
-    beta: float,
-    L: Tensor,
-    Gamma: Tensor,
-    sigma: float,
-    eps_tau: float,
-    eps_xi: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The rule of :func:`adaptive_step_size` from :math:`g^\\top d`, :math:`\\|d\\|^2`,
-    :math:`g^\\top d + \\|d\\|^2` and the model's decrease of the ℓ1 violation (:math:`\\|c\\|_1` when
-    :math:`Jd = -c`)."""
-    inf = torch.full_like(gd, math.inf)
-    tau_trial = torch.where(denom > 0, (1.0 - sigma) * c1 / torch.where(denom > 0, denom, 1.0), inf)
-    tau_new = torch.where(tau > tau_trial, torch.minimum((1.0 - eps_tau) * tau, tau_trial), tau)
-    dl = -tau_new * gd + c1
-    safe_dd = torch.where(dd > 0, dd, 1.0)
-    xi_trial = dl / (tau_new * safe_dd)
-    xi_new = torch.where(xi > xi_trial, torch.minimum((1.0 - eps_xi) * xi, xi_trial), xi)
-    scale = tau_new * L + Gamma
-    a_hat = beta * xi_new * tau_new / scale
-    a_tilde = a_hat - 4.0 * c1 / (scale * safe_dd)
-    alpha = torch.where(a_hat < 1, a_hat, torch.where(a_tilde > 1, a_tilde, torch.ones_like(a_hat)))
-    moving = dd > 0
-    return torch.where(moving, alpha, 0.0), torch.where(moving, tau_new, tau), torch.where(moving, xi_new, xi)

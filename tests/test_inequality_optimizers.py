@@ -369,9 +369,9 @@ def test_matrix_free_solver_with_inequalities_is_refused_before_anything_changes
         with torch.no_grad():
             x.zero_()
     with pytest.raises(ValueError, match="inequality constraints need the dense constraint solver"):
-        from sqpoptim._constraint_solver import KrylovSolver
         from sqpoptim._jacobian_operator import DenseJacobian
         from sqpoptim._krylov import KrylovOptions
+        from sqpoptim._krylov_solver import KrylovSolver
 
         sqpoptim.heavy_ball.heavy_ball_sqp_direction(
             a,

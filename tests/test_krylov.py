@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 import sqpoptim
-from sqpoptim._constraint_solver import DenseSolver, KrylovSolver, choose, make_solver
+from sqpoptim._dense_solver import DenseSolver
 from sqpoptim._jacobian_operator import AutogradJacobian, DenseJacobian
 from sqpoptim._krylov import KrylovOptions, inexact_step, minres
+from sqpoptim._krylov_solver import KrylovSolver
 from sqpoptim._linalg import factor_gram, gram, kkt_reference, project, scaled_normal_step
+from sqpoptim._solver_choice import choose, make_solver
 
 from .helpers import f64
 
