@@ -143,6 +143,7 @@ def check_compile_example(backend: str):
     torch.testing.assert_close(flat(ns["model"]), train_eager(200), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # compiling costs ~8 s of CPU; the compiled-module tests below stay in the default suite
 def test_compile_example_matches_eager_training():
     check_compile_example("aot_eager")
 
