@@ -293,3 +293,33 @@ def test_a_feasible_problem_reports_that_the_linearised_step_removes_the_violati
     half = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_lr=0.5, sync_free=True, normal_damping=None)
     half.step(lambda: (((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)))
     assert half.diagnostics()["c_predicted"] == pytest.approx(0.5, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------- a refused first step
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("name", [*SQP, "sqp-adaptive-estimated"])
+def test_a_step_whose_closure_raises_leaves_the_state_dict_as_it_was(name, sync_free):
+    """Nothing of a step that failed in its closure reaches ``state_dict()``, not even an empty entry: the
+    second step fails in its closure (the adaptive rule that estimates its Lipschitz constants fails inside its
+    first step, at its second closure call)."""
+    make = SQP.get(name, lambda p, **kw: sqpoptim.StochasticSQP(p, step_rule="adaptive", **kw))
+    model = TinyPINN(seed=2)
+    opt = make(model.parameters(), lr=1e-2, sync_free=sync_free)
+    calls, snapshots = [0], [repr(opt.state_dict())]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("the user's closure failed")
+        return ((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)
+
+    with pytest.raises(RuntimeError, match="the user's closure failed"):
+        for _ in range(2):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step(closure)
+            snapshots.append(repr(opt.state_dict()))
+    assert repr(opt.state_dict()) == snapshots[-1]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(snapshots) == (1 if name == "sqp-adaptive-estimated" else 2)
