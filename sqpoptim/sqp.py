@@ -298,7 +298,11 @@ class StochasticSQP(ConstrainedOptimizer):
                     rows = DenseJacobian(J).row_check() if J.shape[0] else None
                     self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, rows, sync_free=False)
                 except (FloatingPointError, ValueError) as err:
-                    raise type(err)(f"while estimating the Lipschitz constants (step_rule='adaptive'): {err}") from None
+                    kind = FloatingPointError if isinstance(err, FloatingPointError) else ValueError
+                    raise kind(
+                        f"while estimating the Lipschitz constants (step_rule='adaptive') at a point {radius:.3g} "
+                        f"from the iterate: {err}; the step was refused and the parameters are unchanged"
+                    ) from None
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)

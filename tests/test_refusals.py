@@ -323,3 +323,21 @@ def test_a_step_whose_closure_raises_leaves_the_state_dict_as_it_was(name, sync_
     assert repr(opt.state_dict()) == snapshots[-1]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert len(snapshots) == (1 if name == "sqp-adaptive-estimated" else 2)
+
+
+def test_zero_rows_at_the_lipschitz_estimates_point_are_named_in_one_clear_message():
+    x = torch.tensor([1.0, 2.0], dtype=f64, requires_grad=True)
+    opt = sqpoptim.StochasticSQP([x], lr=1.0, step_rule="adaptive")
+    calls = [0]
+
+    def closure():  # at the nearby point of the estimate the constraint no longer depends on x
+        calls[0] += 1
+        c = (x[:1] - 3) if calls[0] == 1 else (x[:1] * 0 + 1)
+        return (x**2).sum(), c
+
+    with pytest.raises(ValueError) as err:
+        opt.step(closure)
+    message = str(err.value)
+    assert message.startswith("while estimating the Lipschitz constants (step_rule='adaptive') at a point")
+    assert "constraint(s) [0] have all-zero Jacobian rows" in message and "parameters are unchanged" in message
+    assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=f64))
