@@ -12,19 +12,14 @@ from sqpoptim import _damping
 from sqpoptim._linalg import damped, factor_gram, gram, normal_step
 
 from .helpers import TinyPINN, burgers_residual, f64
+from .optimizers import PROJECTED_SQP, factories
 from .test_linalg import random_problem
 
 X = torch.rand(40, 2, dtype=f64, generator=torch.Generator().manual_seed(8))
 Y = torch.sin(2 * X[:, :1])
 PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
 
-DAMPED = {
-    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, **kw),
-    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, **kw),
-    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, **kw),
-    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, projection="scaled", **kw),
-    "adam-con": lambda p, **kw: sqpoptim.ConstrainedAdam(p, **kw),
-}
+DAMPED = factories(*PROJECTED_SQP)
 
 
 def _rejected(opt) -> int:

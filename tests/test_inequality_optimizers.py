@@ -12,6 +12,7 @@ import torch
 import sqpoptim
 
 from .helpers import TinyPINN, burgers_residual, burgers_residual_pointwise, f64
+from .optimizers import factories
 from .qp_oracles import qp_reference
 
 FACTORIES = {
@@ -21,12 +22,8 @@ FACTORIES = {
     "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=0.1, **kw),
     "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=0.1, projection="scaled", **kw),
 }
-SMALL_LR = {  # for the network: steps that keep the inequalities below far from their bound
-    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, lr=1e-2, **kw),
-    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2, **kw),
-    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, **kw),
-    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, projection="scaled", **kw),
-}
+SMALL_LR = factories("sqp", "sqp-hb", "sqp-adam", "sqp-adam-scaled", lr=1e-2)  # for the network: steps that keep
+# the inequalities below far from their bound
 FIXED = ["sqp", "sqp-hb", "sqp-adam", "sqp-adam-scaled"]
 
 
