@@ -79,7 +79,7 @@ class KrylovSolver(ConstraintSolver):
         b = -c.double()
         shift = 0.0
         if damping is not None:
-            shift = float(damping) * float(self.op.row_sq_norms(w).mean())
+            shift = float(damping) * float(self.op.mean_row_sq_norm(w))
         opt = self.options
         target = (opt.rtol if opt.rtol is not None else opt.epsilon) * float(torch.linalg.vector_norm(b))
         inv = self._inv_diag() if weight is None else _inv_diag(self.op, w, opt.jacobi)
