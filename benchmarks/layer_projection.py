@@ -1,4 +1,4 @@
-r"""Projection time and peak memory of the output layers on issue 4's quadratic instance.
+r"""Projection time and peak memory of the output layers on a random quadratic-equality instance.
 
 Instance (200 outputs, 150 nonlinear equalities, C3's form):
 :math:`h_i(x, y) = y^\top A_i y + c_i^\top y + d_i - x_i^3` with :math:`A_i = 0.02(G_i + G_i^\top)`,
@@ -15,7 +15,7 @@ Two ways to give the layers the Jacobian :math:`J_{ik} = (2A_iy + c_i)_k`:
   every constraint and sample), :math:`O(B m n^2)`; KKT-Hardnet also gets
   :math:`\sum_i w_i \nabla^2 h_i = 2\sum_i w_i A_i` as one GEMM.
 
-Per configuration: wall time of ``layer.project`` in evaluation mode without autograd (median of
+Per configuration: wall and process CPU time of ``layer.project`` in evaluation mode without autograd (median of
 ``--repeats`` after one warm-up), iterations, the largest :math:`|h|` of the output (evaluated independently
 in float64), and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS during the runs minus the
 resident set before them, each configuration in a fresh subprocess). Stopping rules: ENFORCE until
@@ -49,7 +49,7 @@ N_OUT, N_CON = 200, 150
 
 
 def make_instance(batch: int, device: torch.device, seed: int = 0):
-    """The issue's instance in float64: ``(A [m, n, n], c [m, n], d [m], x [B, m], y_star, y_hat [B, n])``."""
+    """The instance in float64: ``(A [m, n, n], c [m, n], d [m], x [B, m], y_star, y_hat [B, n])``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     G = torch.randn(N_CON, N_OUT, N_OUT, dtype=torch.float64, generator=gen)
     A = 0.02 * (G + G.mT)
@@ -145,23 +145,25 @@ def run_config(cfg: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         mem0 = torch.cuda.memory_allocated(device)
-    times = []
+    times, cpu = [], []
     with torch.set_grad_enabled(gradient is not None):
         for _ in range(cfg["repeats"] + 1):  # the first run warms up (allocator, kernels)
             y_in = y_hat.detach().requires_grad_(gradient is not None)
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = layer.project(x, y_in)
             if gradient is not None:  # forward + backward of a linear loss, as in a training step
                 (res.y * weights).sum().backward()
             _sync(device)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     with torch.no_grad():
         max_c = float(make_constraints(A, c, d, "generic").violation(x, res.y.detach()).max())
     peak = torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else _peak_rss_bytes() - rss0
     return {
         **cfg,
         "time_s": statistics.median(times[1:]),
+        "cpu_s": statistics.median(cpu[1:]),
         "iterations": res.iterations,
         "max_abs_c": max_c,
         "converged": bool(res.converged.all()),
@@ -170,23 +172,43 @@ def run_config(cfg: dict) -> dict:
 
 
 def time_jacobian_modes(batch: int, device: torch.device, repeats: int) -> list[dict]:
-    """One generic Jacobian of h by vmap(jacrev) and vmap(jacfwd), against the structured GEMM."""
+    """One generic Jacobian of h: the layers' row-batched reverse and forward modes, the per-sample
+    ``vmap(jacrev(h_b))`` they replaced, a loop of one ``autograd.grad`` per row, and the structured GEMM
+    (process CPU time, median of ``repeats`` after a warm-up)."""
     A, c, d, x, _, y_hat = make_instance(batch, device)
-    rows = []
-    for label, cons in (
-        ("rev", make_constraints(A, c, d, "generic", "rev")),
-        ("fwd", make_constraints(A, c, d, "generic", "fwd")),
-        ("structured", make_constraints(A, c, d, "structured")),
-    ):
+    h = make_constraints(A, c, d, "generic").h
+    rows = c.shape[0]
+
+    def per_sample():
+        single = lambda xi, yi: h(xi[None], yi[None])[0]  # noqa: E731
+        return torch.func.vmap(torch.func.jacrev(single, argnums=1))(x, y_hat)
+
+    def loop():
+        y = y_hat.detach().requires_grad_()
+        out = h(x, y)
+        eye = torch.eye(rows, dtype=y.dtype, device=y.device)
+        return torch.stack(
+            [torch.autograd.grad(out, y, eye[i].expand_as(out), retain_graph=True)[0] for i in range(rows)], 1
+        )
+
+    candidates = {
+        "rev (rows)": lambda: make_constraints(A, c, d, "generic", "rev").evaluate(x, y_hat, jacobian=True),
+        "fwd (columns)": lambda: make_constraints(A, c, d, "generic", "fwd").evaluate(x, y_hat, jacobian=True),
+        "per-sample jacrev": per_sample,
+        "autograd loop": loop,
+        "structured": lambda: make_constraints(A, c, d, "structured").evaluate(x, y_hat, jacobian=True),
+    }
+    out = []
+    for label, fn in candidates.items():
         times = []
         for _ in range(repeats + 1):
             _sync(device)
-            t0 = time.perf_counter()
-            cons.evaluate(x, y_hat, jacobian=True)
+            t0 = time.process_time()
+            fn()
             _sync(device)
-            times.append(time.perf_counter() - t0)
-        rows.append({"jacobian": label, "batch": batch, "time_s": statistics.median(times[1:])})
-    return rows
+            times.append(time.process_time() - t0)
+        out.append({"jacobian": label, "batch": batch, "time_s": statistics.median(times[1:])})
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -214,10 +236,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.jac_modes:
         rows = [r for b in args.batch for r in time_jacobian_modes(b, device, args.repeats)]
         for r in rows:
-            print(f"jacobian={r['jacobian']:<10} batch={r['batch']:<5} {1e3 * r['time_s']:10.1f} ms", flush=True)
+            print(f"jacobian={r['jacobian']:<18} batch={r['batch']:<5} {1e3 * r['time_s']:10.1f} ms CPU", flush=True)
     else:
         rows = []
-        header = f"{'layer':<11}{'path':<11}{'grad':<9}{'batch':>6}{'time [s]':>11}{'iters':>7}{'max|c|':>11}"
+        header = (
+            f"{'layer':<11}{'path':<11}{'grad':<9}{'batch':>6}{'wall [s]':>11}{'CPU [s]':>10}{'iters':>7}{'max|c|':>11}"
+        )
         header += f"{'peak GiB':>10}"
         print(f"device={device} threads={args.threads} torch={torch.__version__}\n{header}", flush=True)
         isolate = device.type == "cpu" and not args.no_isolate
@@ -242,7 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row = run_config(cfg)
                     rows.append(row)
                     print(
-                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}{row['time_s']:>11.3f}"
+                        f"{layer:<11}{path:<11}{gradient or '-':<9}{batch:>6}"
+                        f"{row['time_s']:>11.3f}{row['cpu_s']:>10.3f}"
                         f"{row['iterations']:>7}"
                         f"{row['max_abs_c']:>11.1e}{row['peak_mem_gib']:>10.2f}",
                         flush=True,

@@ -205,16 +205,23 @@ class NonconvexProgram(LayerProblem):
         x = x.to(y.dtype)
         if self.kind == "linear":
             return y @ d["A"].T - x, d["A"].expand(y.shape[0], -1, -1)  # [B, m], [B, m, n]
-        Ay = torch.einsum("mij,bj->bmi", d["quad"], y)  # [B, m, n]: rows A_i y
-        h = (Ay * y[:, None, :]).sum(-1) + y @ d["A"].T + d["d"] - x**3  # [B, m]
-        return h, 2.0 * Ay + d["A"]  # J rows 2 A_i y + c_i
+        Ay = self._quad_products(y)  # [B, m, n]: rows A_i y
+        h = (Ay @ y[:, :, None]).squeeze(-1) + y @ d["A"].T + d["d"] - x**3  # [B, m]
+        return h, torch.add(d["A"], Ay, alpha=2.0)  # J rows 2 A_i y + c_i, one pass
+
+    def _quad_products(self, y: Tensor) -> Tensor:
+        """``A_i y`` for every constraint and sample, ``[B, m, n]``, as one GEMM ``[B, n] x [n, m n]`` (the A_i are
+        symmetric, so ``y^T A_i`` is ``(A_i y)^T``); ``h`` then needs one batched product with ``y`` and ``J`` one
+        fused add, where the element-wise form made two more passes over the ``[B, m, n]`` tensor."""
+        flat = self._data(y)["quad"].reshape(-1, y.shape[-1])  # [m n, n], a view
+        return (y @ flat.T).view(y.shape[0], -1, y.shape[-1])
 
     def _h(self, x: Tensor, y: Tensor) -> Tensor:
         d = self._data(y)
         x = x.to(y.dtype)
         if self.kind == "linear":
             return y @ d["A"].T - x
-        quad_form = torch.einsum("bi,mij,bj->bm", y, d["quad"], y)  # [B, m]
+        quad_form = (self._quad_products(y) @ y[:, :, None]).squeeze(-1)  # [B, m]
         return quad_form + y @ d["A"].T + d["d"] - x**3
 
     def _lagrangian_hessian(self, x: Tensor, y: Tensor, w_h: Tensor, w_g: Tensor | None) -> Tensor:

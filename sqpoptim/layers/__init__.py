@@ -12,8 +12,16 @@ without side effects in ``forward``, and return diagnostics as values from ``pro
 * :class:`HardNetAffine` — HardNet's closed form for affine constraints (one step, exact).
 * :class:`EnforceProjection` — ENFORCE's AdaNP (repeated NP steps, equalities); :func:`adanp_activation` is
   the paper's activation rule for the training loop.
-* :class:`HardNetPP` — HardNet++'s damped linearisations (equalities and two-sided inequalities).
-* :class:`KKTHardNet` — Newton on the projection's KKT system with Fischer–Burmeister slacks.
+* :class:`HardNetPP` — HardNet++ (equalities and two-sided inequalities): a globalised Levenberg–Marquardt
+  iteration by default (``method="lm"``), the paper's damped linearisations with ``method="paper"``.
+* :class:`KKTHardNet` — Newton on the projection's KKT system with Fischer–Burmeister slacks, globalised by
+  default (``method="newton"``), the paper's iteration with ``method="paper"``.
+
+The iterative layers differentiate at their output by default (``gradient="implicit"``: one linear solve per
+backward, no graph of the iterations); ``gradient="unrolled"`` backpropagates through every iteration, as the
+papers train. With only ``h``/``g`` given, Jacobians come from :mod:`torch.func` on the batched function
+(forward or reverse mode, whichever takes fewer passes), and ENFORCE and HardNet++ form them once per call and
+update them by Broyden's rule (``jacobian="auto"``); ``h_jac``/``g_jac`` give cheaper exact ones.
 """
 
 from ._base import ProjectionResult, ProjectionWarning

@@ -19,17 +19,26 @@ Conventions
 * The layers call them with ``y`` (and a floating ``x``) in the layer's ``solve_dtype`` (float64 by default):
   constants inside ``h``/``g`` must follow the input (``A.to(y)``); a result in a lower precision than ``y``
   raises a ``TypeError`` rather than silently losing the digits the solve needs.
-* Jacobians in :math:`y` are formed per sample with :mod:`torch.func`: ``vmap(jacrev(h_b))`` over the samples
-  (``jac_mode="rev"``, m reverse passes) or ``vmap(jacfwd(h_b))`` (``jac_mode="fwd"``, n forward passes),
-  where ``h_b`` calls ``h`` on a batch of one. So ``h`` and ``g`` must be ``torch.func``-compatible: no
-  in-place writes into their inputs, no ``.item()``, no Python branching on values.
+* Jacobians in :math:`y` are formed with :mod:`torch.func` on the *batched* function, using that rows are
+  independent (row ``b`` of ``h(x, y)`` depends on ``x[b]``, ``y[b]`` only): a vector-Jacobian product with the
+  cotangent :math:`e_i` in every sample gives row i of every sample's Jacobian at once, so ``vmap`` over the
+  ``rows`` unit cotangents forms ``J [B, rows, n]`` in ``rows`` reverse passes of the whole batch
+  (``jac_mode="rev"``); ``vmap`` over the ``n`` unit tangents of ``jvp`` forms it in ``n`` forward passes
+  (``"fwd"``). ``"auto"`` (the default) takes the fewer passes: forward when :math:`n <` rows. Each pass keeps
+  the user's batch dimension, so the batched matrix products inside ``h`` stay large (vectorising over samples
+  instead, ``vmap(jacrev(h_b))`` with ``h`` on batches of one, measured 3-4x slower on the 200-variable,
+  150-quadratic-row benchmark of ``benchmarks/layer_projection.py``). ``jac_chunk_size`` passes are vectorised
+  together (``"auto"``: as many as keep ``chunk * B * (n + rows)`` below :math:`2^{23}` elements, which bounds
+  the stacked tangents and, for functions whose intermediates scale with their inputs, the memory of the
+  pass). So ``h`` and ``g`` must be ``torch.func``-compatible: no in-place writes into their inputs, no
+  ``.item()``, no Python branching on values; ``"fwd"`` also needs forward-mode formulas for their operators.
 * A structure-exploiting Jacobian can be supplied instead (``h_jac``, ``g_jac``): a callable returning
   ``J [B, m, n]`` or the pair ``(h [B, m], J [B, m, n])``; the pair lets one shared product serve both (for
   quadratic constraints :math:`y^\top A_i y + c_i^\top y + d_i` the rows are :math:`2A_i y + c_i`, one
   batched product, where generic reverse mode pays m times the cost of ``h``).
 * ``lagrangian_hessian(x, y, w_h, w_g) -> [B, n, n]`` optionally returns
   :math:`\sum_i w_{h,i}\nabla^2_{yy} h_i + \sum_j w_{g,j}\nabla^2_{yy} g_j` (only :class:`KKTHardNet`
-  needs it); without it, ``vmap(jacfwd(grad(.)))`` of the weighted sum.
+  needs it); without it, the forward-mode Jacobian (as above) of the batched gradient of the weighted sum.
 * With ``g`` but neither bound, the convention of KKT-Hardnet applies: :math:`g(x, y) \le 0`.
 """
 
@@ -40,9 +49,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, jacrev, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-__all__ = ["ConstraintEvaluation", "OutputConstraints"]
+__all__ = ["ConstraintEvaluation", "OutputConstraints", "batched_jacobian"]
 
 ConstraintFn = Callable[[Tensor | None, Tensor], Tensor]
 JacobianFn = Callable[[Tensor | None, Tensor], Tensor | tuple[Tensor, Tensor]]
@@ -62,7 +71,9 @@ class ConstraintEvaluation:
     @property
     def c(self) -> Tensor:
         """Stacked values :math:`c = [h; g]`, ``[B, m + q]``."""
-        return torch.cat([t for t in (self.h, self.g) if t is not None], dim=-1)
+        if self.g is None or self.h is None:
+            return self.h if self.g is None else self.g
+        return torch.cat([self.h, self.g], dim=-1)
 
     @property
     def c_jac(self) -> Tensor:
@@ -70,7 +81,7 @@ class ConstraintEvaluation:
         parts = [t for t in (self.h_jac, self.g_jac) if t is not None]
         if len(parts) != (self.h is not None) + (self.g is not None):
             raise RuntimeError("Jacobians were not evaluated (call evaluate(..., jacobian=True))")
-        return torch.cat(parts, dim=-2)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # one block: no copy
 
 
 def _check_block(value: Tensor, name: str, batch: int, y: Tensor) -> None:
@@ -92,6 +103,35 @@ def _check_jacobian(jac: Tensor, name: str, value: Tensor, y: Tensor) -> None:
         raise ValueError(f"{name}_jac(x, y) must return shape [B, rows, n] = {list(expected)}; got {got}")
 
 
+CHUNK_ELEMENTS = 2**23
+
+
+def batched_jacobian(
+    fn: Callable[[Tensor], Tensor], y: Tensor, rows: int, mode: str = "auto", chunk_size: int | str | None = "auto"
+) -> Tensor:
+    r"""Per-sample Jacobians ``[B, rows, n]`` of a batched, row-independent ``fn: [B, n] -> [B, rows]``.
+
+    Reverse mode: ``vmap`` over the ``rows`` cotangents :math:`e_i` (the same in every sample) of one
+    vector-Jacobian product of the whole batch; forward mode: ``vmap`` over the ``n`` tangents :math:`e_j` of
+    ``jvp``. ``mode="auto"`` picks the fewer passes (forward when ``n < rows``). Differentiable: under an outer
+    autograd graph the result carries second derivatives (``torch.func`` transforms compose with autograd).
+    """
+    batch, n = y.shape
+    if mode == "auto":
+        mode = "fwd" if n < rows else "rev"
+    passes = rows if mode == "rev" else n
+    if chunk_size == "auto":
+        chunk_size = max(1, min(passes, CHUNK_ELEMENTS // max(1, batch * (n + rows))))
+    if mode == "rev":
+        _, pullback = vjp(fn, y)
+        basis = torch.eye(rows, dtype=y.dtype, device=y.device).unsqueeze(1).expand(rows, batch, rows)
+        (jac,) = vmap(pullback, chunk_size=chunk_size)(basis)  # [rows, B, n]
+        return jac.movedim(0, 1)
+    basis = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(1).expand(n, batch, n)
+    jac = vmap(lambda t: jvp(fn, (y,), (t,))[1], chunk_size=chunk_size)(basis)  # [n, B, rows]
+    return jac.permute(1, 2, 0)
+
+
 class OutputConstraints:
     r"""Equalities :math:`h(x, y) = 0` and bounds :math:`b_l \le g(x, y) \le b_u` on a network's output.
 
@@ -102,11 +142,10 @@ class OutputConstraints:
             ``x -> [B, q]``; ``±inf`` entries switch a side off. Both ``None``: ``g <= 0``.
         h_jac, g_jac: optional structure-exploiting Jacobians (see the module docstring).
         lagrangian_hessian: optional ``(x, y, w_h, w_g) -> [B, n, n]``, the weighted constraint Hessians.
-        jac_mode: ``"rev"`` (``vmap(jacrev)``, m reverse passes) or ``"fwd"`` (``vmap(jacfwd)``, n forward
-            passes) for the generic Jacobians. Reverse is the default: the layers need
-            :math:`m + q < n` or close to it, and it measured faster on the benchmark instance
-            (``benchmarks/layer_projection.py``).
-        jac_chunk_size: rows per reverse pass in ``jacrev`` (bounds memory; ``None``: all at once).
+        jac_mode: ``"auto"`` (forward mode when ``n`` < rows, else reverse), ``"rev"`` (one reverse pass per
+            row) or ``"fwd"`` (one forward pass per output) for the generic Jacobians (module docstring).
+        jac_chunk_size: passes vectorised together: ``"auto"`` (bounded memory, module docstring), an
+            int, or ``None`` (all at once).
     """
 
     def __init__(
@@ -119,8 +158,8 @@ class OutputConstraints:
         h_jac: JacobianFn | None = None,
         g_jac: JacobianFn | None = None,
         lagrangian_hessian: HessianFn | None = None,
-        jac_mode: str = "rev",
-        jac_chunk_size: int | None = None,
+        jac_mode: str = "auto",
+        jac_chunk_size: int | str | None = "auto",
     ) -> None:
         if h is None and g is None:
             raise ValueError("OutputConstraints needs at least one of h (equalities) or g (inequalities)")
@@ -135,10 +174,14 @@ class OutputConstraints:
             raise ValueError("g_jac given without g")
         if g is None and (lower is not None or upper is not None):
             raise ValueError("bounds lower/upper given without inequality constraints g")
-        if jac_mode not in ("rev", "fwd"):
-            raise ValueError(f"Invalid jac_mode {jac_mode!r}: expected 'rev' or 'fwd'")
-        if jac_chunk_size is not None and jac_chunk_size < 1:
-            raise ValueError(f"Invalid jac_chunk_size: {jac_chunk_size}")
+        if jac_mode not in ("auto", "rev", "fwd"):
+            raise ValueError(f"Invalid jac_mode {jac_mode!r}: expected 'auto', 'rev' or 'fwd'")
+        if (
+            jac_chunk_size != "auto"
+            and jac_chunk_size is not None
+            and (not isinstance(jac_chunk_size, int) or jac_chunk_size < 1)
+        ):
+            raise ValueError(f"Invalid jac_chunk_size: {jac_chunk_size!r} (a positive int, 'auto' or None)")
         if g is not None and lower is None and upper is None:
             upper = 0.0
         self.h, self.g = h, g
@@ -155,6 +198,11 @@ class OutputConstraints:
     @property
     def has_inequalities(self) -> bool:
         return self.g is not None
+
+    @property
+    def has_user_jacobians(self) -> bool:
+        """Every block has a structure-exploiting Jacobian (so Jacobians cost about as much as values)."""
+        return (self.h is None or self.h_jac is not None) and (self.g is None or self.g_jac is not None)
 
     # ------------------------------------------------------------------ values and Jacobians
     def evaluate(self, x: Tensor | None, y: Tensor, *, jacobian: bool = True) -> ConstraintEvaluation:
@@ -192,22 +240,9 @@ class OutputConstraints:
         return self._func_jacobian(fn, name, x, y)
 
     def _func_jacobian(self, fn: ConstraintFn, name: str, x: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
-        # Check the shape inside too: under vmap a wrong shape would otherwise fail with a cryptic error.
-        def single(xi: Tensor | None, yi: Tensor) -> tuple[Tensor, Tensor]:
-            out = fn(None if xi is None else xi.unsqueeze(0), yi.unsqueeze(0))
-            if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-                shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"{name}(x, y) on a batch of one must return shape [1, rows]; got {shape}")
-            out = out.squeeze(0)
-            return out, out
-
-        if self.jac_mode == "rev":
-            transform = jacrev(single, argnums=1, has_aux=True, chunk_size=self.jac_chunk_size)
-        else:
-            transform = jacfwd(single, argnums=1, has_aux=True)
-        jac, value = vmap(transform, in_dims=(None if x is None else 0, 0))(x, y)  # [B, m, n], [B, m]
+        value = fn(x, y)
         _check_block(value, name, y.shape[0], y)
-        return value, jac
+        return value, batched_jacobian(lambda yy: fn(x, yy), y, value.shape[-1], self.jac_mode, self.jac_chunk_size)
 
     def vjp(
         self, x: Tensor | None, y: Tensor, w_h: Tensor | None, w_g: Tensor | None
@@ -249,17 +284,19 @@ class OutputConstraints:
                 raise ValueError(f"lagrangian_hessian must return [B, n, n] = {[y.shape[0], n, n]}; got {got}")
             return hess
 
-        def weighted(xi: Tensor | None, yi: Tensor, whi: Tensor | None, wgi: Tensor | None) -> Tensor:
-            xb = None if xi is None else xi.unsqueeze(0)
-            total = yi.new_zeros(())
-            if self.h is not None:
-                total = total + (self.h(xb, yi.unsqueeze(0)).squeeze(0) * whi).sum()
-            if self.g is not None:
-                total = total + (self.g(xb, yi.unsqueeze(0)).squeeze(0) * wgi).sum()
-            return total
+        def lagrangian_gradient(yy: Tensor) -> Tensor:  # [B, n]: row b is ∇_y of sample b's weighted sum
+            def total(yv: Tensor) -> Tensor:
+                value = yv.new_zeros(())
+                if self.h is not None and w_h is not None:
+                    value = value + (self.h(x, yv) * w_h).sum()
+                if self.g is not None and w_g is not None:
+                    value = value + (self.g(x, yv) * w_g).sum()
+                return value
 
-        dims = (None if x is None else 0, 0, None if w_h is None else 0, None if w_g is None else 0)
-        return vmap(jacfwd(grad(weighted, argnums=1), argnums=1), in_dims=dims)(x, y, w_h, w_g)
+            return grad(total)(yy)
+
+        # Rows are independent, so the gradient's Jacobian is block diagonal: n forward passes give every block.
+        return batched_jacobian(lagrangian_gradient, y, n, "fwd", self.jac_chunk_size)
 
     # ------------------------------------------------------------------ bounds and residuals
     def bounds(self, x: Tensor | None, g: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 r"""ENFORCE's adaptive-depth neural projection (AdaNP) for nonlinear equality constraints.
 
 Lastrucci & Schweidtmann, "ENFORCE: Nonlinear Constrained Learning with Adaptive-depth Neural Projection"
-(``../shared/papers/001_*.txt``, Sec. 4.1, App. D.1-D.2).
+(arXiv:2502.06774, Sec. 4.1, App. D.1-D.2).
 
 .. math::
 
@@ -22,22 +22,31 @@ Notes and deviations
 * The NP step is written as :math:`\tilde y - B^\top(BB^\top)^{-1}c`, algebraically the paper's
   :math:`B^*\hat y + v^*` with :math:`B^* = I - B^\top(BB^\top)^{-1}B`, :math:`v^* = B^\top(BB^\top)^{-1}
   (B\hat y - c)`, without ever forming an ``n x n`` matrix (the paper's D.4 memory estimate is dominated by
-  :math:`B^*`). Exact in one step for constraints affine in :math:`y`.
+  :math:`B^*`). Exact in one step for constraints affine in :math:`y`. The loop is
+  :func:`~sqpoptim.layers._gauss_newton.gauss_newton` without damping.
 * The batch measure is taken over all entries of :math:`|c|`; per-sample ``converged`` in the diagnostics
   is :math:`\max_i |c_i| \le \varepsilon` for the active tolerance, so in training some samples may be
-  flagged although the batch mean met :math:`\varepsilon_T`.
+  flagged although the batch mean met :math:`\varepsilon_T`. A sample that meets the tolerance on its own is
+  not stepped further (the paper steps the whole batch until the batch measure passes; the extra steps would
+  move such a sample by less than the tolerance).
+* Jacobians (``jacobian=``): ``"exact"`` is the paper's :math:`B` at every step; ``"broyden"`` forms
+  :math:`B` once and then updates it by Broyden's secant rule, forming it exactly again for a sample whose
+  step does not halve :math:`\max|c|` (and retaking that step), so no sample does worse than the paper's step
+  from where it stands; ``"chord"`` is the same without the secant update. ``"auto"`` is ``"exact"`` when the
+  constraints come with user Jacobians (then :math:`B` costs about as much as :math:`c`) or the gradient is
+  unrolled, ``"broyden"`` otherwise (a ``torch.func`` Jacobian costs ``min(m, n)`` passes of ``h``). They end
+  feasible to the tolerance at slightly different points of the constraint set
+  (:mod:`._gauss_newton` for the measurements behind the choice).
 * One host synchronisation per depth (the stopping test is a batch decision, as in the paper).
-* Gradients: ``"unrolled"`` differentiates through every step, including :math:`\partial B/\partial y`
-  (second derivatives of :math:`h`). ``"implicit"`` runs the steps without a graph and back-propagates with
-  the projector at the converged point, :math:`\bar{\hat y} = (I - B^\top(BB^\top)^{-1}B)\,\bar y` and
-  :math:`\bar x = -(\partial_x c)^\top (BB^\top)^{-1}B\,\bar y` (spec formula). This is the exact derivative
-  of AdaNP's output for constraints affine in :math:`y` whose :math:`B` does not depend on :math:`x`. For
-  curved constraints it is not: it drops the curvature term :math:`\sum_i \lambda_i \nabla^2 c_i`
-  (:math:`\lambda = (BB^\top)^{-1}B(\hat y - \tilde y)`) of the exact projection's derivative, and
-  AdaNP's limit is itself not the exact projection; both gaps are of order :math:`\|\hat y - \tilde y\|`
-  (tested: the difference to the unrolled gradient shrinks linearly as :math:`\hat y` approaches the
-  constraint set). The shape notation ``[B, ...]`` elsewhere is the batch, not this :math:`B`. Parameters
-  captured inside ``h`` receive no gradient in implicit mode.
+* Gradients: ``"implicit"`` (default) runs the steps without a graph and back-propagates with the projector
+  at the converged point, :math:`\bar{\hat y} = (I - B^\top(BB^\top)^{-1}B)\,\bar y` and
+  :math:`\bar x = -(\partial_x c)^\top (BB^\top)^{-1}B\,\bar y` (:mod:`._implicit`: the derivative of the
+  iteration's limit at a point of the constraint set; exact for constraints affine in :math:`y` whose
+  :math:`B` does not depend on :math:`x`, within :math:`O(\|\hat y - \tilde y\|)` of the unrolled derivative
+  otherwise: tested). ``"unrolled"`` (the paper's training) differentiates through every step, including
+  :math:`\partial B/\partial y` (second derivatives of :math:`h`). The shape notation ``[B, ...]``
+  elsewhere is the batch, not this :math:`B`. Parameters captured inside ``h`` receive no gradient in
+  implicit mode.
 * Rank-deficient :math:`B`: regularised Cholesky (:mod:`._linalg`), flagged in ``regularized``.
 * :func:`adanp_activation` is the paper's Alg. 2 (use :math:`\hat y` for the batch when one NP step makes
   the task-loss measure worse); it is a function the training loop calls, not state on the layer.
@@ -49,14 +58,17 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-from torch.func import vjp
 
 from ._base import _GRADIENTS, ProjectionLayer, ProjectionResult, check_choice, finite_or_raise
 from ._constraints import OutputConstraints
+from ._gauss_newton import gauss_newton
+from ._implicit import LimitBackward
 from ._linalg import gram_solve
+from ._system import StackedSystem
 
 __all__ = ["EnforceProjection", "adanp", "adanp_activation", "np_step"]
+
+JACOBIANS = ("auto", "exact", "broyden", "chord")
 
 
 def np_step(y: Tensor, c: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,50 +91,18 @@ def adanp(
     tol: float,
     max_depth: int = 100,
     measure: str = "max",
+    jacobian: str = "exact",
 ) -> ProjectionResult:
     """AdaNP in the functional form: NP steps until ``measure(|c|) <= tol`` or ``max_depth`` steps."""
-    reduce = torch.amax if measure == "max" else torch.mean
-    y = y_hat
-    regularized = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-    depth = 0
-    while True:
-        ev = constraints.evaluate(x, y, jacobian=depth < max_depth)
-        c = ev.h  # [B, m]
-        if depth == 0:
-            finite_or_raise(c, "h(x, y)")
-        if depth == max_depth or float(reduce(c.detach().abs())) <= tol:  # the one sync per depth
-            break
-        y, flagged = np_step(y, c, ev.h_jac)
-        regularized = regularized | flagged
-        depth += 1
-    residual = c.detach().abs().amax(dim=-1)
-    return ProjectionResult(
-        y=y, iterations=depth, residual=residual, converged=residual <= tol, regularized=regularized
+    return _adanp(constraints, x, y_hat, tol, max_depth, measure, jacobian)[0]
+
+
+def _adanp(constraints, x, y_hat, tol, max_depth, measure, jacobian):
+    system = StackedSystem(constraints, x, y_hat, jacobian=True)
+    result, c, J = gauss_newton(
+        system, y_hat, tol=tol, max_iter=max_depth, damping=False, jacobian=jacobian, measure=measure
     )
-
-
-class _ProjectorBackward(torch.autograd.Function):
-    """Identity on the converged point; backward: the projector at that point (see module notes)."""
-
-    @staticmethod
-    def forward(ctx, constraints, x, y_hat, y_star):
-        ctx.constraints = constraints
-        ctx.save_for_backward(x, y_star)
-        return y_star.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, y_star = ctx.saved_tensors
-        cons: OutputConstraints = ctx.constraints
-        B = cons.evaluate(x, y_star, jacobian=True).h_jac  # [B, m, n]
-        w, _ = gram_solve(B @ B.mT, torch.einsum("bmn,bn->bm", B, grad_y))  # [B, m]
-        grad_y_hat = grad_y - torch.einsum("bmn,bm->bn", B, w)
-        grad_x = None
-        if x is not None and ctx.needs_input_grad[1]:
-            _, pull = vjp(lambda xx: cons.h(xx, y_star), x)
-            (grad_x,) = pull(-w)
-        return None, grad_x, grad_y_hat, None
+    return result, system, c, J
 
 
 class EnforceProjection(ProjectionLayer):
@@ -133,7 +113,8 @@ class EnforceProjection(ProjectionLayer):
         train_tol: :math:`\varepsilon_T`, compared with the batch mean of :math:`|c|` in training mode.
         eval_tol: :math:`\varepsilon_I`, compared with the batch max of :math:`|c|` in evaluation mode.
         max_depth: :math:`d_{\max}`.
-        gradient: ``"unrolled"`` or ``"implicit"`` (see the module notes).
+        gradient: ``"implicit"`` or ``"unrolled"`` (see the module notes).
+        jacobian: ``"auto"``, ``"exact"``, ``"broyden"`` or ``"chord"`` (see the module notes).
         solve_dtype: dtype of the iterations (``None``: ``y_hat``'s).
         nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"`` when evaluation-mode outputs miss
             ``eval_tol``.
@@ -152,7 +133,8 @@ class EnforceProjection(ProjectionLayer):
         train_tol: float = 1e-4,
         eval_tol: float = 1e-6,
         max_depth: int = 100,
-        gradient: str = "unrolled",
+        gradient: str = "implicit",
+        jacobian: str = "auto",
         solve_dtype: torch.dtype | None = torch.float64,
         nonconvergence: str = "warn",
     ) -> None:
@@ -165,6 +147,9 @@ class EnforceProjection(ProjectionLayer):
             raise ValueError(f"Invalid max_depth: {max_depth}")
         self.train_tol, self.eval_tol, self.max_depth = float(train_tol), float(eval_tol), int(max_depth)
         self.gradient = check_choice("gradient", gradient, _GRADIENTS)
+        self.jacobian = check_choice("jacobian", jacobian, JACOBIANS)
+        if self.gradient == "unrolled" and self.jacobian in ("broyden", "chord"):
+            raise ValueError("gradient='unrolled' differentiates the paper's iteration: use jacobian='exact'")
 
     @property
     def tol(self) -> float:
@@ -178,14 +163,19 @@ class EnforceProjection(ProjectionLayer):
         finite_or_raise(ev.h, "h(x, y)")
         return np_step(ys, ev.h, ev.h_jac)[0].to(y_hat.dtype)
 
+    def _jacobian_mode(self) -> str:
+        if self.jacobian != "auto":
+            return self.jacobian
+        return "exact" if self.gradient == "unrolled" or self.constraints.has_user_jacobians else "broyden"
+
     def _project(self, x: Tensor | None, y: Tensor) -> ProjectionResult:
-        kwargs = {"tol": self.tol, "max_depth": self.max_depth, "measure": "mean" if self.training else "max"}
+        args = (self.tol, self.max_depth, "mean" if self.training else "max", self._jacobian_mode())
         needs_grad = torch.is_grad_enabled() and (y.requires_grad or (x is not None and x.requires_grad))
         if self.gradient == "unrolled" or not needs_grad:
-            return adanp(self.constraints, x, y, **kwargs)
+            return _adanp(self.constraints, x, y, *args)[0]
         with torch.no_grad():
-            res = adanp(self.constraints, x, y, **kwargs)
-        y_out = _ProjectorBackward.apply(self.constraints, x, y, res.y)
+            res, system, c, J = _adanp(self.constraints, x, y, *args)
+        y_out = LimitBackward.apply(system, 0.0, self.tol, x, y, res.y, c, J)
         return ProjectionResult(y_out, res.iterations, res.residual, res.converged, res.regularized)
 
 

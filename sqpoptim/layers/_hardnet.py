@@ -1,6 +1,7 @@
 r"""HardNet's closed-form projection for affine constraints, and the shared (damped) parallel step.
 
-Min, Azizan et al., "HardNet"; the step is also HardNet++'s (``../shared/papers/002_*.txt``, Eqs. 3-4).
+Min, Sonar & Azizan, "Hard-Constrained Neural Networks with Universal Approximation Guarantees" (arXiv:2410.10807);
+the step is also HardNet++'s (arXiv:2604.19669, Eqs. 3-4).
 With stacked constraints :math:`c = [h; g]`, their Jacobian :math:`J_c` and the residual
 
 .. math::

@@ -18,7 +18,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gram_solve"]
+__all__ = ["cholesky_apply", "gram_factor", "gram_solve"]
+
+
+def gram_factor(G: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | None = None) -> tuple[Tensor, Tensor]:
+    r"""The Cholesky factor of :math:`G + \text{shift}\,I + \delta I` and the ``[B]`` rank flag of
+    :func:`gram_solve` (which is this factorisation followed by ``torch.cholesky_solve``)."""
+    eps = torch.finfo(G.dtype).eps
+    if rank_tol is None:
+        rank_tol = 1e-10 if G.dtype == torch.float64 else 1e-4
+    k = G.shape[-1]
+    diag = G.diagonal(dim1=-2, dim2=-1)  # [B, k]
+    scale = diag.mean(dim=-1).clamp_min(torch.finfo(G.dtype).tiny)  # [B]
+    delta = 64 * eps * scale + shift  # [B]
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
+    L, info = torch.linalg.cholesky_ex(G + delta[..., None, None] * eye)  # [B, k, k], [B]
+    pivots = L.diagonal(dim1=-2, dim2=-1).abs()  # [B, k]
+    small = pivots.amin(dim=-1) ** 2 <= rank_tol * pivots.amax(dim=-1) ** 2
+    flagged = (info != 0) | small | ~torch.isfinite(pivots).all(dim=-1)
+    return L, flagged
 
 
 def gram_solve(
@@ -37,19 +55,12 @@ def gram_solve(
         ``(w, flagged)``: the solution with ``rhs``'s shape and a ``[B]`` bool mask of samples whose
         factorisation was dominated by the regularisation (rank deficiency, or a non-finite ``G``).
     """
-    eps = torch.finfo(G.dtype).eps
-    if rank_tol is None:
-        rank_tol = 1e-10 if G.dtype == torch.float64 else 1e-4
-    k = G.shape[-1]
-    diag = G.diagonal(dim1=-2, dim2=-1)  # [B, k]
-    scale = diag.mean(dim=-1).clamp_min(torch.finfo(G.dtype).tiny)  # [B]
-    delta = 64 * eps * scale + shift  # [B]
-    eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    L, info = torch.linalg.cholesky_ex(G + delta[..., None, None] * eye)  # [B, k, k], [B]
-    vector = rhs.dim() == G.dim() - 1
+    L, flagged = gram_factor(G, shift=shift, rank_tol=rank_tol)
+    return cholesky_apply(L, rhs), flagged
+
+
+def cholesky_apply(L: Tensor, rhs: Tensor) -> Tensor:
+    """``cholesky_solve`` for a ``[B, k]`` or ``[B, k, r]`` right-hand side."""
+    vector = rhs.dim() == L.dim() - 1
     w = torch.cholesky_solve(rhs.unsqueeze(-1) if vector else rhs, L)
-    w = w.squeeze(-1) if vector else w
-    pivots = L.diagonal(dim1=-2, dim2=-1).abs()  # [B, k]
-    small = pivots.amin(dim=-1) ** 2 <= rank_tol * pivots.amax(dim=-1) ** 2
-    flagged = (info != 0) | small | ~torch.isfinite(pivots).all(dim=-1)
-    return w, flagged
+    return w.squeeze(-1) if vector else w

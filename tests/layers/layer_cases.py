@@ -11,7 +11,7 @@ F64 = torch.float64
 
 
 def quadratic_instance(B: int = 4, n: int = 6, m: int = 3, noise: float = 0.1, seed: int = 0):
-    """Issue 4's constraint family at small size: h_i = yᵀA_i y + c_iᵀy + d_i - x_i³ with a feasible y*.
+    """The benchmarks' quadratic constraint family at small size: h_i = yᵀA_i y + c_iᵀy + d_i - x_i³ with a feasible y*.
 
     Returns ``(h, h_jac, x, y_star, y_hat)``; ``h_jac`` is the structure-exploiting pair (h, J), and
     ``h_jac.lagrangian_hessian(x, y, w_h, w_g)`` is Σ w_h,k 2A_k (for constraints with h only).

@@ -16,7 +16,7 @@ def _nonlinear():
     return h, g, torch.randn(5, 2, dtype=F64, generator=gen), torch.randn(5, 4, dtype=F64, generator=gen)
 
 
-@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
 def test_func_jacobians_match_row_loop(mode):
     h, g, x, y = _nonlinear()
     ev = OutputConstraints(h=h, g=g, jac_mode=mode).evaluate(x, y)
@@ -93,7 +93,7 @@ def test_validation_errors():
         OutputConstraints(h=3)
     with pytest.raises(ValueError, match=r"\[B, rows\]"):
         OutputConstraints(h=lambda x, y: y.sum(-1)).evaluate(None, y, jacobian=False)
-    with pytest.raises(ValueError, match=r"\[1, rows\]"):
+    with pytest.raises(ValueError, match=r"\[B, rows\]"):
         OutputConstraints(h=lambda x, y: y.sum(-1)).evaluate(None, y)
     with pytest.raises(ValueError, match=r"\[B, rows\]"):
         OutputConstraints(h=lambda x, y: y[:2]).evaluate(None, y, jacobian=False)

@@ -49,7 +49,7 @@ def test_idempotent_at_convergence():
 
 def test_gradcheck_unrolled_nonlinear():
     h, _, x, _, y_hat = quadratic_instance(B=2, n=4, m=2)
-    layer = EnforceProjection(h, eval_tol=1e-12).eval()
+    layer = EnforceProjection(h, eval_tol=1e-12, gradient="unrolled").eval()
     assert torch.autograd.gradcheck(layer, (x.clone().requires_grad_(), y_hat.clone().requires_grad_()))
 
 
@@ -88,12 +88,61 @@ def test_implicit_error_vanishes_linearly_near_the_manifold():
     assert errors[1] < errors[0] / 5  # first order in the distance to the manifold
 
 
+def _count_jacobians(run):
+    calls = {"n": 0}
+    jacobian = OutputConstraints._func_jacobian
+
+    def counting(self, *args):
+        calls["n"] += 1
+        return jacobian(self, *args)
+
+    OutputConstraints._func_jacobian = counting
+    try:
+        return run(), calls["n"]
+    finally:
+        OutputConstraints._func_jacobian = jacobian
+
+
+def test_broyden_reaches_the_tolerance_with_one_jacobian():
+    h, _, x, _, y_hat = quadratic_instance(B=6, n=10, m=4, noise=0.1)
+    layer = EnforceProjection(h, eval_tol=1e-11).eval()
+    assert layer._jacobian_mode() == "broyden"  # auto, with torch.func Jacobians and the implicit gradient
+    res, jacobians = _count_jacobians(lambda: layer.project(x, y_hat))
+    assert bool(res.converged.all()) and float(h(x, res.y).abs().max()) <= 1e-11
+    assert jacobians == 1  # formed once at ŷ, then secant updates only
+    exact, exact_jacobians = _count_jacobians(
+        lambda: EnforceProjection(h, eval_tol=1e-11, jacobian="exact").eval().project(x, y_hat)
+    )
+    assert exact_jacobians == exact.iterations > jacobians  # one per step, none after the last
+    # Both end on the constraint set near ŷ, at slightly different points (quasi-Newton vs Newton path).
+    torch.testing.assert_close(res.y, exact.y, rtol=0, atol=5e-3)
+    # The chord iteration (the first Jacobian throughout, refreshed only where a step fails) gets there too.
+    chord, chord_jacobians = _count_jacobians(
+        lambda: EnforceProjection(h, eval_tol=1e-11, jacobian="chord").eval().project(x, y_hat)
+    )
+    assert bool(chord.converged.all()) and chord_jacobians < exact_jacobians
+
+
+def test_broyden_falls_back_to_the_exact_step_far_from_the_set():
+    h, _, x, _, y_hat = quadratic_instance(B=6, n=8, m=4, noise=1.5)
+    res, jacobians = _count_jacobians(lambda: EnforceProjection(h, eval_tol=1e-10).eval().project(x, y_hat))
+    assert bool(res.converged.all()) and jacobians > 1  # some samples needed a fresh Jacobian
+
+
+def test_gradcheck_implicit_at_a_feasible_input():
+    # On the constraint set the projector is the exact derivative of AdaNP's limit (also with Broyden steps).
+    h, _, x, y_star, _ = quadratic_instance(B=2, n=4, m=2)
+    layer = EnforceProjection(h, eval_tol=1e-13).eval()
+    assert torch.autograd.gradcheck(layer, (x.clone().requires_grad_(), y_star.clone().requires_grad_()), atol=1e-6)
+
+
 def test_rank_deficient_jacobian_is_regularised_and_converges():
     h, _, x, _, y_hat = quadratic_instance()
     dup = lambda x, y: torch.cat([h(x, y), h(x, y)[:, :1]], dim=-1)  # noqa: E731
     res = EnforceProjection(dup).eval().project(x, y_hat)
     assert bool(res.regularized.all()) and bool(res.converged.all())
-    torch.testing.assert_close(res.y, EnforceProjection(h, eval_tol=1e-10).eval()(x, y_hat), rtol=0, atol=1e-6)
+    reference = EnforceProjection(h, eval_tol=1e-10, jacobian="exact").eval()(x, y_hat)
+    torch.testing.assert_close(EnforceProjection(dup, jacobian="exact").eval()(x, y_hat), reference, rtol=0, atol=1e-6)
 
 
 def test_activation_rule():
@@ -146,6 +195,10 @@ def test_functional_form_and_bad_arguments():
         EnforceProjection(OutputConstraints(h=h, g=lambda x, y: y))
     with pytest.raises(ValueError, match="gradient"):
         EnforceProjection(h, gradient="adjoint")
+    with pytest.raises(ValueError, match="jacobian"):
+        EnforceProjection(h, jacobian="secant")
+    with pytest.raises(ValueError, match="unrolled"):
+        EnforceProjection(h, gradient="unrolled", jacobian="broyden")
     with pytest.raises(ValueError, match="max_depth"):
         EnforceProjection(h, max_depth=0)
     with pytest.raises(ValueError, match="tolerances"):

@@ -7,6 +7,7 @@ from layer_cases import F64, affine_constraints, affine_instance, loop_jacobian,
 from scipy.optimize import minimize
 
 from sqpoptim.layers import HardNetAffine, KKTHardNet, OutputConstraints, ProjectionWarning
+from sqpoptim.layers._kkt_system import KKTBlocks, ReducedKKT
 
 
 def _g(x, y):
@@ -94,7 +95,7 @@ def test_two_sided_bounds_with_infinite_sides():
 
 
 def test_affine_equalities_match_closed_form():
-    # Spec: the paper's affine closed form has a sign error; the correct one is HardNet's projection.
+    # The paper's affine closed form has a sign error; the correct one is HardNet's projection.
     Bm, M, _, x, y_hat = affine_instance()
     cons = affine_constraints(Bm, M)
     res = KKTHardNet(cons).eval().project(x, y_hat)
@@ -141,6 +142,134 @@ def test_float32_solve_dtype():
     assert res.y.dtype == torch.float32 and bool(res.converged.all())  # tol defaults to 1e-5 in float32
 
 
+@pytest.mark.parametrize("hessian", ["positive definite", "negative on the constraints' normals"])
+def test_reduced_solves_match_the_dense_kkt_matrix(hessian):
+    gen = torch.Generator().manual_seed(3)
+    B, n, m, p = 6, 7, 2, 3
+    Jh, Jg = torch.randn(B, m, n, dtype=F64, generator=gen), torch.randn(B, p, n, dtype=F64, generator=gen)
+    # Rows with D_s >= D_mu and with D_mu > D_s, including the extremes 0 and 2 - sqrt(2).
+    d_mu, d_s = 2 * torch.rand(B, p, dtype=F64, generator=gen), 2 * torch.rand(B, p, dtype=F64, generator=gen)
+    d_mu[0, 0], d_s[0, 0], d_mu[1, 1], d_s[1, 1] = 0.0, 2 - 2**0.5, 2 - 2**0.5, 0.0
+    if hessian == "positive definite":
+        A = torch.randn(B, n, n, dtype=F64, generator=gen)
+        H, gamma = A @ A.mT + 0.1 * torch.eye(n, dtype=F64), None
+    else:  # indefinite, but positive on the null space of J_h: the augmented solve handles it
+        H, gamma = torch.eye(n, dtype=F64) - 3 * Jh.mT @ Jh, torch.full((B,), 10.0, dtype=F64)
+    blocks = KKTBlocks(H, Jh, Jg, d_mu, d_s)
+    K = blocks.dense()
+    b = torch.randn(B, n + m + 2 * p, dtype=F64, generator=gen)
+    reduced = ReducedKKT(blocks, gamma=gamma)
+    assert not bool(reduced.not_pd.any())
+    torch.testing.assert_close(reduced.solve(b)[0], torch.linalg.solve(K, b), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(reduced.solve_transpose(b)[0], torch.linalg.solve(K.mT, b), rtol=1e-10, atol=1e-10)
+    if gamma is not None:
+        assert bool(ReducedKKT(blocks).not_pd.all())  # the plain reduction needs H̃ positive definite
+
+
+def _cubic(B=64, seed=0):
+    """KKT-Hardnet's E1 constraint y1 = y2^3 + a far from an untrained network's output (ŷ ≈ (0, -0.2)):
+    the nearest point of the curve has y2 ≈ -a^(1/3); a nearby point with y2 ≈ 0 is no KKT point."""
+    gen = torch.Generator().manual_seed(seed)
+    a = 12 + 30 * torch.rand(B, 1, dtype=F64, generator=gen)
+    y_hat = torch.cat(
+        [0.05 * torch.randn(B, 1, dtype=F64, generator=gen), -0.2 + 0.02 * torch.randn(B, 1, dtype=F64, generator=gen)],
+        -1,
+    )
+    h = lambda x, y: y[:, :1] - y[:, 1:] ** 3 - x  # noqa: E731
+    hess = lambda x, y, w_h, w_g: torch.diag_embed(torch.cat([torch.zeros_like(y[:, :1]), -6 * y[:, 1:] * w_h], -1))  # noqa: E731
+    jac = lambda x, y: torch.stack([torch.ones_like(y[:, 0]), -3 * y[:, 1] ** 2], -1)[:, None]  # noqa: E731
+    return OutputConstraints(h=h, h_jac=jac, lagrangian_hessian=hess), a, y_hat
+
+
+def test_globalised_newton_reaches_local_projections_where_the_paper_iteration_stalls():
+    cons, a, y_hat = _cubic()
+    res = KKTHardNet(cons, nonconvergence="ignore").eval().project(a, y_hat)
+    assert bool(res.converged.all())
+    y, mu = res.y, res.extras["multipliers_eq"][:, 0]
+    assert float(cons.h(a, y).abs().max()) <= 1e-10
+    # A local minimum of the distance on the curve: positive curvature along the tangent (1, 3 y2²)/‖·‖.
+    t = torch.stack([3 * y[:, 1] ** 2, torch.ones_like(mu)], -1)
+    curvature = t[:, 0] ** 2 + t[:, 1] ** 2 * (1 - 6 * mu * y[:, 1])
+    assert bool((curvature > 0).all())
+    assert float((y - y_hat).norm(dim=-1).max()) < 4.0  # the near branch (the far one is at distance >= 12)
+    # The paper's iteration (Newton, Armijo on ½‖F‖², Gauss–Newton fallback) stalls at a stationary point of
+    # ½‖F‖² that is no KKT point, for every sample.
+    paper = KKTHardNet(cons, method="paper", max_iter=30, nonconvergence="ignore").eval().project(a, y_hat)
+    assert not bool(paper.converged.any())
+
+
+def _pooling():
+    """KKT-Hardnet's pooling constraints (four balances, bilinear in the pool quality m; two specifications) at
+    four inputs (A, B, X, Y), and an untrained network's outputs (m, Px, Py, Cx, Cy) there."""
+
+    def h(x, y):
+        a, b, xx, yy = x.unbind(-1)
+        m, px, py, cx, cy = y.unbind(-1)
+        return torch.stack([px + py - a - b, xx - px - cx, yy - py - cy, m * (px + py) - 3 * a - b], -1)
+
+    def g(x, y):
+        _, _, xx, yy = x.unbind(-1)
+        m, px, py, cx, cy = y.unbind(-1)
+        return torch.stack([m * px + 2 * cx - 2.5 * xx, m * py + 2 * cy - 1.5 * yy], -1)
+
+    x = torch.tensor(
+        [
+            [4.11, 143.07, 50.18, 179.69],
+            [7.61, 47.82, 82.71, 7.41],
+            [30.62, 124.03, 68.31, 115.7],
+            [14.05, 210.0, 92.2, 164.34],
+        ],
+        dtype=F64,
+    )
+    y_hat = torch.tensor(
+        [
+            [-12.31, 1.84, -27.77, 11.1, 12.62],
+            [-8.81, 3.73, -4.46, 9.22, 2.09],
+            [-7.31, 2.6, -19.77, 5.63, 4.33],
+            [-12.68, 4.17, -31.96, 10.71, 7.65],
+        ],
+        dtype=F64,
+    )
+    return OutputConstraints(h=h, g=g), x, y_hat
+
+
+def test_restart_from_a_feasible_point_where_newton_from_the_raw_output_fails():
+    cons, x, y_hat = _pooling()
+    stuck = KKTHardNet(cons, restart=None, max_iter=25, nonconvergence="ignore").eval().project(x, y_hat)
+    assert not bool(stuck.converged.any())
+    res = KKTHardNet(cons).eval().project(x, y_hat)  # restart after 10 iterations
+    assert bool(res.converged.all()) and float(cons.violation(x, res.y).max()) <= 1e-9
+    # The restarted samples end at KKT points of the projection (checked with autograd Jacobians).
+    y, mu_e, mu_i = res.y, res.extras["multipliers_eq"], res.extras["multipliers_ineq"]
+    stationarity = y - y_hat + torch.einsum("bmn,bm->bn", loop_jacobian(cons.h, x, y), mu_e)
+    stationarity = stationarity + torch.einsum("bqn,bq->bn", loop_jacobian(cons.g, x, y), mu_i)
+    assert float(stationarity.abs().max()) <= 1e-8 * float(y_hat.abs().max())
+    assert float(mu_i.min()) >= -1e-10 and float((mu_i * cons.g(x, y)).abs().max()) <= 1e-6
+
+
+def test_unrolled_gradient_stays_finite_through_rejected_and_fallback_steps():
+    cons, a, y_hat = _cubic(B=8)
+    yr = y_hat.clone().requires_grad_()
+    y = KKTHardNet(cons, gradient="unrolled", max_iter=40, nonconvergence="ignore").eval()(a, yr)
+    y.square().sum().backward()
+    assert bool(torch.isfinite(yr.grad).all())
+
+
+def test_paper_fixed_step_contracts_geometrically_on_a_linear_system():
+    # Affine constraints: F(z + α d) = (1 - α) F(z) for the Newton step d, so ‖F‖ halves exactly per step.
+    Bm, M, _, x, y_hat = affine_instance()
+    cons = affine_constraints(Bm, M)
+    norms = []
+    for k in (2, 3):
+        res = (
+            KKTHardNet(cons, method="paper", step_size=0.5, max_iter=k, nonconvergence="ignore")
+            .eval()
+            .project(x, y_hat)
+        )
+        norms.append(res.extras["kkt_residual"])
+    torch.testing.assert_close(norms[1], 0.5 * norms[0], rtol=1e-9, atol=0)
+
+
 def test_infeasible_and_bad_arguments():
     h = lambda x, y: y[:, :1] ** 2 + 1.0  # noqa: E731
     y_hat = torch.randn(3, 2, dtype=F64)
@@ -155,3 +284,9 @@ def test_infeasible_and_bad_arguments():
         KKTHardNet(h, backtrack=1.0)
     with pytest.raises(ValueError, match="max_iter"):
         KKTHardNet(h, max_iter=0)
+    with pytest.raises(ValueError, match="method"):
+        KKTHardNet(h, method="lm")
+    with pytest.raises(ValueError, match="restart"):
+        KKTHardNet(h, restart=0)
+    with pytest.raises(ValueError, match="step_size"):
+        KKTHardNet(h, step_size=0.5)  # the fixed step is the paper iteration's
