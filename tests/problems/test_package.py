@@ -35,6 +35,7 @@ def test_the_import_graph_has_no_cycle():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
+@pytest.mark.slow  # one interpreter importing each module afresh: ~5 s of CPU; the import-graph test stays
 def test_every_module_imports_alone():
     names = [_module_name(p) for p in MODULES]
     script = (
