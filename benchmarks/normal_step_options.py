@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import sqpoptim
-from sqpoptim._constraint_solver import DenseSolver
+from sqpoptim._dense_solver import DenseSolver
 from sqpoptim._optimizer import ConstrainedOptimizer
 
 ENV = "NORMAL_STEP_PROTOTYPE"

@@ -18,11 +18,11 @@ import time
 import torch
 from scale_grid import WIDTHS, mlp  # (run as a script: benchmarks/ is on the path)
 
-from sqpoptim._constraint_solver import make_solver
 from sqpoptim._gradient import flat_gradient
 from sqpoptim._jacobian_path import JacobianPath
 from sqpoptim._krylov import KrylovOptions
 from sqpoptim._layout import build_layout
+from sqpoptim._solver_choice import make_solver
 from sqpoptim.adam import adam_sqp_direction
 
 

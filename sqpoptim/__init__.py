@@ -1,7 +1,8 @@
-"""sqpoptim: training neural networks under hard equality constraints.
+"""sqpoptim: training neural networks under hard constraints.
 
 Optimizers (all ``torch.optim.Optimizer`` subclasses; ``step(closure)`` with the closure returning
-``(loss, c)`` or ``(loss, c, J)``):
+``(loss, c)`` or ``(loss, c, J)`` for equalities c = 0, or ``(loss, Constraints(eq=c_E, ineq=c_I))`` for
+equalities and inequalities c_I <= 0):
 
 * :class:`ProjectedAdamSQP` — projected stochastic Adam SQP (the SQP paper's SQP-Adam(con)).
 * :class:`ProjectedHeavyBallSQP` — projected stochastic heavy-ball SQP (SQP-Heavyball(con)).
@@ -17,6 +18,7 @@ Output layers that enforce constraints on a network's predictions live in :mod:`
 """
 
 from . import layers
+from ._constraints import Constraints
 from ._distributed import Sharded
 from ._jacobian import JacobianFallbackWarning, PointwiseConstraints
 from ._optimizer import ConstrainedOptimizer, InfeasibilityWarning, RankDeficiencyWarning
@@ -32,6 +34,7 @@ __all__ = [
     "AdamUnc",
     "ConstrainedAdam",
     "ConstrainedOptimizer",
+    "Constraints",
     "InfeasibilityWarning",
     "JacobianFallbackWarning",
     "PenaltyAdam",

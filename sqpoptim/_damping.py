@@ -13,7 +13,10 @@ step crosses a kink) it overshoots by orders of magnitude. With ``normal_damping
 
 * after step k the linear model predicted :math:`\|c_k + J_k\delta_k\|` (δ_k the whole step taken); the next
   closure gives :math:`\|c_{k+1}\|` and
-  :math:`\rho = (\|c_k\| - \|c_{k+1}\|)/(\|c_k\| - \|c_k + J_k\delta_k\|)`;
+  :math:`\rho = (\|c_k\| - \|c_{k+1}\|)/(\|c_k\| - \|c_k + J_k\delta_k\|)` — when the closure returned
+  as many constraints as at step k (a different number means other constraints: the step is not judged; a
+  closure that resamples its constraint points at a fixed number is judged as if they were the same, so with
+  resampled points ν adapts to the sampling noise as well);
 * ρ ≥ 0 (success): :math:`\nu \leftarrow \nu\max(1/3,\ 1 - (2\rho-1)^3)` — Nielsen's rule (H. B. Nielsen,
   "Damping parameter in Marquardt's method", IMM-REP-1999-05) — and the escalation factor resets to 2;
 * ρ < 0 (the violation grew): the step is **rejected** — the parameters go back to :math:`x_k` — and ν is
@@ -28,7 +31,7 @@ instead of leaving ν where a failure left it. A step whose model predicted no d
 rejection (taken from the same point), are not judged. Non-finite values are not a failure of this kind: they
 are refused with parameters and state unchanged (:mod:`sqpoptim._finite`).
 
-This is on by default (ν0 = :data:`DEFAULT_NU0`) in every SQP optimizer's fixed-step rule and in Adam(con);
+This is on by default (ν0 = ``DEFAULT_NU0`` = 1e-6) in every SQP optimizer's fixed-step rule and in Adam(con);
 ``normal_damping=None`` gives the papers' undamped step.
 
 Everything here is a device computation (no host synchronisation); only the exact mode reads the rejection
@@ -85,6 +88,8 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
     nu, escalation, model = state.nu, state.escalation, state.model
     x_prev = state.x_accepted
     if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
+        model = None
+    if state.accepted_c is not None and state.accepted_c.shape != c.shape:  # other constraints: nothing to judge
         model = None
     if model is None:
         no = torch.zeros((), dtype=torch.bool, device=nu.device)

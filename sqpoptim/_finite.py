@@ -31,7 +31,7 @@ _FLAG_NAMES = (
 
 class ZeroJacobianRows(ValueError):
     """Exact mode: constraints with ``c_i != 0`` whose Jacobian rows are all zero (``rows``: their indices); the
-    optimizer turns this into a message that says why (:meth:`ConstrainedOptimizer._zero_rows_error`)."""
+    optimizer turns this into a message that says why (:func:`sqpoptim._feasibility.zero_rows_error`)."""
 
     def __init__(self, rows: list[int]) -> None:
         super().__init__(f"constraint(s) {rows} have all-zero Jacobian rows")
@@ -63,20 +63,32 @@ class FiniteGuard:
         """Forget unread records; ``seen`` refused steps count as reported (after ``load_state_dict``)."""
         self._pending, self._seen = None, seen
 
-    def check(self, loss: Tensor, c: Tensor, g: Tensor, rows: Tensor | None, *, sync_free: bool) -> Tensor | None:
+    def check(
+        self,
+        loss: Tensor,
+        c: Tensor,
+        g: Tensor,
+        rows: Tensor | None,
+        *,
+        sync_free: bool,
+        satisfied: Tensor | None = None,
+    ) -> Tensor | None:
         """Exact mode: raise on non-finite inputs (``FloatingPointError``) or on all-zero Jacobian rows of
         unsatisfied constraints (:class:`ZeroJacobianRows`) and return ``None``. Sync-free mode: return the
         device flags ``[5]`` of what is wrong (all False: the step may go on); report them with :meth:`commit`.
 
         A zero row of a satisfied constraint (c_i = 0, e.g. c = x² at x = 0) is not an error: the constraint is
-        dropped from this step's linearisation like any dependent row. ``rows`` (float64 ``[m]``) stands for J:
-        zero exactly at its all-zero rows and non-finite exactly at rows with a non-finite entry — the diagonal
-        of JJᵀ, read off the Gram matrix when the solver forms it (no other pass over J); ``None`` when m = 0."""
+        dropped from this step's linearisation like any dependent row; nor is one of a row marked ``satisfied`` (an
+        inequality with c_i < 0). ``rows`` (float64 ``[m]``) stands for J: zero exactly at its all-zero rows and
+        non-finite exactly at rows with a non-finite entry — the diagonal of JJᵀ, read off the Gram matrix when the
+        solver forms it (no other pass over J); ``None`` when m = 0."""
         flags = [~loss.isfinite(), ~c.isfinite().all(), ~g.isfinite().all()]
         no = torch.zeros_like(flags[0])
         flags.append(~rows.isfinite().all() if rows is not None else no)
         m = c.shape[0]
         zero_rows = (rows == 0) & (c != 0) if rows is not None and m else None
+        if zero_rows is not None and satisfied is not None:
+            zero_rows = zero_rows & ~satisfied
         if sync_free:
             flags.append(zero_rows.any() if zero_rows is not None else no)
             return torch.stack(flags)

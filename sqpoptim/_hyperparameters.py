@@ -12,7 +12,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_beta", "check_betas", "check_eps", "check_nonnegative", "check_optional_nonnegative"]
+from . import _damping
+from ._krylov import KrylovOptions
+from ._solver_choice import SOLVER_MODES
+
+__all__ = [
+    "check_beta",
+    "check_betas",
+    "check_eps",
+    "check_nonnegative",
+    "check_optional_nonnegative",
+    "check_step_options",
+]
 
 
 def _is_number(value: Any) -> bool:
@@ -51,3 +62,30 @@ def check_eps(value: Any) -> None:
 def in_group(index: int, group: Mapping[str, Any], err: ValueError) -> ValueError:
     """``err`` prefixed with the param group it was found in."""
     return ValueError(f"param group {index}: {err}")
+
+
+def check_step_options(
+    *, solver: str, krylov: Any, chunk_size: Any, rank_tol: Any, normal_damping: Any
+) -> KrylovOptions:
+    """Check the constrained optimizers' own constructor options (fixed for the optimizer's life, so checked
+    once); returns the matrix-free solver's options."""
+    if solver not in SOLVER_MODES:
+        raise ValueError(f"Invalid solver {solver!r}: expected one of {SOLVER_MODES}")
+    if krylov is not None and not isinstance(krylov, dict):
+        raise TypeError(f"krylov must be a dict of matrix-free solver options; got {type(krylov).__name__}")
+    try:
+        krylov_options = KrylovOptions(**(krylov or {}))
+    except TypeError as err:
+        raise ValueError(f"Invalid krylov options {krylov!r}: {err}") from None
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
+    if rank_tol is not None and not 0.0 < rank_tol < 1.0:
+        raise ValueError(f"Invalid rank_tol: {rank_tol} (expected 0 < rank_tol < 1)")
+    if normal_damping is not None and not (
+        isinstance(normal_damping, (int, float)) and _damping.NU_MIN <= normal_damping <= _damping.NU_MAX
+    ):
+        raise ValueError(
+            f"Invalid normal_damping: {normal_damping!r} (None, or the initial relative damping ν0 in "
+            f"[{_damping.NU_MIN:g}, {_damping.NU_MAX:g}])"
+        )
+    return krylov_options

@@ -71,6 +71,10 @@ class JacobianOperator:
         step's validation). The squared row norms unless a subclass has a cheaper witness."""
         return self.row_sq_norms()
 
+    def mean_row_sq_norm(self, weight: Tensor | None = None) -> Tensor:
+        r""":math:`\operatorname{mean}_i (JWJ^\top)_{ii}` (0-d float64): the scale of the damping shift μ."""
+        return self.row_sq_norms(weight).mean()
+
     # cost model (floating-point operations), for the automatic choice of solver
     def product_flops(self) -> float:
         """One :math:`Jx` and one :math:`J^\\top y`."""
@@ -188,7 +192,24 @@ class AutogradJacobian(JacobianOperator):
         return batched_jacobian(self.c, self.params, self.n)
 
     def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:
-        raise NotImplementedError("the autograd operator has no cheap row norms (use row_check)")
+        raise NotImplementedError(
+            "the autograd operator has no cheap row norms: the Jacobi preconditioner (krylov=dict(jacobi=True)) "
+            "needs a Jacobian from layer factors, an explicit J or PointwiseConstraints"
+        )
+
+    def mean_row_sq_norm(self, weight: Tensor | None = None, probes: int = 4) -> Tensor:
+        r"""Hutchinson's estimate of :math:`\operatorname{tr}(JWJ^\top)/m`: the mean of
+        :math:`\|JW^{1/2}\xi\|^2/m` over ``probes`` Rademacher vectors ξ (``probes`` products, a fixed seed, so
+        the same J gives the same value). Unbiased, with a relative spread of about
+        :math:`\sqrt{2/\text{probes}}` at worst (a rank-one J) and far less when the rows are many and of
+        similar size; it only scales the damping shift, whose ν adapts anyway."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        root = None if weight is None else weight.to(self.dtype).clamp_min(0).sqrt()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(probes):
+            xi = torch.randint(0, 2, (self.n,), generator=gen, device=self.device).to(self.dtype) * 2 - 1
+            total = total + self.mv(xi if root is None else xi * root).double().square().sum()
+        return total / (probes * max(self.m, 1))
 
     def row_check(self) -> Tensor:
         r""":math:`(J\xi)^2` for a Gaussian :math:`\xi` (one product): zero at an all-zero row and, for any other

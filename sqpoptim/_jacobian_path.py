@@ -25,11 +25,11 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from ._constraint_solver import AUTO_DENSE_BYTES
 from ._jacobian import jacobian
 from ._jacobian_operator import AutogradJacobian, DenseJacobian, JacobianOperator
 from ._layout import FlatLayout
 from ._linear_factors import VERIFY_EVERY, LinearCallRecorder, layer_factors
+from ._solver_choice import AUTO_DENSE_BYTES
 
 __all__ = ["JACOBIAN_MODES", "JacobianPath"]
 

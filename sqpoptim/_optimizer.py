@@ -2,23 +2,26 @@ r"""The base class of the constrained optimizers: one ``step()`` that orchestrat
 
 A step reads
 
-1. **parse** the closure's output against the contract (:mod:`sqpoptim._closure`);
-2. **judge** the last step when the normal step is damped, and undo it if it failed (:mod:`sqpoptim._damping`);
+1. **parse** the closure's output against the contract (:mod:`sqpoptim._step_inputs`, :mod:`sqpoptim._closure`);
+2. **judge** the last step when the normal step is damped (:mod:`sqpoptim._damping`), and in exact mode undo it
+   at once if it failed (:mod:`sqpoptim._rejection`);
 3. **form** the constraint Jacobian J as an operator (:mod:`sqpoptim._jacobian_path`: per-sample layer factors,
    an explicit matrix or autograd products), then the objective's gradient g (:mod:`sqpoptim._gradient`) —
-   J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s;
-4. **solver**: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
-   tests), chosen by :func:`sqpoptim._constraint_solver.make_solver` (``solver="auto"``);
-5. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
-6. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
-7. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`);
-8. **record** the damping model for the next judgement, the matrix-free solver's warm starts and the step's
-   diagnostics (``jacobian``: the path used; ``solver``; for the matrix-free solver ``krylov_iterations``,
-   ``krylov_converged``, ``krylov_test``, ``krylov_residual`` and the merit penalty ``penalty``).
+   J first, so that the objective's backward retains no graph unless the operator still needs ``c``'s — and
+   the solver over J: dense (one float64 Gram factorisation) or matrix-free (MINRES with inexact-SQP termination
+   tests), chosen by :func:`sqpoptim._solver_choice.make_solver` (``solver="auto"``); always dense when the
+   closure gave inequalities, whose step QP is solved in its dual on the Gram matrix (:mod:`sqpoptim._inequality`);
+4. **check** that the inputs are finite, J's rows read off the solver (:mod:`sqpoptim._finite`);
+5. **direction**: the subclass turns (g, c, the solver) and its state into the displacement δ (``_direction``);
+6. **admit** δ: in sync-free mode mask a refused step into a no-op, in exact mode refuse an overflowing one;
+   count the step and keep the warm starts of the next;
+7. **record** the damping model for the next judgement (which, in sync-free mode, may turn δ into the move back
+   from a rejected step), the step's diagnostics and what it says about feasibility (:mod:`sqpoptim._feasibility`);
+8. **update** x ← x + δ on the flat parameter vector (:mod:`sqpoptim._layout`).
 
-With a ``process_group`` each rank first parses its own closure and forms its own g and J (steps 1 and 3), then
-the ranks exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the
-rows of sharded constraints); steps 2 and 4–7 then run on the same numbers on every rank.
+With a ``process_group`` each rank first parses its own closure and forms its own g and J, then the ranks
+exchange them (:mod:`sqpoptim._exchange`: one agreement round, the averaged gradient and loss, the rows of
+sharded constraints); the later phases run on the same numbers on every rank.
 
 Optimizer-wide state (step count, refused steps, damping, a method's own scalars) is a typed object
 (:mod:`sqpoptim._state`) serialised into ``state_dict()``; :meth:`ConstrainedOptimizer.diagnostics` reports the
@@ -31,7 +34,7 @@ rejected steps are masked no-ops and non-finite inputs are reported at a later s
 
 from __future__ import annotations
 
-from collections import deque
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -41,31 +44,31 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _damping
-from ._agreement import LocalInputs
 from ._closure import StepInputs, parse_closure_output
-from ._constraint_solver import SOLVER_MODES, ConstraintSolver, make_solver
-from ._distributed import RankGroup, strip_sharded
-from ._exchange import exchange, form_locally
+from ._constraint_solver import ConstraintSolver
+from ._constraints import Constraints
+from ._feasibility import (
+    FeasibilityMonitor,
+    InfeasibilityWarning,
+    RankDeficiencyWarning,
+    predicted_violation,
+    stationarity_cosine,
+    violation,
+    zero_rows_error,
+)
 from ._finite import FiniteGuard, ZeroJacobianRows
 from ._gradient import flat_gradient
-from ._hyperparameters import in_group
-from ._jacobian import jacobian
-from ._jacobian_path import JacobianPath
-from ._krylov import KrylovOptions
+from ._hyperparameters import check_step_options, in_group
+from ._inequality import InequalityWarmStart
+from ._inequality_policy import damping_for, keep_partitions, solver_for
 from ._layout import FlatLayout, FlatState, build_layout, layout_key, per_coordinate
 from ._linalg import default_rank_tol
+from ._rejection import move_back, record_step
+from ._solver_choice import make_solver
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
-from ._warnings import warn_user
+from ._step_inputs import InputReader, warn_if_distributed
 
 __all__ = ["ConstrainedOptimizer", "InfeasibilityWarning", "RankDeficiencyWarning", "StepContext"]
-
-
-class RankDeficiencyWarning(UserWarning):
-    """The constraint Jacobian was rank-deficient or ill-conditioned; the step used its independent part."""
-
-
-class InfeasibilityWarning(UserWarning):
-    """The constraint violation stalled while the linearised constraints could not reduce it."""
 
 
 @dataclass
@@ -75,7 +78,8 @@ class StepContext:
     ``[m, n]`` tensor); ``ok`` (sync-free
     mode: 0-d bool "this step may be applied"; ``None`` when the inputs were checked on the host); ``stats``
     (0-d bool "feed this gradient to the statistics — moments, momentum — and count the step"; ``None``: yes);
-    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped)."""
+    k, this step's count (0-d float64); ``sync_free``; ν of the damped normal step (``None``: undamped); the last
+    ``num_ineq`` rows of c and J are inequalities :math:`c_i \\le 0`, ``warm`` the last step's dual partitions."""
 
     layout: FlatLayout
     loss: Tensor
@@ -87,6 +91,38 @@ class StepContext:
     step: Tensor
     sync_free: bool
     damping: Tensor | None = None
+    num_ineq: int = 0
+    warm: InequalityWarmStart | None = None
+
+
+@dataclass
+class _Step:
+    """A step in progress: what each phase of :meth:`ConstrainedOptimizer.step` leaves for the next."""
+
+    layout: FlatLayout
+    sync_free: bool
+    sent: int  # bytes this rank had sent before the step (process group)
+    inputs: StepInputs = None  # type: ignore[assignment]  # phase 1 on
+    c_out: Tensor = None  # type: ignore[assignment]
+    raw: Any = None
+    recorder: Any = None
+    returned: tuple[Tensor, Tensor] = None  # type: ignore[assignment]
+    m: int = 0
+    num_ineq: int = 0
+    solver_mode: str = "auto"
+    nu0: float | None = None
+    damping: DampingState | None = None
+    verdict: _damping.Verdict | None = None
+    g: Tensor | None = None
+    loss: Tensor = None  # type: ignore[assignment]  # phase 3 on
+    c: Tensor = None  # type: ignore[assignment]
+    J: ConstraintSolver | None = None
+    bad: Tensor | None = None
+    ok: Tensor | None = None
+    reject: Tensor | None = None
+    stats: Tensor | None = None
+    ctx: StepContext | None = None
+    applied: Tensor | None = None
 
 
 class ConstrainedOptimizer(Optimizer):
@@ -111,32 +147,17 @@ class ConstrainedOptimizer(Optimizer):
         krylov: dict[str, Any] | None = None,
         process_group: Any = None,
     ) -> None:
-        path = JacobianPath(jacobian, chunk_size)  # validates jacobian
-        if solver not in SOLVER_MODES:
-            raise ValueError(f"Invalid solver {solver!r}: expected one of {SOLVER_MODES}")
-        if krylov is not None and not isinstance(krylov, dict):
-            raise TypeError(f"krylov must be a dict of matrix-free solver options; got {type(krylov).__name__}")
-        try:
-            krylov_options = KrylovOptions(**(krylov or {}))
-        except TypeError as err:
-            raise ValueError(f"Invalid krylov options {krylov!r}: {err}") from None
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int or None)")
-        if rank_tol is not None and not 0.0 < rank_tol < 1.0:
-            raise ValueError(f"Invalid rank_tol: {rank_tol} (expected 0 < rank_tol < 1)")
-        if normal_damping is not None and not (
-            isinstance(normal_damping, (int, float)) and _damping.NU_MIN <= normal_damping <= _damping.NU_MAX
-        ):
-            raise ValueError(
-                f"Invalid normal_damping: {normal_damping!r} (None, or the initial relative damping ν0 in "
-                f"[{_damping.NU_MIN:g}, {_damping.NU_MAX:g}])"
-            )
+        reader = InputReader(jacobian, chunk_size, process_group)  # validates jacobian
+        krylov_options = check_step_options(
+            solver=solver, krylov=krylov, chunk_size=chunk_size, rank_tol=rank_tol, normal_damping=normal_damping
+        )
         super().__init__(params, defaults)
         self.normal_damping = None if normal_damping is None else float(normal_damping)
         self.jacobian_mode = jacobian
         self.solver_mode = solver
         self.krylov_options = krylov_options
-        self._jacobian_path = path
+        self._reader = reader
+        self._jacobian_path = reader.path
         self.chunk_size = chunk_size
         self.rank_tol = rank_tol
         self.sync_free = sync_free
@@ -146,15 +167,11 @@ class ConstrainedOptimizer(Optimizer):
         self._guard = FiniteGuard()
         self._flat = FlatState(self._flat_state_names)
         self._layout_cache: FlatLayout | None = None
-        self._jacobian_warned = [False]
-        self._rank_warned = False
-        self._violations: deque[tuple[float, float]] = deque(maxlen=20)
-        self._violation_peak = 0.0  # the largest ‖c‖ seen
-        self._infeasibility_warned = False
+        self._monitor = FeasibilityMonitor()
         self.process_group = process_group
-        self._ranks = None if process_group is None else RankGroup(process_group)
+        self._ranks = reader.ranks
         if process_group is None:
-            _warn_if_distributed(type(self).__name__)
+            warn_if_distributed(type(self).__name__)
 
     # ------------------------------------------------------------------ hyperparameters
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -243,172 +260,206 @@ class ConstrainedOptimizer(Optimizer):
         # With a process group every rank must decide alike, so it waits for the flag (the agreement round waits
         # for the device anyway).
         self._guard.raise_pending(wait=self._ranks is not None)
+        s = self._begin()
+        with torch.enable_grad():
+            self._parse(s, closure)
+            if self._judge(s):  # exact mode: the last step failed and the parameters went back; nothing else
+                return _as_returned(s.returned, s.raw)
+            self._form(s)
+            self._check(s)
+        s.ctx = self._context(s)
+        delta, info = self._direction(s.ctx)
+        delta = self._admit(s, delta, info)
+        delta = self._record(s, delta, info)
+        s.layout.add_(delta)
+        return _as_returned(s.returned, s.raw)
+
+    def _begin(self) -> _Step:
         layout = self._layout()
         sync_free = self.sync_free if self.sync_free is not None else layout.device.type == "cuda"
-        sent = 0 if self._ranks is None else self._ranks.sent_bytes
-        g: Tensor | None = None
-        with torch.enable_grad():
-            recorder = None
-            if self._ranks is None:
-                self._check_groups()
-                with self._jacobian_path.recording(self._forms_jacobian) as recorder:
-                    out = closure()
-                inputs, c_out = self._read_closure(strip_sharded(out)[0], layout)
-            else:  # every rank's inputs exchanged: the same g, c and J on every rank (:mod:`sqpoptim._exchange`)
-                inputs, c_out, g = self._exchanged_inputs(closure, layout)
-            m = inputs.c.shape[0]
-            damping, verdict = None, None
-            if self.normal_damping is not None and m:
-                damping = self._global.damping or _damping.initial_state(self.normal_damping, layout.device)
-                verdict = _damping.judge(damping, inputs.loss.detach(), inputs.c.detach(), layout.n)
-                if not sync_free and bool(verdict.reject):  # one host read (exact mode only)
-                    return self._reject_last_step(layout, damping, verdict, inputs.loss.detach(), c_out)
-            # J first: c's graph is retained by its backward when the objective shares it, and the objective's
-            # backward then frees its own graph unless the operator still needs c's
-            op, keep_graph = self._jacobian_path.operator(inputs.c, inputs.J, layout, recorder, solver=self.solver_mode)
-            if g is None:
-                g = flat_gradient(inputs.loss, layout, retain_graph=keep_graph)
-            loss, c = inputs.loss.detach(), inputs.c.detach()
-            if self._global.krylov is None:
-                self._global.krylov = {}
-            J = make_solver(
-                op,
-                self.solver_mode,
-                rank_tol=self._rank_tol(layout),
-                sync_free=sync_free,
-                options=self.krylov_options,
-                state=self._global.krylov,
-                needs_gram=self._factors_gram(),
-            )
-            try:
-                bad = self._guard.check(loss, c, g, J.row_check() if m else None, sync_free=sync_free)
-            except ZeroJacobianRows as err:
-                raise self._zero_rows_error(err.rows, inputs, layout) from None
-        ok = None if bad is None else ~bad.any()  # sync-free: apply this step at all
-        reject = None
-        if verdict is not None and ok is not None:  # sync-free: a rejected step is a no-op on the state ...
-            reject = verdict.reject & ok  # (non-finite inputs are never rejected: the usual refusal)
-            ok = ok & ~verdict.reject
+        return _Step(layout, sync_free, sent=0 if self._ranks is None else self._ranks.sent_bytes)
+
+    def _parse(self, s: _Step, closure: Callable[[], Any]) -> None:
+        """Phase 1: read the closure (every rank's, exchanged, with a process group) and settle what this step
+        does with the constraints it gave; refusals here change nothing."""
+        read = self._reader.read(
+            closure, s.layout, check=self._check_groups, parse=self._read_closure, record=self._forms_jacobian
+        )
+        s.inputs, s.c_out, s.raw, s.recorder, s.g = read.inputs, read.c_out, read.raw, read.recorder, read.g
+        s.returned = (s.inputs.loss.detach(), s.c_out)
+        s.m, s.num_ineq = s.inputs.c.shape[0], s.inputs.num_ineq
+        s.solver_mode = solver_for(self.solver_mode, s.num_ineq)
+        s.nu0 = damping_for(self.normal_damping, s.num_ineq)
+
+    def _judge(self, s: _Step) -> bool:
+        """Phase 2: judge the last damped step from this closure's values; in exact mode a failed one is undone
+        here (``True``: the step ends). In sync-free mode the verdict travels as a device flag."""
+        if s.nu0 is None or not s.m:
+            return False
+        s.damping = self._global.damping or _damping.initial_state(s.nu0, s.layout.device)
+        s.verdict = _damping.judge(s.damping, s.inputs.loss.detach(), s.inputs.c.detach(), s.layout.n)
+        if s.sync_free or not bool(s.verdict.reject):  # one host read (exact mode only)
+            return False
+        self._global.damping, s.returned, self._diagnostics = move_back(
+            s.layout, s.damping, s.verdict, s.inputs.loss.detach(), s.c_out, self._diagnostics
+        )
+        return True
+
+    def _form(self, s: _Step) -> None:
+        """Phase 3: J as an operator and its solver, then g (J first: c's graph is retained by its backward when
+        the objective shares it, and the objective's backward then frees its own graph unless the operator still
+        needs c's)."""
+        op, keep_graph = self._jacobian_path.operator(
+            s.inputs.c, self._reader.given_jacobian(s.inputs, s.layout), s.layout, s.recorder, solver=s.solver_mode
+        )
+        if s.g is None:
+            s.g = flat_gradient(s.inputs.loss, s.layout, retain_graph=keep_graph)
+        s.loss, s.c = s.inputs.loss.detach(), s.inputs.c.detach()
+        s.J = make_solver(
+            op,
+            s.solver_mode,
+            rank_tol=self._rank_tol(s.layout),
+            sync_free=s.sync_free,
+            options=self.krylov_options,
+            state={} if self._global.krylov is None else self._global.krylov,
+            needs_gram=self._factors_gram(),
+        )
+
+    def _check(self, s: _Step) -> None:
+        """Phase 4: the inputs finite and J's rows usable (exact mode raises; sync-free mode gets device flags),
+        then which parts of the step may change the state: ``ok`` (apply it), ``reject`` (it moves back from a
+        rejected step instead) and ``stats`` (feed this gradient to the statistics and count the step)."""
+        satisfied = None  # a zero gradient is harmless for a satisfied inequality (c_i < 0): it stays out of the
+        if s.num_ineq:  # working set
+            satisfied = (torch.arange(s.m, device=s.c.device) >= s.m - s.num_ineq) & (s.c < 0)
+        try:
+            rows = s.J.row_check() if s.m else None
+            s.bad = self._guard.check(s.loss, s.c, s.g, rows, sync_free=s.sync_free, satisfied=satisfied)
+        except ZeroJacobianRows as err:
+            step_norm = self._diagnostics.get("step_norm")
+            raise zero_rows_error(
+                err.rows,
+                s.inputs.c,
+                given=s.inputs.J is not None and not s.inputs.c.requires_grad,
+                last_step_norm=None if step_norm is None else float(step_norm),
+                x_norm=float(torch.linalg.vector_norm(s.layout.gather().detach())),
+            ) from None
+        s.ok = None if s.bad is None else ~s.bad.any()
+        if s.verdict is not None and s.ok is not None:  # sync-free: a rejected step is a no-op on the state ...
+            s.reject = s.verdict.reject & s.ok  # (non-finite inputs are never rejected: the usual refusal)
+            s.ok = s.ok & ~s.verdict.reject
         # the statistics (moments, step count) are fed only by a fresh gradient: not again after a rejection,
         # when this step retakes the rejected one from the same point with a larger damping
-        retry = None if damping is None else damping.retry
-        stats = ok if retry is None else (~retry if ok is None else ok & ~retry)
-        ctx = StepContext(layout, loss, g, c, J, ok, stats, self._next_step_count(stats, layout.device), sync_free)
-        ctx.damping = None if verdict is None else verdict.nu
-        delta, info = self._direction(ctx)
+        retry = None if s.damping is None else s.damping.retry
+        s.stats = s.ok if retry is None else (~retry if s.ok is None else s.ok & ~retry)
+
+    def _context(self, s: _Step) -> StepContext:
+        assert s.J is not None and s.g is not None
+        ctx = StepContext(
+            s.layout, s.loss, s.g, s.c, s.J, s.ok, s.stats, self._next_step_count(s.stats, s.layout.device), s.sync_free
+        )
+        ctx.damping = None if s.verdict is None else s.verdict.nu
+        if s.num_ineq:
+            ctx.num_ineq = s.num_ineq
+            ctx.warm = InequalityWarmStart(self._global.inequality_active, self._global.projection_active)
+        return ctx
+
+    def _admit(self, s: _Step, delta: Tensor, info: dict[str, Any]) -> Tensor:
+        """Phase 6: in sync-free mode mask a refused step (non-finite inputs, or a displacement that could not be
+        formed) into a no-op; in exact mode refuse an overflowing displacement before anything changes. Then count
+        the step and keep what warm-starts the next one (dual partitions, Krylov multipliers)."""
         formed = info.pop("formed", None)
-        if sync_free:
+        partitions = (info.pop("active_set", None), info.pop("projection_active_set", None))
+        if s.sync_free:
             formed = delta.isfinite().all() if formed is None else formed & delta.isfinite().all()
-            self._guard.commit(self._global, bad, formed, reject)
-            applied = formed if ok is None else ok & formed
-            delta = torch.where(applied, delta, torch.zeros_like(delta))
-            counted = formed if stats is None else stats & formed
+            self._guard.commit(self._global, s.bad, formed, s.reject)
+            s.applied = formed if s.ok is None else s.ok & formed
+            delta = torch.where(s.applied, delta, torch.zeros_like(delta))
+            counted = formed if s.stats is None else s.stats & formed
         else:
             if not bool(delta.isfinite().all()):  # from finite inputs and a finite projected gradient: overflow
                 raise FloatingPointError(
                     "the step could not be formed: non-finite displacement from finite inputs (an overflowing "
                     "linear system); the step was refused and the parameters are unchanged"
                 )
-            counted = stats
-        self._commit_step(ctx, counted)
-        if J.kind == "krylov" and (ok is None or bool(applied)):  # (the matrix-free solver synchronises anyway)
-            J.commit()
-        self._warn_if_truncated(info, m)
-        returned = (loss, c_out)
+            counted = s.stats
+        assert s.ctx is not None
+        self._commit_step(s.ctx, counted)
+        if s.num_ineq:
+            keep_partitions(self._global, partitions, s.applied)
+            if self._global.damping is not None:  # the last damped step's model no longer predicts this point
+                self._global.damping = dataclasses.replace(self._global.damping, model=None, retry=None)
+        assert s.J is not None
+        if s.J.kind == "krylov" and (s.ok is None or bool(s.applied)):  # (the matrix-free solver syncs anyway)
+            s.J.commit()
+            self._global.krylov = s.J.state  # (kept only once a step is applied: a refused step changes no state)
+        return delta
+
+    def _record(self, s: _Step, delta: Tensor, info: dict[str, Any]) -> Tensor:
+        """Phase 7: the damping model for the next judgement (which in sync-free mode may turn δ into the move
+        back from a rejected step), the diagnostics, the multipliers and the feasibility watch (exact mode).
+        Returns the displacement to apply."""
+        J, m, num_ineq = s.J, s.m, s.num_ineq
+        assert J is not None
+        self._monitor.rank(info, m)
         Jdelta = None
-        if m and (verdict is not None or sync_free or info.get("truncated") or not J.exact(info)):
+        if m and not num_ineq and (s.verdict is not None or s.sync_free or info.get("truncated") or not J.exact(info)):
             Jdelta = J.op.mv(delta)
-        if m:
-            info["c_predicted"] = self._predicted_violation(layout, c, Jdelta)
-        if verdict is not None:
-            assert damping is not None and Jdelta is not None
-            x = layout.gather()
-            x_prev = damping.x_accepted
-            if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
-                delta = torch.where(reject, x_prev - x, delta)  # ... that moves back to the last accepted point
-                Jdelta = J.op.mv(delta)
-                returned = _damping.values_after(damping, reject, loss, c_out)
-                for key in ("v_norm", "u_norm"):
-                    info[key] = torch.where(reject, torch.zeros_like(info[key]), info[key])
-            gamma = self._normal_step_sizes(layout)
-            gamma = gamma.max().double() if isinstance(gamma, Tensor) else gamma
-            self._global.damping = _damping.record(
-                damping,
-                verdict,
-                loss=loss,
-                c=c,
+        if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
+            gamma = self._normal_step_sizes(s.layout)
+            info["c_predicted"] = predicted_violation(
+                s.c, Jdelta, float(gamma.max()) if isinstance(gamma, Tensor) else gamma
+            )
+        if s.verdict is not None:
+            assert s.damping is not None and Jdelta is not None
+            self._global.damping, delta, s.returned = record_step(
+                s.damping,
+                s.verdict,
+                layout=s.layout,
+                J=J,
+                delta=delta,
                 Jdelta=Jdelta,
-                normal_norm=gamma * info["v_norm"].double(),
-                u_norm=info["u_norm"],
-                x=x,
-                ok=None if ok is None else applied,
-                reject=reject,
+                gamma=self._normal_step_sizes(s.layout),
+                returned=s.returned,
+                loss=s.loss,
+                c=s.c,
+                info=info,
+                applied=None if s.ok is None else s.applied,
+                reject=s.reject,
             )
-            info.update(
-                rejected=False if reject is None else reject,
-                damping=verdict.nu,
-                damping_ratio=verdict.rho,
-                rejected_steps=_rejected_count(self._global.damping),
-            )
-        layout.add_(delta)
         info["step_norm"] = torch.linalg.vector_norm(delta)
         multipliers = info.pop("multipliers", None)
         if multipliers is not None:
-            if ok is not None:  # a refused step keeps the last estimates (NaN when there are none of this size)
+            if s.ok is not None:  # a refused step keeps the last estimates (NaN when there are none of this size)
                 last = self._multipliers
                 if last is None or last.shape != multipliers.shape:
                     last = torch.full_like(multipliers, float("nan"))
-                multipliers = torch.where(applied, multipliers, last)
+                multipliers = torch.where(s.applied, multipliers, last)
             self._multipliers = multipliers
-        info["c_inf"] = returned[1].abs().max() if m else info["c_inf"]
-        info["g_norm"] = torch.linalg.vector_norm(g)
+        if m and not num_ineq:
+            info["c_inf"] = s.returned[1].abs().max()
+        info["g_norm"] = torch.linalg.vector_norm(s.g)
         if m:
             info.update(J.info(), jacobian=self._jacobian_path.used)
         if self._ranks is not None:
-            info["comm_bytes"] = self._ranks.sent_bytes - sent
+            info["comm_bytes"] = self._ranks.sent_bytes - s.sent
         self._diagnostics = info
-        if m and not sync_free:
-            self._watch_feasibility(c, info["c_predicted"])
-        return returned
+        if m and not s.sync_free:
+            self._watch_feasibility(s, info["c_predicted"])
+        return delta
 
-    def _predicted_violation(self, layout: FlatLayout, c: Tensor, Jdelta: Tensor | None) -> Tensor:
-        r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|`, the part of the violation the linearised step leaves (0 for
-        the full Gauss–Newton step of a full-rank J; near 1 when the linearisation cannot reduce c). Without
-        ``Jdelta`` the step is undamped and full rank, so :math:`J\delta = -\gamma_{\max} c` exactly."""
-        c64 = c.double()
-        c_norm = torch.linalg.vector_norm(c64)
-        if Jdelta is None:
-            gamma = self._normal_step_sizes(layout)
-            gamma = float(gamma.max()) if isinstance(gamma, Tensor) else gamma
-            return torch.full_like(c_norm, abs(1.0 - gamma))
-        left = torch.linalg.vector_norm(c64 + Jdelta.double())
-        return torch.where(c_norm > 0, left / torch.where(c_norm > 0, c_norm, 1.0), torch.zeros_like(left))
-
-    def _watch_feasibility(self, c: Tensor, predicted: Tensor) -> None:
-        """Exact mode: warn once when ‖c‖ has stalled for a window of steps while the linearised step could not
-        remove most of it — infeasible constraints, or an iterate near a stationary point of ‖c‖² (Jᵀc ≈ 0).
-        Not where ‖c‖ has already fallen by three orders of magnitude from its largest value: there the damped
-        normal step leaves what lies along J's near-null directions (σ² below μ), which is no infeasibility."""
-        c_norm = float(torch.linalg.vector_norm(c.double()))
-        self._violations.append((c_norm, float(predicted)))
-        self._violation_peak = max(self._violation_peak, c_norm)
-        window = self._violations
-        if self._infeasibility_warned or len(window) < window.maxlen:
-            return
-        first, last = window[0][0], window[-1][0]
-        stalled = last > 1e-6 and last > 1e-3 * self._violation_peak and last > 0.99 * first
-        if stalled and all(p > 0.5 for _, p in window):
-            self._infeasibility_warned = True
-            warn_user(
-                f"the constraint violation has stalled at ‖c‖ = {last:.3g} for {len(window)} steps while the "
-                f"linearised constraints cannot remove it (‖c + Jδ‖/‖c‖ = {window[-1][1]:.2f}): the constraints "
-                "may be infeasible, or the iterate is near a stationary point of ‖c‖² (see "
-                "optimizer.diagnostics()['c_predicted'])",
-                InfeasibilityWarning,
-            )
+    def _watch_feasibility(self, s: _Step, predicted: Tensor) -> None:
+        """Exact mode, before the parameters move (J's products are those of this iterate): feed the monitor and,
+        on a stall, test the violation's stationarity (:mod:`sqpoptim._feasibility`)."""
+        assert s.J is not None
+        v = violation(s.c, s.num_ineq)
+        if self._monitor.stalled(v, predicted):
+            op = s.J.op
+            self._monitor.judge_stall(stationarity_cosine(v.to(s.layout.dtype), op.mv, op.rmv))
 
     def _read_closure(self, out: Any, layout: FlatLayout) -> tuple[StepInputs, Tensor]:
-        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods)."""
+        """The step's inputs and the ``c`` that ``step`` returns (the same, detached, for constrained methods;
+        equalities first when the closure returned a :class:`~sqpoptim.Constraints`)."""
         inputs = parse_closure_output(out, layout, max_constraints=layout.n)
         return inputs, inputs.c.detach()
 
@@ -417,59 +468,9 @@ class ConstrainedOptimizer(Optimizer):
         diagonal instead of another pass over J)."""
         return True
 
-    def _exchanged_inputs(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
-        """This rank's loss, c, g and J from its closure, then the exchange that gives every rank the same ones
-        (:mod:`sqpoptim._exchange`): ``(inputs, c to return, g)`` with the mean loss and gradient and the rows
-        of every rank. Whatever fails on one rank (a param group's settings, the closure, its parsing, g, J) is
-        raised on every rank, and nothing has changed when it is."""
-        assert self._ranks is not None
-
-        def form() -> LocalInputs:
-            self._check_groups()
-            out, sharded = strip_sharded(closure())
-            inputs, c_out = self._read_closure(out, layout)
-            uses_c = inputs.c.shape[0] == c_out.shape[0]  # Adam(unc) only reports c
-            m = inputs.c.shape[0]
-            g = flat_gradient(inputs.loss, layout, retain_graph=inputs.J is None and m > 0)
-            J = inputs.J if inputs.J is not None or not uses_c else self._form_jacobian(inputs.c, layout)
-            return LocalInputs(inputs.loss.detach(), c_out, g, J, sharded, uses_c)
-
-        local, error = form_locally(form)
-        shared = exchange(self._ranks, local, error, layout.params, layout.n)
-        assert local is not None
-        if not local.uses_c:
-            return StepInputs(shared.loss, shared.c.new_zeros(0), None), shared.c, shared.g
-        if shared.c.shape[0] > layout.n:  # sharded rows: only now is m known (the same decision on every rank)
-            raise ValueError(
-                f"more constraints than parameters: m = {shared.c.shape[0]} > n = {layout.n} over all ranks; "
-                "the linearised constraints J d = -c cannot have full row rank"
-            )
-        return StepInputs(shared.loss, shared.c, shared.J), shared.c, shared.g
-
-    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
-        """``(inputs, g, J)`` at the current parameters — every rank's, exchanged, with a process group — for
-        extra evaluations of the closure within a step (the inputs as parsed, J formed when not given)."""
-        if self._ranks is not None:
-            inputs, _, g = self._exchanged_inputs(closure, layout)
-            J = inputs.J if inputs.J is not None else self._form_jacobian(inputs.c, layout)
-            return inputs, g, J
-        inputs = parse_closure_output(strip_sharded(closure())[0], layout, max_constraints=layout.n)
-        J = self._form_jacobian(inputs.c, layout) if inputs.J is None else inputs.J
-        return inputs, flat_gradient(inputs.loss, layout), J
-
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
         """δ with x_{k+1} = x_k + δ, and the step's diagnostics (at least ``v_norm`` and ``u_norm``)."""
         raise NotImplementedError
-
-    def _form_jacobian(self, c: Tensor, layout: FlatLayout) -> Tensor:
-        return jacobian(
-            c,
-            layout.params,
-            layout.n,
-            mode=self.jacobian_mode,
-            chunk_size=self.chunk_size,
-            warned=self._jacobian_warned,
-        )
 
     def _next_step_count(self, counted: Tensor | None, device: torch.device) -> Tensor:
         """k for this step: the steps counted so far plus this one if ``counted`` (``None``: counted)."""
@@ -482,66 +483,10 @@ class ConstrainedOptimizer(Optimizer):
         :meth:`_next_step_count`); subclasses with per-parameter counts extend this."""
         self._global.step = self._next_step_count(counted, ctx.layout.device)
 
-    def _reject_last_step(
-        self, layout: FlatLayout, damping: DampingState, verdict: _damping.Verdict, loss: Tensor, c: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Exact mode: move the parameters back to the last accepted point, keep the escalated ν and return the
-        values at that point. The diagnostics keep their keys: no displacement was formed (``v_norm`` and
-        ``u_norm`` are 0); ``rank``, ``gram_cond`` and ``g_norm`` are those of the last formed step."""
-        assert damping.x_accepted is not None
-        with torch.no_grad():  # called from inside the closure's enable_grad block; the real views of complex
-            x_rejected = layout.gather()  # parameters were made without grad mode and may not be read with it
-            layout.assign(damping.x_accepted)
-        self._global.damping = _damping.rejected(damping, verdict)
-        loss, c = _damping.values_after(damping, None, loss, c)
-        zero = torch.zeros((), dtype=layout.dtype, device=layout.device)
-        self._diagnostics = {
-            **self._diagnostics,
-            "c_inf": c.abs().max(),
-            "v_norm": zero,
-            "u_norm": zero,
-            "step_norm": torch.linalg.vector_norm(damping.x_accepted - x_rejected),
-            "rejected": True,
-            "damping": verdict.nu,
-            "damping_ratio": verdict.rho,
-            "rejected_steps": _rejected_count(self._global.damping),
-        }
-        return loss, c
-
-    def _zero_rows_error(self, rows: list[int], inputs: StepInputs, layout: FlatLayout) -> ValueError:
-        """Say why Jacobian rows of unsatisfied constraints can be zero: c_i does not depend on the parameters
-        (autograd cannot tell this apart from a zero derivative: a row of ``torch.cat`` has a graph to every
-        part), or c_i is stationary here — an infeasible constraint at a minimum of |c_i|, or units saturated,
-        typically by the optimizer's own large previous step, which the message then names."""
-        shown = rows[:10]
-        values = ", ".join(f"{inputs.c[i].item():.3g}" for i in shown)
-        moved = ""
-        if "step_norm" in self._diagnostics:
-            step_norm = float(self._diagnostics["step_norm"])
-            x_norm = float(torch.linalg.vector_norm(layout.gather().detach()))
-            if step_norm > 0.5 * max(x_norm, 1e-12):
-                moved = (
-                    f" The optimizer's previous step moved the parameters by ‖δ‖ = {step_norm:.3g} against "
-                    f"‖x‖ = {x_norm:.3g}, which can saturate units: globalise the normal step (normal_damping) "
-                    "or lower normal_lr."
-                )
-        given = " (in the given J)" if inputs.J is not None and not inputs.c.requires_grad else ""
-        return ValueError(
-            f"constraint(s) {shown} cannot be reduced from this point: all-zero Jacobian rows{given} while "
-            f"c = [{values}]. Either they do not depend on the parameters at all (remove them, or check that "
-            "c is computed from the model), or they are stationary here: an infeasible constraint at a local "
-            f"minimum of |c_i|, or units saturated by a large step.{moved} The step was refused and the "
-            "parameters and optimizer state are unchanged."
-        )
-
-    def _warn_if_truncated(self, info: dict[str, Any], m: int) -> None:
-        if info.get("truncated") and not self._rank_warned:
-            self._rank_warned = True
-            warn_user(
-                f"the constraint Jacobian is rank-deficient or ill-conditioned (rank used {int(info['rank'])} "
-                f"of {m}); steps use its independent part (see optimizer.diagnostics())",
-                RankDeficiencyWarning,
-            )
+    def _evaluate(self, closure: Callable[[], Any], layout: FlatLayout) -> tuple[StepInputs, Tensor, Tensor]:
+        """``(inputs, g, J)`` at the current parameters — every rank's, exchanged, with a process group — for
+        extra evaluations of the closure within a step (:meth:`sqpoptim._step_inputs.InputReader.evaluate`)."""
+        return self._reader.evaluate(closure, layout, check=self._check_groups, parse=self._read_closure)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -569,7 +514,7 @@ class ConstrainedOptimizer(Optimizer):
         produced), ``step_norm`` (‖δ_k‖, the displacement applied), ``c_predicted``
         (:math:`\|c_k + J_k\delta_k\|/\|c_k\|`, the part of the violation the linearised step leaves: 0 for a
         full Gauss–Newton step, near 1 when the constraints cannot be reduced from here — with a stalling ‖c‖
-        this warns once with :class:`InfeasibilityWarning`, in exact mode), ``jacobian`` (how J was formed:
+        this warns once with :class:`~sqpoptim.InfeasibilityWarning`, in exact mode), ``jacobian`` (how J was formed:
         ``"layers"``, ``"batched"``, ``"loop"``, ``"autograd"``, ``"given"``), ``solver`` (``"dense"`` or
         ``"krylov"``; the matrix-free solver adds ``krylov_iterations``, ``krylov_converged``, ``krylov_test`` —
         1 or 2 for the termination test that stopped the step's solve, 0 for ``rtol``, -1 when capped —,
@@ -583,19 +528,11 @@ class ConstrainedOptimizer(Optimizer):
         return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._diagnostics.items()}
 
 
-def _warn_if_distributed(name: str) -> None:
-    """Without a process group every rank steps on its own: say so where that is likely a mistake."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            warn_user(
-                f"torch.distributed is initialised with {world} ranks but {name} was given no process_group: "
-                "each rank steps on its own gradient and constraints, and replicas drift apart (wrapping the "
-                "model in DistributedDataParallel does not average the gradients this optimizer forms); pass "
-                "process_group=torch.distributed.group.WORLD to step together",
-                UserWarning,
-            )
-
-
-def _rejected_count(damping: DampingState) -> Tensor | int:
-    return 0 if damping.rejected_steps is None else damping.rejected_steps
+def _as_returned(returned: tuple[Tensor, Tensor], raw: Any) -> tuple[Tensor, Tensor | Constraints]:
+    """``(loss, c)`` as ``step`` returns it: c a tensor, or a :class:`~sqpoptim.Constraints` of its detached parts
+    when the closure returned one."""
+    loss, c = returned
+    if not (isinstance(raw, (tuple, list)) and len(raw) >= 2 and isinstance(raw[1], Constraints)):
+        return loss, c
+    m_eq = c.shape[0] - raw[1].num_ineq
+    return loss, Constraints(eq=c[:m_eq], ineq=c[m_eq:])

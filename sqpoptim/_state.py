@@ -60,12 +60,17 @@ class OptimizerState:
 
     ``step`` is k, the number of steps taken (a 0-d float64 device tensor; refused and rejected steps do not
     count), ``nonfinite_steps`` the number of steps refused for non-finite inputs in sync-free mode, ``krylov`` the
-    matrix-free solver's warm starts (``{"multipliers": {slot: λ}, "penalty": π}``, :mod:`sqpoptim._krylov`)."""
+    matrix-free solver's warm starts (``{"multipliers": {slot: λ}, "penalty": π}``, :mod:`sqpoptim._krylov`). With
+    inequality constraints, ``inequality_active`` and ``projection_active`` (``[m]`` bool) are the working sets
+    of the last step's QP and gradient projection, the warm start of the next step (:mod:`sqpoptim._inequality`).
+    """
 
     step: Tensor | None = None
     nonfinite_steps: Tensor | None = None
     damping: DampingState | None = None
     krylov: dict[str, Any] | None = None
+    inequality_active: Tensor | None = None
+    projection_active: Tensor | None = None
 
     #: sqpoptim 0.1's flat ``state["global"]`` keys -> (field, damping field) of this form.
     _LEGACY: ClassVar[dict[str, tuple[str, str | None]]] = {

@@ -7,12 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, as_solver
+from ._constraint_solver import ConstraintSolver
 from ._damping import DEFAULT_NU0
+from ._dense_solver import as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_betas, check_eps, check_nonnegative, check_optional_nonnegative
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
 from ._layout import StepCounts
-from ._linalg import masked, step_info
+from ._linalg import gram, masked, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedAdamSQP", "adam_sqp_direction"]
@@ -59,9 +61,18 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     Defaults: ``projection="euclidean"`` and ``bias_correction="defossez"`` follow the paper's Algorithm 3;
     ``eps=1e-7`` is the paper's setting. ``normal_lr=1.0`` takes the whole feasibility step; the
     authors' code scales it by the learning rate (``normal_lr=None``), with which c shrinks only like
-    :math:`(1-\alpha)^k`. That default is a measured deviation from the spec (which marks it [design] with
-    γ = α): see :class:`~sqpoptim.ProjectedHeavyBallSQP` and RESULTS.md, which also records the problem-suite
-    comparison of the projection and bias-correction options.
+    :math:`(1-\alpha)^k`. That default deviates from the authors' code (γ = α); why, and the comparison of
+    the projection and bias-correction options, is in the algorithms guide of the documentation and in
+    RESULTS.md.
+
+    Inequalities (``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the moments are fed the
+    gradient projected on the null space of the equalities and of the inequalities that bind it, and the step is
+    the QP :math:`\min_d \tfrac12\|d + D_k^{-1}p_k\|_H^2` s.t. :math:`\gamma c_{E,k} + J_{E,k}d = 0`,
+    :math:`\gamma c_{I,k} + J_{I,k}d \le 0` (H = I for ``"euclidean"``, :math:`H = D_k` for ``"scaled"``), which
+    with no active inequality is the step of the box above (:mod:`sqpoptim._inequality`: derivation, solver,
+    the elastic step of an infeasible linearisation, deviations from Curtis, Robinson & Zhou, arXiv:2302.14790).
+    All groups must share ``normal_lr``. That step is not damped: see ``normal_damping`` in
+    :class:`~sqpoptim.ProjectedHeavyBallSQP` for what the default means with inequalities.
 
     Globalisation of the normal step (every SQP method here and :class:`~sqpoptim.ConstrainedAdam`): the paper
     takes the full Gauss–Newton step of the *linearised* constraints, with no merit function or line search.
@@ -174,6 +185,8 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
             sync_free=ctx.sync_free,
             ok=ctx.stats,
             damping=ctx.damping,
+            num_ineq=ctx.num_ineq,
+            warm=ctx.warm,
         )
 
     def _factors_gram(self) -> bool:
@@ -208,6 +221,8 @@ def adam_sqp_direction(
     sync_free: bool = False,
     ok: Tensor | None = None,
     damping: Tensor | None = None,
+    num_ineq: int = 0,
+    warm: InequalityWarmStart | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of one :class:`ProjectedAdamSQP` step on flat vectors.
 
@@ -219,10 +234,17 @@ def adam_sqp_direction(
     step) is checked before it touches the moments (:func:`sqpoptim._finite.require_finite`): exact mode raises,
     sync-free mode masks the moments and reports ``formed`` in the diagnostics. ``multipliers`` in the
     diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg` (in the Adam metric when the Euclidean
-    factor is not formed).
+    factor is not formed). With ``num_ineq`` > 0 the last rows of c and J are inequalities :math:`c_i \\le 0`:
+    the moments are fed the cone-projected gradient and the step is the QP of :mod:`sqpoptim._inequality` in the
+    metric of ``projection`` (``warm``: the last step's partitions; the multipliers are the sign-aware ones, or
+    the step QP's when the gradients are not projected).
     """
     m = c.shape[0]
     euclidean = projection == "euclidean"
+    if num_ineq:  # the solver refuses a per-group normal_lr before anything changes
+        solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, defossez=bias_correction == "defossez")
+        return _with_inequalities(g, c, J, exp_avg, exp_avg_sq, step, solver, hyper, euclidean, project_gradients, ok)
     S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
     lam = None
     if m and project_gradients:
@@ -245,17 +267,7 @@ def adam_sqp_direction(
         w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
     exp_avg.mul_(b1).add_(gbar * w1)
     exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
-    k = torch.as_tensor(step, dtype=torch.float64, device=g.device)
-    if defossez:
-        alpha_k = lr * (1.0 - beta1) * torch.sqrt((1.0 - beta2**k) / (1.0 - beta2)).to(g.dtype)
-        denom = (exp_avg_sq + eps).sqrt_()  # D_k
-        p = alpha_k * exp_avg
-    else:
-        bc1 = (1.0 - beta1**k).to(g.dtype)
-        bc2 = (1.0 - beta2**k).to(g.dtype)
-        denom = (exp_avg_sq / bc2 + eps).sqrt_()
-        p = (lr / bc1) * exp_avg
-    d = p / denom  # D_k^{-1} p_k: Adam's direction, lr and bias correction included
+    d, denom = _scaled_direction(exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, defossez)
     if not m:
         u = -d
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed}
@@ -268,3 +280,73 @@ def adam_sqp_direction(
         if lam is None and SW.kind == "dense":  # (a matrix-free solve for diagnostics alone is not worth it)
             lam = SW.project(W * g, multipliers=True)[1]  # -(J W Jᵀ)⁻¹ J W g
     return delta, {**info, "formed": formed, "multipliers": lam}
+
+
+def _scaled_direction(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    defossez: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(D_k^{-1} p_k, D_k)``: Adam's direction from the updated moments, learning rate and bias correction
+    included, and the metric diagonal."""
+    k = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device)
+    if defossez:
+        alpha_k = lr * (1.0 - beta1) * torch.sqrt((1.0 - beta2**k) / (1.0 - beta2)).to(exp_avg.dtype)
+        denom = (exp_avg_sq + eps).sqrt_()  # D_k
+        p = alpha_k * exp_avg
+    else:
+        bc1 = (1.0 - beta1**k).to(exp_avg.dtype)
+        bc2 = (1.0 - beta2**k).to(exp_avg.dtype)
+        denom = (exp_avg_sq / bc2 + eps).sqrt_()
+        p = (lr / bc1) * exp_avg
+    return p / denom, denom
+
+
+def _with_inequalities(
+    g: Tensor,
+    c: Tensor,
+    J: Tensor | ConstraintSolver,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    solver: InequalitySolver,
+    hyper: dict[str, Any],
+    euclidean: bool,
+    project_gradients: bool,
+    ok: Tensor | None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """The inequality path of :func:`adam_sqp_direction`: the moments fed the gradient mapping (reach
+    lr·√n, :mod:`sqpoptim._inequality`), and the step QP in the method's metric in place of the projection and
+    the normal step."""
+    beta1, beta2, defossez, lr = hyper["beta1"], hyper["beta2"], hyper["defossez"], hyper["lr"]
+    lam = None
+    J, G = explicit_jacobian(J)
+    if project_gradients:
+        G = gram(J) if G is None else G
+        lr_max = lr.max() if isinstance(lr, Tensor) else lr
+        reach = lr_max * g.numel() ** 0.5 / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
+        gbar, lam = solver.project_gradient(g, c, J, reach.to(torch.float64), G)
+    else:
+        gbar = g
+    formed = require_finite(sync_free=solver.sync_free, projected_gradient=gbar)
+    ok = both(ok, formed)
+    w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
+    w2 = 1.0 if defossez else 1.0 - beta2
+    b1, b2 = beta1, beta2
+    if ok is not None:  # a refused step leaves the moments bit-identical: β → 1, weights → 0
+        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
+        b1, b2 = (masked(ok, b, 1.0, g) for b in (beta1, beta2))
+        w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
+    exp_avg.mul_(b1).add_(gbar * w1)
+    exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
+    d, denom = _scaled_direction(exp_avg, exp_avg_sq, step, lr, beta1, beta2, hyper["eps"], defossez)
+    if euclidean:
+        st = solver.step(-d, c, J, G=G)
+    else:
+        st = solver.step(-d, c, J, weight=denom.reciprocal())
+    return st.delta, {**solver.info(st, c), "formed": formed, "multipliers": st.y if lam is None else lam}

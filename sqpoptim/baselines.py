@@ -6,7 +6,8 @@ r"""The baselines of the SQP paper under the same closure contract: Adam(con), A
   difference from the ICLR-form SQP-Adam is the vector fed to the moments.
 * :class:`AdamUnc` — Adam(unc), the soft-constrained baseline: Adam with ε inside the square root on the
   objective alone; constraints the closure returns are ignored (and returned for logging).
-* :class:`PenaltyAdam` — Adam(unc) on :math:`f + \tfrac{\rho}{2}\|c\|^2`.
+* :class:`PenaltyAdam` — Adam(unc) on :math:`f + \tfrac{\rho}{2}\|c\|^2` (inequalities through
+  :math:`\max(0, c_I)^2`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._closure import StepInputs, parse_closure_output
+from ._constraints import Constraints
 from ._distributed import Sharded, strip_sharded
 from ._layout import FlatLayout
 from .adam import ProjectedAdamSQP
@@ -108,7 +111,11 @@ class AdamUnc(ProjectedAdamSQP):
             out = (out, None)
         if isinstance(out, (tuple, list)) and len(out) in (2, 3):
             # J is not used; PointwiseConstraints are not evaluated, as nothing would use them
-            out = (out[0], out[1] if isinstance(out[1], Tensor) or out[1] is None else None)
+            c = out[1]
+            if isinstance(c, Constraints):  # its tensor parts, stacked, are passed back (as a Constraints)
+                parts = [p for p in (c.eq, c.ineq) if isinstance(p, Tensor)]
+                c = torch.cat(parts) if parts else None
+            out = (out[0], c if isinstance(c, Tensor) or c is None else None)
         inputs = parse_closure_output(out, layout)
         return StepInputs(inputs.loss, inputs.c.new_zeros(0), None), inputs.c.detach()
 
@@ -121,7 +128,8 @@ class PenaltyAdam(AdamUnc):
     ``(loss, c)``; the penalised value is in :meth:`diagnostics` as ``penalized_loss``. With a
     ``process_group`` the penalty is that of all ranks' rows (a sharded rank weighs its own rows' penalty by the
     number of ranks, as the gradients are averaged) and the returned loss is the ranks' mean (one more
-    all-reduce of a scalar).
+    all-reduce of a scalar). With ``(loss, Constraints(eq=c_E, ineq=c_I))`` (one process) the penalty is
+    :math:`\tfrac{\rho}{2}(\|c_E\|^2 + \|\max(0, c_I)\|^2)`: a satisfied inequality costs nothing.
     """
 
     def __init__(
@@ -147,9 +155,23 @@ class PenaltyAdam(AdamUnc):
 
         def penalised() -> tuple[Tensor, Any]:
             out, sharded = strip_sharded(closure())
-            if not isinstance(out, (tuple, list)) or len(out) < 2 or not isinstance(out[1], Tensor):
-                raise TypeError("PenaltyAdam's closure must return (loss, c) with c a 1-D tensor")
-            loss, c = out[0], out[1]
+            cons = out[1] if isinstance(out, (tuple, list)) and len(out) >= 2 else None
+            if isinstance(cons, Constraints):
+                if any(p is not None and not isinstance(p, Tensor) for p in (cons.eq, cons.ineq)):
+                    raise TypeError(
+                        "PenaltyAdam needs the residuals themselves; PointwiseConstraints are not supported"
+                    )
+                zero = out[0].new_zeros(0)
+                c_eq = cons.eq if cons.eq is not None else zero
+                c_in = cons.ineq if cons.ineq is not None else zero
+                seen["loss"] = out[0]
+                penalty = c_eq.square().sum() + c_in.clamp_min(0.0).square().sum()
+                return out[0] + 0.5 * self.rho * penalty, cons
+            if not isinstance(cons, Tensor):
+                raise TypeError(
+                    "PenaltyAdam's closure must return (loss, c) with c a 1-D tensor, or (loss, Constraints(...))"
+                )
+            loss, c = out[0], cons
             seen["loss"] = loss
             # Sharded rows: the union's penalty is the sum of the ranks' penalties while gradients are averaged
             # over the ranks, so each rank weighs its own penalty by their number.

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, as_solver
+from ._constraint_solver import ConstraintSolver
 from ._damping import DEFAULT_NU0
+from ._dense_solver import as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_beta, check_nonnegative, check_optional_nonnegative
-from ._linalg import masked, step_info
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
+from ._linalg import gram, masked, step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 
 __all__ = ["ProjectedHeavyBallSQP", "heavy_ball_sqp_direction"]
@@ -41,10 +43,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
     takes the whole feasibility step, so linear constraints hold after one undamped step (a few damped ones)
     and nonlinear ones converge fast (quadratically undamped); ``normal_lr=None`` sets γ = α, which scales the
     whole step by the learning rate as the authors' code does (c then shrinks only like :math:`(1-\alpha)^k`).
-    **Deviation from the spec's default** (γ = α, marked [design]): measured on the problem suite (RESULTS.md),
-    γ = 1 reaches a lower or equal objective on spring, Darcy, the manifold toy and the reaction network and
-    always satisfies the constraints, which γ = α does not within the budgets (Burgers is the exception on the
-    objective).
+    **Deviation from the authors' code** (γ = α): the measurements behind the default γ = 1 are in the
+    algorithms guide of the documentation and in RESULTS.md.
 
     With no constraints (m = 0) this is exactly the EMA heavy-ball method
     :math:`m_k = \beta m_{k-1} + (1-\beta) g_k,\ x_{k+1} = x_k - \alpha m_k`, i.e. ``torch.optim.SGD`` with
@@ -53,6 +53,14 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
     Param groups: each group's ``lr`` (and ``momentum``) multiplies its coordinates *before* the projection,
     :math:`u_k = -P_k(\Lambda m_k)`, so :math:`J_k u_k = 0` still holds. When groups have different normal step
     sizes the normal step is distributed in proportion to them (see :func:`sqpoptim._linalg.scaled_normal_step`).
+
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the
+    momentum is fed :math:`\bar g_k = P_{\hat{\mathcal A}_k} g_k`, the gradient projected on the null space of
+    the equalities and of the inequalities that bind it (sign-aware least-squares multipliers), and the step is
+    the QP :math:`\min_d \tfrac12\|d + \alpha m_k\|^2` s.t. :math:`\gamma c_{E,k} + J_{E,k}d = 0`,
+    :math:`\gamma c_{I,k} + J_{I,k}d \le 0`, which is :math:`\gamma v_k + u_k` of the box above on its working
+    set (:mod:`sqpoptim._inequality`, with the derivation and the deviations from Curtis, Robinson & Zhou,
+    arXiv:2302.14790). All groups must share ``normal_lr``. That step is not damped (``normal_damping``, below).
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -83,13 +91,19 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             it turns the failing runs into solutions and leaves the PINN results as they were, where a larger ν0
             slows the first steps to feasibility. ``0.1`` fits pointwise output constraints of ReLU networks
             better (RESULTS.md §5). ``diagnostics()`` has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected``
-            and ``rejected_steps``.
+            and ``rejected_steps``. With inequality constraints the step is one QP with no separate normal step
+            to damp: the default then leaves that step undamped (it still damps the steps of the same run whose
+            closure gives no inequalities, judging them afresh after an inequality step), and any other value
+            is refused with a ``ValueError`` before anything changes; there ``normal_lr`` < 1 shortens the
+            feasibility step, and an inconsistent linearisation takes the elastic step.
         solver: ``"auto"`` (default), ``"dense"`` (one float64 Gram factorisation per step) or ``"krylov"``
             (matrix-free MINRES with the inexact-SQP termination tests of Byrd, Curtis and Nocedal, warm-started
             from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver up to
             512 constraints, and above while its Gram matrix and factorisation cost no more than a matrix-free step
             at its iteration cap and fit in memory (:mod:`sqpoptim._constraint_solver`);
-            ``diagnostics()["solver"]`` says which was used.
+            ``diagnostics()["solver"]`` says which was used. A step with inequality constraints always takes the
+            dense solver (its QP is solved in its dual on the Gram matrix); ``"krylov"`` with inequalities is
+            refused.
         krylov: options of the matrix-free solver (:class:`sqpoptim._krylov.KrylovOptions`: ``max_iter``,
             ``kappa``, ``epsilon``, ``tau``, ``penalty0``, ``projection_rtol``, ``rtol``, ``jacobi``).
         process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks)
@@ -165,6 +179,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             sync_free=ctx.sync_free,
             ok=ctx.stats,
             damping=ctx.damping,
+            num_ineq=ctx.num_ineq,
+            warm=ctx.warm,
         )
 
 
@@ -181,6 +197,8 @@ def heavy_ball_sqp_direction(
     sync_free: bool = False,
     ok: Tensor | None = None,
     damping: Tensor | None = None,
+    num_ineq: int = 0,
+    warm: InequalityWarmStart | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of one :class:`ProjectedHeavyBallSQP` step on flat vectors.
 
@@ -188,9 +206,15 @@ def heavy_ball_sqp_direction(
     Hyperparameters are floats or per-coordinate ``[n]`` tensors. ``ok`` (0-d bool) turns the step into a no-op
     on the momentum when False. The projected gradient and the normal step are checked before the momentum
     changes (:func:`sqpoptim._finite.require_finite`); ``multipliers`` in the diagnostics are the least-squares
-    estimates :math:`-(JJ^\top)^{-1}Jg`.
+    estimates :math:`-(JJ^\top)^{-1}Jg`. With ``num_ineq`` > 0 the last rows of c and J are inequalities
+    :math:`c_i \\le 0` (``warm``: the last step's partitions; the new ones are in the diagnostics, see
+    :class:`sqpoptim._inequality.InequalitySolver`) and the multipliers the sign-aware ones.
     """
     m = c.shape[0]
+    if num_ineq:
+        return _with_inequalities(
+            g, c, J, momentum_buffer, lr, momentum, normal_lr, rank_tol, sync_free, ok, num_ineq, warm
+        )
     S = as_solver(J, rank_tol=rank_tol, sync_free=sync_free)
     normal = None
     if m:
@@ -211,3 +235,35 @@ def heavy_ball_sqp_direction(
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed, "multipliers": lam}
     delta, info = S.step(lr * momentum_buffer, c, normal_lr, damping, normal)
     return delta, {**info, "formed": formed, "multipliers": lam}
+
+
+def _with_inequalities(
+    g: Tensor,
+    c: Tensor,
+    J: Tensor | ConstraintSolver,
+    momentum_buffer: Tensor,
+    lr: float | Tensor,
+    momentum: float | Tensor,
+    normal_lr: float | Tensor,
+    rank_tol: float,
+    sync_free: bool,
+    ok: Tensor | None,
+    num_ineq: int,
+    warm: InequalityWarmStart | None,
+) -> tuple[Tensor, dict[str, Any]]:
+    r"""The inequality path of :func:`heavy_ball_sqp_direction`: the same momentum, the step QP in place of
+    :math:`\gamma v + u`."""
+    solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+    J, G = explicit_jacobian(J)
+    G = gram(J) if G is None else G  # Euclidean: the projection and the step QP share it
+    reach = lr.max() if isinstance(lr, Tensor) else lr
+    gbar, lam = solver.project_gradient(g, c, J, reach, G)
+    formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
+    ok = both(ok, formed)
+    weight = 1.0 - momentum
+    if ok is not None:
+        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
+        weight = masked(ok, weight, 0.0, g)
+    momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
+    step = solver.step(-(lr * momentum_buffer), c, J, G=G)
+    return step.delta, {**solver.info(step, c), "formed": formed, "multipliers": lam}

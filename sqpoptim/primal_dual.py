@@ -16,7 +16,7 @@ from ._distributed import strip_sharded
 from ._exchange import exchange, form_locally
 from ._hyperparameters import check_nonnegative
 from ._layout import FlatLayout, as_real
-from ._optimizer import ConstrainedOptimizer
+from ._optimizer import ConstrainedOptimizer, _as_returned
 from ._state import OptimizerState
 
 __all__ = ["PrimalDual"]
@@ -50,6 +50,11 @@ class PrimalDual(ConstrainedOptimizer):
     :math:`\nabla f` (no Jacobian is formed). The multipliers are :attr:`multipliers` (and part of
     ``state_dict``); the number of constraints must stay fixed. Unlike the penalty method it can reach c = 0
     with a bounded weight, but it only converges as fast as the multipliers do.
+
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`; one
+    process): their multipliers are kept nonnegative by projected ascent, :math:`\lambda_{I,k+1} = \max(0,
+    \lambda_{I,k} + \eta_\lambda c_I(x_k))`, the Arrow–Hurwicz method for :math:`\min_x \max_{\lambda_I \ge 0}
+    \mathcal L`; a satisfied constraint's multiplier decays to zero and stops acting on x.
 
     Non-finite values always raise here (one host read per step): the inner optimizer's state cannot be
     rolled back on the device.
@@ -101,7 +106,8 @@ class PrimalDual(ConstrainedOptimizer):
             return self._distributed_step(closure, layout)
         self._check_groups()
         with torch.enable_grad():
-            inputs = parse_closure_output(strip_sharded(closure())[0], layout)
+            raw = strip_sharded(closure())[0]
+            inputs = parse_closure_output(raw, layout)
             loss, c = inputs.loss, inputs.c
             m = c.shape[0]
             if m and not c.requires_grad:
@@ -113,9 +119,13 @@ class PrimalDual(ConstrainedOptimizer):
                 raise ValueError(f"the number of constraints changed from {lam.shape[0]} to {m}")
             # Dual step first, with this iterate's c (alternating / Arrow-Hurwicz order; see the class docstring).
             lam = lam + self._dual_lr() * c.detach()
+            if inputs.num_ineq:  # projected ascent keeps the inequalities' multipliers nonnegative
+                ineq = torch.arange(m, device=c.device) >= m - inputs.num_ineq
+                lam = torch.where(ineq, lam.clamp_min(0.0), lam)
             flat, grads = self._lagrangian_gradient(loss, c, lam, 1, layout)
         self._guard.check(loss.detach(), c.detach(), flat, None, sync_free=False)
-        return self._primal_step(layout, flat, grads, loss.detach(), c.detach(), lam)
+        returned = self._primal_step(layout, flat, grads, loss.detach(), c.detach(), lam, inputs.num_ineq)
+        return _as_returned(returned, raw)
 
     def _dual_lr(self) -> float:
         return max(g["dual_lr"] for g in self.param_groups)
@@ -144,17 +154,26 @@ class PrimalDual(ConstrainedOptimizer):
         return flat, list(grads)
 
     def _primal_step(
-        self, layout: FlatLayout, flat: Tensor, grads: list[Tensor | None], loss: Tensor, c: Tensor, lam: Tensor
+        self,
+        layout: FlatLayout,
+        flat: Tensor,
+        grads: list[Tensor | None],
+        loss: Tensor,
+        c: Tensor,
+        lam: Tensor,
+        num_ineq: int = 0,
     ) -> tuple[Tensor, Tensor]:
-        """Hand the Lagrangian gradient to the inner optimizer through ``p.grad`` and record the step."""
+        """Hand the Lagrangian gradient to the inner optimizer through ``p.grad`` and record the step (``c_inf``:
+        the largest violation, max(0, c_i) for the last ``num_ineq`` rows)."""
         for p, gp in zip(layout.params, grads):
             p.grad = None if gp is None else gp.detach()
         self.inner.step()
         self._global.multipliers = lam
         self._global.step = self._next_step_count(None, layout.device)
         m = c.shape[0]
+        violation = torch.cat([c[: m - num_ineq].abs(), c[m - num_ineq :].clamp_min(0.0)]) if num_ineq else c.abs()
         self._diagnostics = {
-            "c_inf": c.abs().max() if m else c.new_zeros(()),
+            "c_inf": violation.max() if m else c.new_zeros(()),
             "multiplier_inf": lam.abs().max() if m else c.new_zeros(()),
             "g_norm": torch.linalg.vector_norm(flat),  # the Lagrangian gradient given to the inner optimizer
         }
@@ -173,6 +192,8 @@ class PrimalDual(ConstrainedOptimizer):
             self._check_groups()
             out, sharded = strip_sharded(closure())
             inputs = parse_closure_output(out, layout)
+            if inputs.num_ineq:
+                raise ValueError("inequality constraints are not supported by PrimalDual across several processes")
             loss, c = inputs.loss, inputs.c
             m = c.shape[0]
             if m and not c.requires_grad:

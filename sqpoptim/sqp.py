@@ -2,7 +2,6 @@ r"""Stochastic SQP (Algorithm 1; Berahas, Curtis, Robinson, Zhou, SIAM J. Optim.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,16 +9,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._constraint_solver import ConstraintSolver, as_solver
+from ._adaptive_step import _adaptive_rule, _violation_l1, adaptive_step_size
+from ._constraint_solver import ConstraintSolver
 from ._damping import DEFAULT_NU0
+from ._dense_solver import as_solver
 from ._finite import both, require_finite
 from ._hyperparameters import check_nonnegative, check_optional_nonnegative
+from ._inequality import InequalitySolver, InequalityWarmStart, explicit_jacobian
 from ._jacobian_operator import DenseJacobian
 from ._linalg import step_info
 from ._optimizer import ConstrainedOptimizer, StepContext
 from ._state import OptimizerState
 
-__all__ = ["StochasticSQP", "adaptive_step_size", "sqp_direction"]
+__all__ = ["StochasticSQP", "adaptive_step_size", "sqp_direction"]  # adaptive_step_size: re-exported
 
 
 @dataclass
@@ -74,6 +76,23 @@ class StochasticSQP(ConstrainedOptimizer):
     on every call, as ``torch.optim`` closures do). τ, ξ, α, L and Γ are kept in the optimizer's state
     (:class:`StochasticSQPState`) and reported by :meth:`diagnostics`.
     A zero step (d_k = 0) leaves τ and ξ unchanged and does not move.
+
+    Inequalities (the closure returns ``(loss, Constraints(eq=c_E, ineq=c_I))``, :math:`c_I \le 0`): the step
+    solves the QP of Curtis, Robinson & Zhou (arXiv:2302.14790) with H = I,
+
+    .. math::
+        d_k = \arg\min_d\ g_k^\top d + \tfrac12\|d\|^2 \quad\text{s.t.}\quad c_{E,k} + J_{E,k}d = 0,\quad
+        c_{I,k} + J_{I,k}d \le 0,
+
+    which with no inequality active is :math:`v_k + u_k` above. The fixed rule takes the QP with the targets
+    scaled by γ and the direction by α (:math:`\min_d \tfrac12\|d + \alpha g_k\|^2` s.t.
+    :math:`\gamma c_{E,k} + J_{E,k}d = 0`, :math:`\gamma c_{I,k} + J_{I,k}d \le 0`); the adaptive rule takes
+    :math:`x_{k+1} = x_k + \alpha_k d_k` with the merit function
+    :math:`\tau f + \|c_E\|_1 + \|\max(c_I, 0)\|_1` and the model's decrease of that violation in place of
+    :math:`\|c_k\|_1` (``_adaptive_with_inequalities``). The QP is solved in its dual on the Gram matrix,
+    warm-started from the last working set, with an elastic relaxation when the linearisation is inconsistent
+    (:mod:`sqpoptim._inequality`, which states the deviations from the paper). All groups must share
+    ``normal_lr``; the QP step is not damped (``normal_damping`` in :class:`~sqpoptim.ProjectedHeavyBallSQP`).
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -185,6 +204,8 @@ class StochasticSQP(ConstrainedOptimizer):
                 rank_tol=self._rank_tol(layout),
                 sync_free=ctx.sync_free,
                 damping=ctx.damping,
+                num_ineq=ctx.num_ineq,
+                warm=ctx.warm,
             )
         state = self._global
         lipschitz = state.lipschitz if state.lipschitz is not None else self._lipschitz_constants(ctx)
@@ -193,36 +214,54 @@ class StochasticSQP(ConstrainedOptimizer):
         if tau is None or xi is None:  # first step only: later steps never create tensors from host values
             tau = torch.full((), self.rule["tau0"], dtype=torch.float64, device=dev)
             xi = torch.full((), self.rule["xi0"], dtype=torch.float64, device=dev)
-        m = ctx.c.shape[0]
-        S = ctx.J
-        v = S.normal_step(ctx.c) if m else torch.zeros_like(ctx.g)
-        gbar, lam = S.project(ctx.g, multipliers=True) if m else (ctx.g, None)
-        u = -gbar
-        d = v + u
-        formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
-        ok = both(ctx.stats, formed)
         L, Gamma = lipschitz
-        alpha, tau_new, xi_new = adaptive_step_size(
-            ctx.g,
-            v,
-            u,
-            ctx.c,
-            tau,
-            xi,
-            beta=lrs[0],
-            L=L,
-            Gamma=Gamma,
-            sigma=self.rule["sigma"],
-            eps_tau=self.rule["eps_tau"],
-            eps_xi=self.rule["eps_xi"],
-        )
+        rule = dict(beta=lrs[0], L=L, Gamma=Gamma, **{k: self.rule[k] for k in ("sigma", "eps_tau", "eps_xi")})
+        m = ctx.c.shape[0]
+        if ctx.num_ineq:
+            d, info, alpha, tau_new, xi_new = self._adaptive_with_inequalities(ctx, tau, xi, rule)
+            formed = None
+        else:
+            S = ctx.J
+            v = S.normal_step(ctx.c) if m else torch.zeros_like(ctx.g)
+            gbar, lam = S.project(ctx.g, multipliers=True) if m else (ctx.g, None)
+            u = -gbar
+            d = v + u
+            formed = require_finite(sync_free=ctx.sync_free, projected_gradient=gbar, normal_step=v)
+            alpha, tau_new, xi_new = adaptive_step_size(ctx.g, v, u, ctx.c, tau, xi, **rule)
+            factor = getattr(S, "factor", None) if m else None
+            info = {**step_info(ctx.c, factor, v, alpha.to(u.dtype) * u), "multipliers": lam}
+        ok = both(ctx.stats, formed)
         if ok is not None:  # a refused step keeps τ and ξ
             tau_new, xi_new = torch.where(ok, tau_new, tau), torch.where(ok, xi_new, xi)
         state.lipschitz, state.tau, state.xi, state.alpha = lipschitz, tau_new, xi_new, alpha
-        info = step_info(ctx.c, getattr(S, "factor", None) if m else None, v, alpha.to(u.dtype) * u)
-        info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma)
-        info.update(formed=formed, multipliers=lam)
+        info.update(tau=tau_new, xi=xi_new, alpha=alpha, L=L, Gamma=Gamma, formed=formed)
         return alpha.to(d.dtype) * d, info
+
+    def _adaptive_with_inequalities(
+        self, ctx: StepContext, tau: Tensor, xi: Tensor, rule: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Any], Tensor, Tensor, Tensor]:
+        r"""The adaptive rule on the step of the QP :math:`\min_d g^\top d + \tfrac12\|d\|^2` s.t.
+        :math:`c_E + J_E d = 0`, :math:`c_I + J_I d \le 0`, with the merit function
+        :math:`\phi_\tau = \tau f + \|c_E\|_1 + \|\max(c_I, 0)\|_1` of Curtis, Robinson & Zhou (arXiv:2302.14790):
+        the model's decrease of the violation :math:`\Delta V = V(c) - V(c + Jd)` takes the place of
+        :math:`\|c\|_1` (the two agree when only equalities are active), and
+        :math:`g^\top d + \|d\|^2 = y^\top(c - r)`, :math:`r = c + Jd`, from the QP's multipliers y
+        (:math:`d = -g - J^\top y`), which is O(‖c‖) without the cancellation of forming it from d."""
+        solver = InequalitySolver(
+            ctx.num_ineq, ctx.warm, gamma=1.0, rank_tol=self._rank_tol(ctx.layout), sync_free=ctx.sync_free
+        )
+        J, G = explicit_jacobian(ctx.J)
+        st = solver.step(-ctx.g, ctx.c, J, G=G)
+        c64 = ctx.c.double()
+        r = c64 + (J @ st.delta).double()
+        m_eq = ctx.c.shape[0] - ctx.num_ineq
+        before, after = _violation_l1(c64, m_eq), _violation_l1(r, m_eq)
+        dd = torch.dot(st.delta, st.delta).double()
+        denom = torch.dot(st.y, c64 - r)  # g'd + ‖d‖²
+        alpha, tau_new, xi_new = _adaptive_rule(denom - dd, dd, denom, (before - after).clamp_min(0.0), tau, xi, **rule)
+        info = {**solver.info(st, ctx.c), "multipliers": st.y}
+        info["u_norm"] = alpha.to(info["u_norm"].dtype) * info["u_norm"]
+        return st.delta, info, alpha, tau_new, xi_new
 
     def _lipschitz_constants(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         r"""``(L, Γ)`` as given, or estimated from the closure at nearby points (parameters restored exactly).
@@ -259,7 +298,11 @@ class StochasticSQP(ConstrainedOptimizer):
                     rows = DenseJacobian(J).row_check() if J.shape[0] else None
                     self._guard.check(inputs.loss.detach(), inputs.c.detach(), g, rows, sync_free=False)
                 except (FloatingPointError, ValueError) as err:
-                    raise type(err)(f"while estimating the Lipschitz constants (step_rule='adaptive'): {err}") from None
+                    kind = FloatingPointError if isinstance(err, FloatingPointError) else ValueError
+                    raise kind(
+                        f"while estimating the Lipschitz constants (step_rule='adaptive') at a point {radius:.3g} "
+                        f"from the iterate: {err}; the step was refused and the parameters are unchanged"
+                    ) from None
                 dg = g - ctx.g
                 dg_norm = float(torch.linalg.vector_norm(dg))
                 L_est = max(L_est, dg_norm / radius)
@@ -288,11 +331,24 @@ def sqp_direction(
     rank_tol: float,
     sync_free: bool = False,
     damping: Tensor | None = None,
+    num_ineq: int = 0,
+    warm: InequalityWarmStart | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Functional form of the fixed-step :class:`StochasticSQP` step: ``(γ v + u, diagnostics)`` with
     :math:`u = -P(\\Lambda g)` (per-group learning rates applied before the projection). ``multipliers`` in the
-    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg`."""
+    diagnostics are the least-squares estimates :math:`-(JJ^\top)^{-1}Jg`. With ``num_ineq`` > 0 the last rows
+    of c and J are inequalities :math:`c_i \\le 0` and the step is the QP
+    :math:`\\min_d \\tfrac12\\|d + \\Lambda g\\|^2` s.t. :math:`\\gamma c_E + J_E d = 0`,
+    :math:`\\gamma c_I + J_I d \\le 0` (:mod:`sqpoptim._inequality`); its multipliers divided by the (largest)
+    learning rate are the multiplier estimates."""
     m = c.shape[0]
+    if num_ineq:
+        solver = InequalitySolver(num_ineq, warm, gamma=normal_lr, rank_tol=rank_tol, sync_free=sync_free)
+        Jm, G = explicit_jacobian(J)
+        st = solver.step(-(lr * g), c, Jm, G=G)
+        scale = lr.max().double() if isinstance(lr, Tensor) else lr
+        lam = st.y / scale if not (isinstance(scale, float) and scale == 0.0) else st.y
+        return st.delta, {**solver.info(st, c), "multipliers": lam}
     if not m:
         u = -(lr * g)
         return u, step_info(c, None, torch.zeros_like(u), u)
@@ -300,50 +356,3 @@ def sqp_direction(
     delta, info = S.step(lr * g, c, normal_lr, damping)
     lam = S.project(g, multipliers=True)[1] if S.kind == "dense" else None  # (no matrix-free solve for it)
     return delta, {**info, "multipliers": lam}
-
-
-def adaptive_step_size(
-    g: Tensor,
-    v: Tensor,
-    u: Tensor,
-    c: Tensor,
-    tau: Tensor,
-    xi: Tensor,
-    *,
-    beta: float,
-    L: Tensor,
-    Gamma: Tensor,
-    sigma: float = 0.1,
-    eps_tau: float = 0.01,
-    eps_xi: float = 0.01,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(α_k, τ_k, ξ_k)`` of the Berahas et al. (2021) rule for :math:`d = v + u`, :math:`u = -Pg` (see
-    :class:`StochasticSQP`), as float64 device tensors, computed without host synchronisation. A zero direction
-    returns α = 0 and the old τ, ξ.
-
-    The inner products use the identities of the decomposition instead of forming :math:`g^\top d` and
-    :math:`\\|d\\|^2` from d: :math:`g^\top u = -\\|u\\|^2` and :math:`u^\top v = 0`, so
-    :math:`g^\top d + \\|d\\|^2 = g^\top v + \\|v\\|^2`, which is O(‖c‖). Computed from d directly it is the
-    difference of two O(‖u‖²) numbers, and once c reaches rounding level that cancellation alone drives τ to
-    zero. The model reduction is :math:`\\Delta l = -\tau g^\top d + \\|c\\|_1` (J d = -c); with
-    :math:`\tau \\le \tau^{trial}` it is at least :math:`\tau\\|d\\|^2 + \\sigma\\|c\\|_1 > 0`, so ξ stays
-    positive.
-    """
-    gv = torch.dot(g, v).double()
-    vv, uu = torch.dot(v, v).double(), torch.dot(u, u).double()
-    gd, dd = gv - uu, vv + uu
-    c1 = c.abs().sum().double() if c.numel() else gd.new_zeros(())
-    denom = gv + vv  # = g'd + max(d'Hd, 0) with H = I
-    inf = torch.full_like(gd, math.inf)
-    tau_trial = torch.where(denom > 0, (1.0 - sigma) * c1 / torch.where(denom > 0, denom, 1.0), inf)
-    tau_new = torch.where(tau > tau_trial, torch.minimum((1.0 - eps_tau) * tau, tau_trial), tau)
-    dl = -tau_new * gd + c1
-    safe_dd = torch.where(dd > 0, dd, 1.0)
-    xi_trial = dl / (tau_new * safe_dd)
-    xi_new = torch.where(xi > xi_trial, torch.minimum((1.0 - eps_xi) * xi, xi_trial), xi)
-    scale = tau_new * L + Gamma
-    a_hat = beta * xi_new * tau_new / scale
-    a_tilde = a_hat - 4.0 * c1 / (scale * safe_dd)
-    alpha = torch.where(a_hat < 1, a_hat, torch.where(a_tilde > 1, a_tilde, torch.ones_like(a_hat)))
-    moving = dd > 0
-    return torch.where(moving, alpha, 0.0), torch.where(moving, tau_new, tau), torch.where(moving, xi_new, xi)

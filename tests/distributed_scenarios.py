@@ -20,6 +20,7 @@ from sqpoptim._agreement import LocalInputs, agree, checksum
 from sqpoptim._distributed import RankGroup, gram_block_rows
 
 from .helpers import TinyPINN, burgers_residual, burgers_residual_pointwise
+from .optimizers import factories
 
 f64 = torch.float64
 
@@ -129,18 +130,20 @@ PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9], [0.1, 0.7], [0.5, 0.5]],
 SHARDS = (slice(0, 3), slice(3, 5))  # constraint rows of ranks 0 and 1 (uneven)
 
 FACTORIES = {
-    "sqp-hb": lambda p, pg: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2, process_group=pg),
-    "sqp-adam": lambda p, pg: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, process_group=pg),
-    "sqp-adam-sync-free": lambda p, pg: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, sync_free=True, process_group=pg),
-    "sqp-adam-scaled-damped": lambda p, pg: sqpoptim.ProjectedAdamSQP(
-        p, lr=1e-2, projection="scaled", normal_damping=0.5, process_group=pg
-    ),
-    "sqp-fixed": lambda p, pg: sqpoptim.StochasticSQP(p, lr=1e-2, process_group=pg),
-    "sqp-adaptive": lambda p, pg: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive", process_group=pg),
-    "adam-con": lambda p, pg: sqpoptim.ConstrainedAdam(p, lr=1e-2, process_group=pg),
-    "adam-unc": lambda p, pg: sqpoptim.AdamUnc(p, lr=1e-2, process_group=pg),
-    "penalty": lambda p, pg: sqpoptim.PenaltyAdam(p, lr=1e-2, rho=10.0, process_group=pg),
-    "primal-dual": lambda p, pg: sqpoptim.PrimalDual(p, lr=1e-2, dual_lr=0.1, process_group=pg),
+    name: (lambda p, pg, _make=make: _make(p, process_group=pg))
+    for name, make in factories(
+        "sqp-hb",
+        "sqp-adam",
+        "sqp-adam-sync-free",
+        "sqp-adam-scaled-damped",
+        "sqp",
+        "sqp-adaptive",
+        "adam-con",
+        "adam-unc",
+        "penalty",
+        "primal-dual",
+        lr=1e-2,
+    ).items()
 }
 # (optimizer, constraints mode, how the closure gives the constraints)
 CASES = [(name, mode, "autograd") for name in FACTORIES for mode in ("replicated", "sharded")]

@@ -11,19 +11,13 @@ from torch import nn
 import sqpoptim
 
 from .helpers import TinyPINN, burgers_residual, f64
+from .optimizers import factories
 
 X = torch.rand(32, 2, dtype=f64, generator=torch.Generator().manual_seed(3))
 Y = torch.cos(2 * X[:, :1])
 PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
 
-OPTIMIZERS = {
-    "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2),
-    "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2),
-    "sqp-hb-damped": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2, normal_damping=0.5),
-    "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
-    "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2),
-    "primal-dual": lambda p: sqpoptim.PrimalDual(p, lr=1e-2),
-}
+OPTIMIZERS = factories("sqp-adam", "sqp-hb", "sqp-hb-damped", "sqp", "adam-con", "primal-dual", lr=1e-2)
 
 
 class NaNGradient(torch.autograd.Function):

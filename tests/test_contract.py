@@ -10,25 +10,25 @@ import torch
 import sqpoptim
 
 from .helpers import TinyPINN, burgers_residual, burgers_residual_pointwise, f64
+from .optimizers import factories
 
 X = torch.rand(48, 2, dtype=f64, generator=torch.Generator().manual_seed(2))
 Y = torch.sin(3 * X[:, :1]) * torch.cos(2 * X[:, 1:])
 PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
 
-FACTORIES = {
-    "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2),
-    "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2),
-    "sqp-adam-scaled-standard": lambda p: sqpoptim.ProjectedAdamSQP(
-        p, lr=1e-2, projection="scaled", bias_correction="standard"
-    ),
-    "sqp-adam-damped": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_damping=0.5),
-    "sqp-fixed": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
-    "sqp-adaptive": lambda p: sqpoptim.StochasticSQP(p, lr=1.0, step_rule="adaptive"),
-    "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2),
-    "adam-unc": lambda p: sqpoptim.AdamUnc(p, lr=1e-2),
-    "penalty": lambda p: sqpoptim.PenaltyAdam(p, lr=1e-2, rho=10.0),
-    "primal-dual": lambda p: sqpoptim.PrimalDual(p, lr=1e-2, dual_lr=0.1),
-}
+FACTORIES = factories(
+    "sqp-hb",
+    "sqp-adam",
+    "sqp-adam-scaled-standard",
+    "sqp-adam-damped",
+    "sqp",
+    "sqp-adaptive",
+    "adam-con",
+    "adam-unc",
+    "penalty",
+    "primal-dual",
+    lr=1e-2,
+)
 
 
 def closure_for(model):

@@ -37,8 +37,14 @@ def random_qp(seed, n=50, m=5):
     return Q, b, C, d, x_star
 
 
+# Adam(con) and the Adam options take 1,000-2,000 steps to 1e-7 here (5-10 s of CPU each): marked slow
+_SLOW_QP = {"sqp-adam-scaled", "sqp-adam-standard", "adam-con"}
+
+
 @pytest.mark.parametrize("damped", [False, True], ids=["undamped", "default"])
-@pytest.mark.parametrize("method", list(SQP_METHODS))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=[pytest.mark.slow] if m in _SLOW_QP else []) for m in SQP_METHODS]
+)
 def test_linear_equality_constrained_qp_converges_to_kkt_point(method, damped):
     Q, b, C, d, x_star = random_qp(seed=sorted(SQP_METHODS).index(method))
     x = torch.zeros(50, dtype=f64, requires_grad=True)
@@ -141,7 +147,11 @@ def _solve(case, factory, iters):
     return x
 
 
-@pytest.mark.parametrize("method", list(CATALOGUE_METHODS))
+# Adam's run of the catalogue costs ~25 s of CPU (its steps are the dearest and it needs the most): slow-marked;
+# the default suite solves the catalogue with the fixed-step SQP and heavy ball, and Adam's QP runs above
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=[pytest.mark.slow] if m == "sqp-adam" else []) for m in CATALOGUE_METHODS]
+)
 def test_catalogue_solved_full_batch(method):
     factory, iters = CATALOGUE_METHODS[method]
     failures = []

@@ -9,6 +9,7 @@ import torch
 import sqpoptim
 
 from .helpers import TinyPINN, burgers_residual
+from .optimizers import factories
 
 pytestmark = pytest.mark.cuda
 
@@ -16,15 +17,9 @@ X = torch.rand(64, 2, dtype=torch.float64, generator=torch.Generator().manual_se
 Y = torch.sin(2 * X[:, :1])
 PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=torch.float64)
 
-FACTORIES = {
-    "sqp-adam": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2),
-    "sqp-adam-scaled": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, projection="scaled"),
-    "sqp-hb": lambda p: sqpoptim.ProjectedHeavyBallSQP(p, lr=1e-2),
-    "sqp": lambda p: sqpoptim.StochasticSQP(p, lr=1e-2),
-    "adam-con": lambda p: sqpoptim.ConstrainedAdam(p, lr=1e-2),
-    "adam-unc": lambda p: sqpoptim.AdamUnc(p, lr=1e-2),
-    "sqp-adam-damped": lambda p: sqpoptim.ProjectedAdamSQP(p, lr=1e-2, normal_damping=0.1),
-}
+FACTORIES = factories(
+    "sqp-adam", "sqp-adam-scaled", "sqp-hb", "sqp", "adam-con", "adam-unc", "sqp-adam-damped-0.1", lr=1e-2
+)
 
 
 def _closure(model, device):

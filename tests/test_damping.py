@@ -12,19 +12,14 @@ from sqpoptim import _damping
 from sqpoptim._linalg import damped, factor_gram, gram, normal_step
 
 from .helpers import TinyPINN, burgers_residual, f64
+from .optimizers import PROJECTED_SQP, factories
 from .test_linalg import random_problem
 
 X = torch.rand(40, 2, dtype=f64, generator=torch.Generator().manual_seed(8))
 Y = torch.sin(2 * X[:, :1])
 PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
 
-DAMPED = {
-    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, **kw),
-    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, **kw),
-    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, **kw),
-    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, projection="scaled", **kw),
-    "adam-con": lambda p, **kw: sqpoptim.ConstrainedAdam(p, **kw),
-}
+DAMPED = factories(*PROJECTED_SQP)
 
 
 def _rejected(opt) -> int:
@@ -235,3 +230,20 @@ def test_damped_normal_step_with_per_coordinate_step_sizes_solves_the_weighted_p
     mu = nu * torch.diagonal(J @ (J * d).T).mean()
     oracle = torch.linalg.solve(J.T @ J + mu * torch.diag(1.0 / d), -gamma.max() * (J.T @ c))
     torch.testing.assert_close(delta, oracle, rtol=1e-8, atol=1e-10)
+
+
+def test_a_step_with_another_number_of_constraints_is_not_judged():
+    """The ratio test compares ‖c‖ before and after a step; when the closure returns a different number of
+    constraints the comparison means nothing, so the step is neither rejected nor used to adapt ν."""
+    x = torch.tensor([2.0, -1.0, 0.5], dtype=f64, requires_grad=True)
+    opt = sqpoptim.ProjectedAdamSQP([x], lr=1e-2)
+    three = lambda: ((x**2).sum(), torch.stack([x[0] ** 2 - 1, x[1] ** 3, x[2] - 0.3]))  # noqa: E731
+    # two constraints with a violation 1e6 times larger than the three had: judged, this would be a rejection
+    two = lambda: ((x**2).sum(), 1e6 * torch.stack([x[0] ** 2 - 1, x[1] ** 3]))  # noqa: E731
+    opt.step(three)
+    nu = opt.global_state.damping.nu.clone()
+    before = x.detach().clone()
+    opt.step(two)
+    diag = opt.diagnostics()
+    assert diag["rejected"] is False and math.isnan(diag["damping_ratio"])
+    assert torch.equal(opt.global_state.damping.nu, nu) and not torch.equal(x.detach(), before)

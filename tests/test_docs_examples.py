@@ -97,7 +97,10 @@ def test_a_closure_calling_backward_is_refused_with_the_contract_and_nothing_cha
     model = linear_model()
     opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2)
     before = flat(model).clone()
-    with pytest.raises(TypeError, match=r"must return \(loss, c\) or \(loss, c, J\) and must not call backward"):
+    with pytest.raises(
+        TypeError,
+        match=r"must return \(loss, c\), \(loss, c, J\) or \(loss, Constraints\(.*\)\) and must not call backward",
+    ):
         opt.step(forms["closure_calling_backward"](model, opt))
     assert torch.equal(flat(model), before)
 
@@ -140,6 +143,7 @@ def check_compile_example(backend: str):
     torch.testing.assert_close(flat(ns["model"]), train_eager(200), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # compiling costs ~8 s of CPU; the compiled-module tests below stay in the default suite
 def test_compile_example_matches_eager_training():
     check_compile_example("aot_eager")
 

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 import sqpoptim
-from sqpoptim._constraint_solver import DenseSolver, KrylovSolver, choose, make_solver
+from sqpoptim._dense_solver import DenseSolver
 from sqpoptim._jacobian_operator import AutogradJacobian, DenseJacobian
 from sqpoptim._krylov import KrylovOptions, inexact_step, minres
+from sqpoptim._krylov_solver import KrylovSolver
 from sqpoptim._linalg import factor_gram, gram, kkt_reference, project, scaled_normal_step
+from sqpoptim._solver_choice import choose, make_solver
 
 from .helpers import f64
 
@@ -281,3 +283,41 @@ def test_matrix_free_step_of_a_network_equals_the_dense_step(m, width, rtol):
     s_krylov, k = _one_step(m, width, "krylov", krylov=dict(rtol=rtol, max_iter=5000))
     assert d["jacobian"] == k["jacobian"] == "layers" and k["solver"] == "krylov" and k["krylov_converged"]
     assert _rel(s_krylov, s_dense) < 1e-6
+
+
+def test_the_autograd_operators_damping_scale_is_hutchinsons_estimate_of_the_mean_row_norm():
+    """The matrix-free damped normal step needs mean_i (JWJᵀ)_ii; through autograd alone it is estimated from
+    four Rademacher products: deterministic, and close to the exact value on many rows of different sizes."""
+    from sqpoptim._jacobian_operator import AutogradJacobian
+
+    torch.manual_seed(1)
+    W = torch.randn(50, 300, dtype=torch.float64, requires_grad=True)
+    c = (W**2).sum(1) * torch.linspace(0.1, 3.0, 50, dtype=torch.float64)
+    op = AutogradJacobian(c, [W], W.numel())
+    J = op.dense()
+    w = torch.rand(W.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for weight in (None, w):
+        exact = ((J**2) * (1.0 if weight is None else weight)).sum(1).mean()
+        estimate = op.mean_row_sq_norm(weight)
+        assert torch.equal(estimate, op.mean_row_sq_norm(weight))
+        assert abs(estimate / exact - 1) < 0.15
+
+
+@pytest.mark.parametrize("name", ["sqp", "sqp-hb", "sqp-adam"])
+def test_the_default_damped_step_runs_matrix_free_through_autograd(name):
+    """A plain parameter vector gets the autograd operator (no layers to factor); with the default damping the
+    matrix-free normal step uses the estimated scale and drives linear constraints down."""
+    make = {
+        "sqp": sqpoptim.StochasticSQP,
+        "sqp-hb": sqpoptim.ProjectedHeavyBallSQP,
+        "sqp-adam": sqpoptim.ProjectedAdamSQP,
+    }
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    opt = make[name]([x], lr=0.05, solver="krylov")
+    for _ in range(30):
+        opt.step(lambda: (((x - 1) ** 2).sum(), A @ x - 1))
+    diag = opt.diagnostics()
+    assert diag["jacobian"] == "autograd" and diag["solver"] == "krylov"
+    # from max|c| = 1: the inexact solves (termination tests, not rtol) leave 1e-6 to 1e-3 along the way
+    assert (A @ x.detach() - 1).abs().max().item() < 1e-2

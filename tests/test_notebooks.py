@@ -127,7 +127,16 @@ def _check_layers(nb: nbformat.NotebookNode, tmp_path: Path) -> None:
 CHECKS = {"01_quickstart": _check_quickstart, "02_pinn_suite": _check_pinn_suite, "03_layers": _check_layers}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# Executing a notebook starts a kernel and trains (7-20 s of CPU each): marked slow. The default suite keeps the
+# checks that need no kernel (no outputs committed, ruff reads them).
+LONG_NOTEBOOKS = {"01_quickstart", "02_pinn_suite", "03_layers"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.stem in LONG_NOTEBOOKS else []) for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS],
+)
 def test_notebook_executes_at_the_ci_budget(path, tmp_path, monkeypatch):
     assert path.stem in CHECKS, f"{path.name}: add a check of its outputs to CHECKS"
     before = sorted(p.name for p in ROOT.iterdir())

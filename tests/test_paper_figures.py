@@ -3,9 +3,12 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~10 s of CPU: every figure of paper_figures/
 def test_make_all_regenerates_every_figure(tmp_path):
     sys.path.insert(0, str(ROOT / "paper_figures"))
     try:

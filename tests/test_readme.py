@@ -32,3 +32,24 @@ def test_readme_commands_are_the_ones_ci_runs():
         recipes[block[0]] = [line.strip() for line in block[1].splitlines()]
     assert recipes["demo"] == ["$(BIN)/" + main_job]
     assert recipes["test"] == ["$(BIN)/python -m ruff check .", "$(BIN)/python -m pytest"]
+
+
+def test_readme_method_table_is_the_registry():
+    from problems.methods import method_table
+
+    assert method_table() in README.read_text()
+
+
+def test_every_path_in_the_readme_map_exists():
+    """The "Where things live" table names files and folders that exist (first cell of each row, the later names
+    in a cell relative to the first one's folder)."""
+    text = README.read_text().split("### Where things live", 1)[1].split("\n\n", 2)[1]
+    root = README.parent
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 8
+    for row in rows:
+        names = re.findall(r"`([^`]+)`", row.split("|")[1])
+        folder = (root / names[0]).parent
+        assert list(root.glob(names[0])), names[0]
+        for name in names[1:]:
+            assert list(folder.glob(name)), (row, name)

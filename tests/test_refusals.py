@@ -10,19 +10,13 @@ import torch
 import sqpoptim
 
 from .helpers import TinyPINN, burgers_residual, f64
+from .optimizers import PROJECTED_SQP, factories
 
 X = torch.rand(32, 2, dtype=f64, generator=torch.Generator().manual_seed(3))
 Y = torch.cos(2 * X[:, :1])
 PTS = torch.tensor([[0.2, 0.3], [0.6, 0.4], [0.8, 0.9]], dtype=f64)
 
-SQP = {
-    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, **kw),
-    "sqp-adam-scaled": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, projection="scaled", **kw),
-    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, **kw),
-    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, **kw),
-    "sqp-adaptive": lambda p, **kw: sqpoptim.StochasticSQP(p, step_rule="adaptive", lipschitz=(1.0, 1.0), **kw),
-    "adam-con": lambda p, **kw: sqpoptim.ConstrainedAdam(p, **kw),
-}
+SQP = factories(*PROJECTED_SQP[:4], "sqp-adaptive-given-L", "adam-con")
 
 
 def _state_tensors(opt):
@@ -293,3 +287,51 @@ def test_a_feasible_problem_reports_that_the_linearised_step_removes_the_violati
     half = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-2, normal_lr=0.5, sync_free=True, normal_damping=None)
     half.step(lambda: (((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)))
     assert half.diagnostics()["c_predicted"] == pytest.approx(0.5, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------- a refused first step
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("name", [*SQP, "sqp-adaptive"])
+def test_a_step_whose_closure_raises_leaves_the_state_dict_as_it_was(name, sync_free):
+    """Nothing of a step that failed in its closure reaches ``state_dict()``, not even an empty entry: the
+    second step fails in its closure (the adaptive rule that estimates its Lipschitz constants fails inside its
+    first step, at its second closure call)."""
+    make = SQP.get(name) or factories("sqp-adaptive")["sqp-adaptive"]
+    model = TinyPINN(seed=2)
+    opt = make(model.parameters(), lr=1e-2, sync_free=sync_free)
+    calls, snapshots = [0], [repr(opt.state_dict())]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("the user's closure failed")
+        return ((model(X) - Y) ** 2).mean(), burgers_residual(model, PTS)
+
+    with pytest.raises(RuntimeError, match="the user's closure failed"):
+        for _ in range(2):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step(closure)
+            snapshots.append(repr(opt.state_dict()))
+    assert repr(opt.state_dict()) == snapshots[-1]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(snapshots) == (1 if name == "sqp-adaptive" else 2)
+
+
+def test_zero_rows_at_the_lipschitz_estimates_point_are_named_in_one_clear_message():
+    x = torch.tensor([1.0, 2.0], dtype=f64, requires_grad=True)
+    opt = sqpoptim.StochasticSQP([x], lr=1.0, step_rule="adaptive")
+    calls = [0]
+
+    def closure():  # at the nearby point of the estimate the constraint no longer depends on x
+        calls[0] += 1
+        c = (x[:1] - 3) if calls[0] == 1 else (x[:1] * 0 + 1)
+        return (x**2).sum(), c
+
+    with pytest.raises(ValueError) as err:
+        opt.step(closure)
+    message = str(err.value)
+    assert message.startswith("while estimating the Lipschitz constants (step_rule='adaptive') at a point")
+    assert "constraint(s) [0] have all-zero Jacobian rows" in message and "parameters are unchanged" in message
+    assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=f64))

@@ -15,11 +15,6 @@ PINN_AND_TOY = ["spring", "chemistry", "burgers", "darcy", "manifold_toy"]
 OPTIMIZER_METHODS = [m for m in METHODS if not METHODS[m].needs_output_constraints]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.parametrize("problem", PINN_AND_TOY)
 def test_every_method_runs_a_few_steps_on_every_problem(problem, tmp_path, cache):
     assert problem in problem_names()

@@ -9,13 +9,9 @@ import torch
 import sqpoptim
 
 from .helpers import f64
+from .optimizers import factories
 
-DAMPED = {
-    "sqp-adam": lambda p, **kw: sqpoptim.ProjectedAdamSQP(p, **kw),
-    "sqp-hb": lambda p, **kw: sqpoptim.ProjectedHeavyBallSQP(p, **kw),
-    "sqp": lambda p, **kw: sqpoptim.StochasticSQP(p, **kw),
-    "adam-con": lambda p, **kw: sqpoptim.ConstrainedAdam(p, **kw),
-}
+DAMPED = factories("sqp-adam", "sqp-hb", "sqp", "adam-con")
 
 
 def _atan(x):

@@ -19,6 +19,8 @@ SLOW = {  # runs of more than ~2.5 s CPU: 600-1,500 steps
     ("oscillator", "ProjectedHeavyBallSQP"),
     ("oscillator", "ProjectedAdamSQP"),
 }
+# runs that stall at a local minimum of the violation on their way (the oscillator's energy constraint)
+PASSES_A_STATIONARY_POINT = {("oscillator", "ProjectedAdamSQP", torch.float32)}
 C_TOLERANCE = 1e-3  # max |c| at the end, both dtypes (the residuals are of size 1-100)
 
 
@@ -38,8 +40,13 @@ def test_defaults_reach_the_exact_solution_between_the_constraint_points(name, o
         out = train(problem, optimizer, dtype)
     assert out.error < problem.tolerance, f"max relative error {out.error:.3g} between the constraint points"
     assert out.c_inf < C_TOLERANCE, f"max |c| {out.c_inf:.3g} at the constraint points"
-    # feasible problems: no "may be infeasible" warning (the damped step stalls only at a negligible ‖c‖)
-    assert not [w for w in caught if issubclass(w.category, sqpoptim.InfeasibilityWarning)]
+    infeasible = [w for w in caught if issubclass(w.category, sqpoptim.InfeasibilityWarning)]
+    if (name, optimizer.__name__, dtype) in PASSES_A_STATIONARY_POINT:
+        # the run stalls for 20 steps at a local minimum of ‖c‖ with c ≠ 0 before it leaves it: the warning says
+        # so (measured: ‖c‖ = 1.96, ‖Jᵀc‖/(σ_max‖c‖) = 3.7e-3) and the run still ends at the solution
+        assert len(infeasible) == 1 and "stationary point" in str(infeasible[0].message)
+    else:  # feasible problems: no warning (the damped step stalls only at a negligible ‖c‖)
+        assert not infeasible
 
 
 def test_the_full_gauss_newton_step_fits_the_points_and_misses_the_solution():

@@ -4,8 +4,6 @@ declare how their predictions are drawn."""
 
 from __future__ import annotations
 
-import ast
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,59 +17,25 @@ from problems import problem_class, problem_names
 from problems.core.problem import PREDICTION_KINDS
 from problems.methods import METHODS, method_table
 
+from ..package_layout import find_cycle, import_graph, module_name, notes_in
+
 ROOT = Path(problems.__file__).resolve().parent
 MODULES = sorted(ROOT.rglob("*.py"))
 
 
 def _module_name(path: Path) -> str:
-    parts = ["problems", *path.relative_to(ROOT).with_suffix("").parts]
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path) -> set[str]:
-    """The ``problems`` modules ``path`` imports by name at module level (function-level imports are lazy by
-    design): ``from .x import y`` is ``x``, or ``x.y`` where that is a module."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                target = f"{base}.{node.module}" if node.module else base
-            else:
-                target = node.module or ""
-            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            candidates = [a.name for a in node.names]
-        else:
-            continue
-        known = {_module_name(p) for p in MODULES}
-        modules = [c for c in candidates[1:] if c in known]  # names that are submodules
-        found.update(modules if modules else [candidates[0]] if candidates[0] in known else [])
-    return found - {name}
+    return module_name(ROOT, path)
 
 
 def test_the_import_graph_has_no_cycle():
     """Explicit imports only: a package's ``__init__`` runs before its submodules, which is a cycle only where a
     submodule imports from its package what the package imports from it (that would be an explicit edge)."""
-    graph = {_module_name(p): _imports(p) for p in MODULES}
+    graph = import_graph(ROOT)
     assert graph["problems.runner.loop"] >= {"problems", "problems.methods", "problems.runner.spec"}
-    done: set[str] = set()
-
-    def visit(node: str, path: list[str]) -> None:
-        if node in path:
-            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(node) :], node]))
-        if node in done:
-            return
-        for nxt in sorted(graph[node]):
-            visit(nxt, [*path, node])
-        done.add(node)
-
-    for name in sorted(graph):
-        visit(name, [])
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
+@pytest.mark.slow  # one interpreter importing each module afresh: ~5 s of CPU; the import-graph test stays
 def test_every_module_imports_alone():
     names = [_module_name(p) for p in MODULES]
     script = (
@@ -91,9 +55,7 @@ def test_modules_are_of_a_readable_size():
 
 
 def test_docstrings_speak_of_the_code():
-    pattern = re.compile(r"shared/|spec [A-Z][0-9]|[Ii]ssue [0-9]")
-    hits = [f"{p}:{i}" for p in MODULES for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
-    assert not hits
+    assert not notes_in(ROOT)
 
 
 def test_one_table_of_method_names():
