@@ -96,6 +96,15 @@ class StepContext:
 
 
 @dataclass
+class _Report:
+    """What the last step reports besides its diagnostics (never checkpointed). A field of this object rather
+    than an attribute of the optimizer: an attribute assigned anew inside the step is lost when dynamo
+    (``torch.compile`` of the step) resumes after a graph break, while mutations of an object are replayed."""
+
+    multipliers: Tensor | None = None
+
+
+@dataclass
 class _Step:
     """A step in progress: what each phase of :meth:`ConstrainedOptimizer.step` leaves for the next."""
 
@@ -163,7 +172,7 @@ class ConstrainedOptimizer(Optimizer):
         self.sync_free = sync_free
         self._global: OptimizerState = self._state_type()
         self._diagnostics: dict[str, Any] = {}
-        self._multipliers: Tensor | None = None
+        self._report = _Report()
         self._guard = FiniteGuard()
         self._flat = FlatState(self._flat_state_names)
         self._layout_cache: FlatLayout | None = None
@@ -229,7 +238,7 @@ class ConstrainedOptimizer(Optimizer):
         self._layout_cache = None
         self._flat.invalidate()
         self._diagnostics = {}
-        self._multipliers = None
+        self._report = _Report()
         self._jacobian_path.reset()
         # refused steps recorded before the checkpoint were reported then
         seen = new_global.nonfinite_steps
@@ -300,9 +309,11 @@ class ConstrainedOptimizer(Optimizer):
         s.verdict = _damping.judge(s.damping, s.inputs.loss.detach(), s.inputs.c.detach(), s.layout.n)
         if s.sync_free or not bool(s.verdict.reject):  # one host read (exact mode only)
             return False
-        self._global.damping, s.returned, self._diagnostics = move_back(
+        self._global.damping, s.returned, diagnostics = move_back(
             s.layout, s.damping, s.verdict, s.inputs.loss.detach(), s.c_out, self._diagnostics
         )
+        self._diagnostics.clear()  # in place, as in _record
+        self._diagnostics.update(diagnostics)
         return True
 
     def _form(self, s: _Step) -> None:
@@ -431,11 +442,11 @@ class ConstrainedOptimizer(Optimizer):
         multipliers = info.pop("multipliers", None)
         if multipliers is not None:
             if s.ok is not None:  # a refused step keeps the last estimates (NaN when there are none of this size)
-                last = self._multipliers
+                last = self._report.multipliers
                 if last is None or last.shape != multipliers.shape:
                     last = torch.full_like(multipliers, float("nan"))
                 multipliers = torch.where(s.applied, multipliers, last)
-            self._multipliers = multipliers
+            self._report.multipliers = multipliers
         if m and not num_ineq:
             info["c_inf"] = s.returned[1].abs().max()
         info["g_norm"] = torch.linalg.vector_norm(s.g)
@@ -443,7 +454,10 @@ class ConstrainedOptimizer(Optimizer):
             info.update(J.info(), jacobian=self._jacobian_path.used)
         if self._ranks is not None:
             info["comm_bytes"] = self._ranks.sent_bytes - s.sent
-        self._diagnostics = info
+        # in place: a new dict assigned to the attribute is lost when dynamo (torch.compile of the step) resumes
+        # after a graph break inside this method; mutating the existing dict is replayed
+        self._diagnostics.clear()
+        self._diagnostics.update(info)
         if m and not s.sync_free:
             self._watch_feasibility(s, info["c_predicted"])
         return delta
@@ -499,7 +513,7 @@ class ConstrainedOptimizer(Optimizer):
         gradients they are as noisy as g. ``None`` before the first step. Methods that form no Euclidean Gram
         matrix (``projection="scaled"`` with unprojected gradients, i.e. :class:`~sqpoptim.ConstrainedAdam`)
         estimate λ in their own metric W, :math:`-(JWJ^\top)^{-1}JWg`, which agrees at a KKT point."""
-        return self._multipliers
+        return self._report.multipliers
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` if a step since the last check was refused for non-finite inputs

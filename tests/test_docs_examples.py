@@ -286,3 +286,27 @@ def test_lightning_float16_mixed_precision_cannot_step_a_closure():
     plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
     with pytest.raises((AssertionError, RuntimeError)):
         lightning_fit(epochs=1, plugins=[plugin])
+
+
+@pytest.mark.slow  # dynamo traces the step: ~13 s of CPU
+def test_a_compiled_step_reports_what_an_eager_step_reports():
+    """torch.compile of ``opt.step`` (dynamo, eager backend) takes the eager steps — rejections of the damped
+    step included — and leaves the same state, diagnostics and multipliers (attributes assigned anew inside a
+    step would be lost where dynamo resumes after a graph break)."""
+
+    def run(compiled):
+        torch.manual_seed(0)
+        x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        opt = sqpoptim.ProjectedAdamSQP([x], lr=1e-2)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(4):
+                step(lambda: ((x**2).sum(), x[:2] ** 2 - 1))
+        return x.detach(), opt.state_dict()["state"]["global"], opt.diagnostics(), opt.multipliers
+
+    torch._dynamo.reset()
+    (x_e, state_e, diag_e, lam_e), (x_c, state_c, diag_c, lam_c) = run(False), run(True)
+    assert state_e["damping"]["rejected_steps"].item() > 0  # the rejection path was taken too
+    assert torch.equal(x_e, x_c) and repr(state_e) == repr(state_c)
+    assert diag_e == diag_c and torch.equal(lam_e, lam_c)
