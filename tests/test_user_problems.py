@@ -28,7 +28,9 @@ def _cases():
     for name in PROBLEMS:
         for opt in OPTIMIZERS:
             for dtype in (torch.float32, torch.float64):
-                marks = [pytest.mark.slow] if (name, opt.__name__) in SLOW else []
+                # float32 runs are slow-marked: the default suite keeps float64 for each problem and optimizer
+                long_run = (name, opt.__name__) in SLOW or dtype == torch.float32
+                marks = [pytest.mark.slow] if long_run else []
                 yield pytest.param(name, opt, dtype, marks=marks, id=f"{name}-{opt.__name__}-{str(dtype)[6:]}")
 
 
