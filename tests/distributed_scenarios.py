@@ -113,6 +113,9 @@ def collective_scenarios(rank: int, world: int) -> dict[str, Any]:
 
     # a rank that skips a collective makes the other time out with an error, not hang
     short = dist.new_group(ranks=list(range(world)), timeout=datetime.timedelta(seconds=2))
+    # both ranks have connected the new group before rank 1 moves on (and may exit): without this, gloo's
+    # connection of rank 0 could still be in progress when rank 1's process ends (a flaky "closed by peer")
+    dist.barrier()
     if rank == 0:
         out["timeout"] = outcome(lambda: dist.all_reduce(torch.ones(1), group=short))
     out["bytes"] = group.sent_bytes
