@@ -195,7 +195,10 @@ def solve_dual_qp(
         y_a = torch.where(free & nonneg, sol.clamp_min(0.0), sol)
         Gy = Gs @ y_a
         w = bs - Gy  # minus the dual gradient: the linearised residual, scaled
-        tol_w = tol * (scale_b + Gy.abs().max())
+        # the rounding of w_i is of the order of the terms summed, sum_j |G_ij y_j|, which exceed |b| by far when
+        # nearly parallel active rows make y large: a tolerance on |Gy| alone let rounding noise re-admit an
+        # inactive row at every iteration (cycling until the budget ran out)
+        tol_w = tol * (scale_b + (Gs.abs() @ y_a.abs()).max())
         cand = eligible & ~free & (w > tol_w)
         count = torch.where(feasible, cand.sum(), neg.sum())
         converged = feasible & (count == 0)

@@ -320,3 +320,15 @@ def test_dual_solver_handles_zero_gradient_rows():
     out = solve_dual_qp(G, b, torch.tensor([True, True]))
     assert bool(out.converged)
     torch.testing.assert_close(out.y, torch.tensor([0.0, 0.5], dtype=f64))
+
+
+def test_nearly_parallel_active_rows_converge_without_cycling():
+    """Two nearly parallel active rows (a thin wedge) make the multipliers large (~1e3) and w = b − Gy a difference
+    of large terms: rounding must not re-admit the inactive row at every iteration (found by the property test
+    above: the solve cycled to its budget and the step fell back to the elastic one, off by 5e-4)."""
+    J, c, d0, h, _ = feasible_problem(0, 3, 2, 9432, active_frac=1.0)
+    out = _step(J, c, d0, 0, h=h, max_iter=200)
+    assert bool(out.converged) and not bool(out.elastic) and int(out.iterations) < 10
+    assert out.y.max().item() > 100  # the large multipliers of the thin wedge
+    err = certify(J.numpy(), c.numpy(), out.delta.numpy(), out.y.numpy(), d0.numpy(), h.numpy(), 0)
+    assert err < 1e-9
