@@ -258,15 +258,7 @@ def adam_sqp_direction(
     formed = require_finite(sync_free=sync_free, projected_gradient=gbar, **checked)
     ok = both(ok, formed)
     defossez = bias_correction == "defossez"
-    w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
-    w2 = 1.0 if defossez else 1.0 - beta2
-    b1, b2 = beta1, beta2
-    if ok is not None:  # a refused step leaves the moments bit-identical: β → 1, weights → 0
-        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
-        b1, b2 = (masked(ok, b, 1.0, g) for b in (beta1, beta2))
-        w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
-    exp_avg.mul_(b1).add_(gbar * w1)
-    exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
+    _feed_moments(exp_avg, exp_avg_sq, gbar, beta1, beta2, defossez, ok)
     d, denom = _scaled_direction(exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, defossez)
     if not m:
         u = -d
@@ -335,18 +327,34 @@ def _with_inequalities(
         gbar = g
     formed = require_finite(sync_free=solver.sync_free, projected_gradient=gbar)
     ok = both(ok, formed)
-    w1 = 1.0 if defossez else 1.0 - beta1  # weight of ḡ in m_k
-    w2 = 1.0 if defossez else 1.0 - beta2
-    b1, b2 = beta1, beta2
-    if ok is not None:  # a refused step leaves the moments bit-identical: β → 1, weights → 0
-        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
-        b1, b2 = (masked(ok, b, 1.0, g) for b in (beta1, beta2))
-        w1, w2 = (masked(ok, w, 0.0, g) for w in (w1, w2))
-    exp_avg.mul_(b1).add_(gbar * w1)
-    exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)
+    _feed_moments(exp_avg, exp_avg_sq, gbar, beta1, beta2, defossez, ok)
     d, denom = _scaled_direction(exp_avg, exp_avg_sq, step, lr, beta1, beta2, hyper["eps"], defossez)
     if euclidean:
         st = solver.step(-d, c, J, G=G)
     else:
         st = solver.step(-d, c, J, weight=denom.reciprocal())
     return st.delta, {**solver.info(st, c), "formed": formed, "multipliers": st.y if lam is None else lam}
+
+
+def _feed_moments(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    gbar: Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    defossez: bool,
+    ok: Tensor | None,
+) -> None:
+    """Adam's moments of the projected gradient ḡ, in place: :math:`p_k = \beta_1 p_{k-1} + w_1\bar g_k`,
+    :math:`v_k = \beta_2 v_{k-1} + w_2\bar g_k^2` with :math:`w = 1` (Défossez et al.) or :math:`1 - \beta`
+    (Kingma & Ba). Where ``ok`` is false (a refused sync-free step) the moments stay bit-identical: β → 1,
+    weights → 0."""
+    w1 = 1.0 if defossez else 1.0 - beta1
+    w2 = 1.0 if defossez else 1.0 - beta2
+    b1, b2 = beta1, beta2
+    if ok is not None:
+        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
+        b1, b2 = (masked(ok, b, 1.0, gbar) for b in (beta1, beta2))
+        w1, w2 = (masked(ok, w, 0.0, gbar) for w in (w1, w2))
+    exp_avg.mul_(b1).add_(gbar * w1)
+    exp_avg_sq.mul_(b2).add_(gbar * gbar * w2)

@@ -225,11 +225,7 @@ def heavy_ball_sqp_direction(
     checked = {} if normal is None else {"normal_step": normal[1]}
     formed = require_finite(sync_free=sync_free, projected_gradient=gbar, **checked)
     ok = both(ok, formed)
-    weight = 1.0 - momentum
-    if ok is not None:
-        gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
-        weight = masked(ok, weight, 0.0, g)
-    momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
+    _feed_momentum(momentum_buffer, gbar, momentum, ok)
     if not m:
         u = -(lr * momentum_buffer)
         return u, {**step_info(c, None, torch.zeros_like(u), u), "formed": formed, "multipliers": lam}
@@ -260,10 +256,16 @@ def _with_inequalities(
     gbar, lam = solver.project_gradient(g, c, J, reach, G)
     formed = require_finite(sync_free=sync_free, projected_gradient=gbar)
     ok = both(ok, formed)
+    _feed_momentum(momentum_buffer, gbar, momentum, ok)
+    step = solver.step(-(lr * momentum_buffer), c, J, G=G)
+    return step.delta, {**solver.info(step, c), "formed": formed, "multipliers": lam}
+
+
+def _feed_momentum(momentum_buffer: Tensor, gbar: Tensor, momentum: float | Tensor, ok: Tensor | None) -> None:
+    """:math:`m_k = \beta m_{k-1} + (1-\beta)\bar g_k` in place; where ``ok`` is false (a refused sync-free step)
+    the buffer stays bit-identical (weight 0)."""
     weight = 1.0 - momentum
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
-        weight = masked(ok, weight, 0.0, g)
-    momentum_buffer.lerp_(gbar, weight)  # m_k = β m_{k-1} + (1-β) ḡ_k
-    step = solver.step(-(lr * momentum_buffer), c, J, G=G)
-    return step.delta, {**solver.info(step, c), "formed": formed, "multipliers": lam}
+        weight = masked(ok, weight, 0.0, gbar)
+    momentum_buffer.lerp_(gbar, weight)
