@@ -27,12 +27,12 @@ def gram_factor(G: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | Non
     eps = torch.finfo(G.dtype).eps
     if rank_tol is None:
         rank_tol = 1e-10 if G.dtype == torch.float64 else 1e-4
-    k = G.shape[-1]
     diag = G.diagonal(dim1=-2, dim2=-1)  # [B, k]
     scale = diag.mean(dim=-1).clamp_min(torch.finfo(G.dtype).tiny)  # [B]
     delta = 64 * eps * scale + shift  # [B]
-    eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    L, info = torch.linalg.cholesky_ex(G + delta[..., None, None] * eye)  # [B, k, k], [B]
+    shifted = G.clone()  # the shift on the diagonal of a copy: half the memory passes of G + delta * I
+    shifted.diagonal(dim1=-2, dim2=-1).add_(delta[..., None])
+    L, info = torch.linalg.cholesky_ex(shifted)  # [B, k, k], [B]
     pivots = L.diagonal(dim1=-2, dim2=-1).abs()  # [B, k]
     small = pivots.amin(dim=-1) ** 2 <= rank_tol * pivots.amax(dim=-1) ** 2
     flagged = (info != 0) | small | ~torch.isfinite(pivots).all(dim=-1)
