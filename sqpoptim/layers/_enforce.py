@@ -48,6 +48,13 @@ Notes and deviations
   elsewhere is the batch, not this :math:`B`. Parameters captured inside ``h`` receive no gradient in
   implicit mode.
 * Rank-deficient :math:`B`: regularised Cholesky (:mod:`._linalg`), flagged in ``regularized``.
+* ``mixed_precision=True`` (not in the paper): the NP steps in float32 (:math:`B`, :math:`BB^\top`, its
+  Cholesky factor, :math:`c`) until float32's rounding floor, then float64 residuals corrected with the float32
+  factor (iterative refinement) to the tolerance, which is tested on float64 values as in the float64 layer
+  (:mod:`._mixed_np`). In training the float32 iteration usually meets :math:`\varepsilon_T` by itself and the
+  implicit backward then solves with the float32 :math:`B` (relative error within
+  :math:`m\,\kappa(BB^\top)\,\epsilon_{32}`, tested against the float64 backward); in evaluation mode the
+  backward evaluates :math:`B` in float64.
 * :func:`adanp_activation` is the paper's Alg. 2 (use :math:`\hat y` for the batch when one NP step makes
   the task-loss measure worse); it is a function the training loop calls, not state on the layer.
 """
