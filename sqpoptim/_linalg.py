@@ -189,7 +189,9 @@ def factor_gram(G: Tensor, rank_tol: float, *, sync_free: bool = False, truncate
     return GramFactor(G, None, Q, inv, keep.sum(), lam_max / kept_min)
 
 
-def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free: bool = False) -> GramFactor:
+def damped(
+    factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free: bool = False, truncate: bool = True
+) -> GramFactor:
     r"""The factor of :math:`G + \mu I`, :math:`\mu = \nu \cdot \operatorname{mean}_i G_{ii}` (Levenberg–Marquardt
     damping of the normal step; ``nu`` a 0-d float64 tensor), or ``factor`` itself when ``nu`` is ``None``.
 
@@ -198,16 +200,19 @@ def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free:
     along a singular direction :math:`\sigma_i` is multiplied by :math:`\sigma_i^2/(\sigma_i^2 + \mu)`, so the
     directions a nearly rank-deficient Jacobian barely sees stop dominating the step. μ is relative to the
     mean diagonal of G, so ν is dimensionless. The projector keeps using the undamped factor (:math:`J u = 0`
-    exactly)."""
+    exactly). ``sync_free`` and ``truncate`` as in :func:`factor_gram`: in exact mode a healthy damped matrix
+    costs one factorisation."""
     if nu is None or factor.gram.shape[0] == 0:
         return factor
-    return factor_gram(_damped_gram(factor.gram, nu), rank_tol, sync_free=sync_free)
+    return factor_gram(_damped_gram(factor.gram, nu), rank_tol, sync_free=sync_free, truncate=truncate)
 
 
 def _damped_gram(G: Tensor, nu: Tensor) -> Tensor:
     r""":math:`G + \nu\,\operatorname{mean}_i G_{ii}\, I`."""
     mu = nu.to(G.dtype) * torch.diagonal(G).mean()
-    return G + mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    out = G.clone()
+    out.diagonal().add_(mu)  # (one copy; no m x m identity)
+    return out
 
 
 def normal_step(J: Tensor, c: Tensor, factor: GramFactor, weight: Tensor | None = None) -> Tensor:
