@@ -5,7 +5,7 @@ Every collective has a timeout, every process a deadline: a rank that hangs make
 name instead of blocking the suite. Results travel as ``torch.save`` files read back with ``weights_only=True``
 (tensors, numbers, strings, lists and dicts).
 
-Ranks are forked where that is safe (POSIX, CUDA not initialised in the parent): a forked rank inherits the
+Ranks are forked where that is safe (Linux, CUDA not initialised in the parent): a forked rank inherits the
 parent's imports, where a spawned one pays a fresh interpreter, the torch import and the ``torch._dynamo`` import
 of the first optimizer (about 3.5 s of CPU per rank here); each rank still initialises its own process group.
 Elsewhere they are spawned, and the suite runs all of its scenarios in one call.
@@ -100,7 +100,8 @@ def run_ranks(
 def start_method() -> str:
     """``fork`` where the parent's state may be inherited (CUDA cannot be initialised again in a forked child),
     else ``spawn``."""
-    fork = sys.platform != "win32" and "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    # (Linux only: macOS system frameworks are not fork-safe once loaded)
+    fork = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
     return "fork" if fork else "spawn"
 
 
