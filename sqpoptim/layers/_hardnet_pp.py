@@ -55,7 +55,10 @@ iteration's limit at the converged point (:mod:`._implicit`): for ``"lm"`` the o
 tangent space of the active rows, :math:`I - J_a^\top (J_a J_a^\top)^{-1} J_a`; for ``"paper"`` the
 :math:`H`-orthogonal one, :math:`H = J_c^\top J_c + \varepsilon I`, which is what the powers of the paper's
 step Jacobian :math:`I - H^{-1}J_a^\top J_a` converge to. Exact when :math:`\hat y` is feasible, within
-:math:`O(\|\hat y - y^\star\|)` of the unrolled derivative otherwise (tested). Active rows: equalities, and
+:math:`O(\|\hat y - y^\star\|)` of the unrolled derivative otherwise (tested). That error is not small when
+the backbone's raw output stays far from the constraint set, as it does when nothing pulls it there (no
+displacement penalty): the implicit gradient can then point the wrong way along some directions, and training
+should use ``gradient="unrolled"`` with ``free_steps=0``. Active rows: equalities, and
 inequalities violated or within ``tol`` of a bound at the output. ``"unrolled"``: autograd through every
 iteration (the paper's training; exact Jacobians only).
 """
