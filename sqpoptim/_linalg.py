@@ -138,22 +138,13 @@ class GramFactor:
         return X.squeeze(-1) if vec else X
 
 
-EXACT_COND_MAX = 16  # largest m whose condition number is computed exactly
-
-
 def _cond_estimate(G: Tensor, L: Tensor, iters: int = 3) -> Tensor:
     """Lower bound on the condition number of G from its Cholesky factor, without host synchronisation.
 
     λ_min is bounded above by the smallest pivot and by ``1/‖G⁻¹x‖`` after a few inverse-iteration steps;
     λ_max is bounded below by the largest diagonal entry and by ``‖Gx‖`` after a power step. NaN when the
-    factorisation failed. Up to ``EXACT_COND_MAX`` rows the eigenvalues themselves are cheaper than the
-    iterations' dozen small kernels, and the estimate is exact."""
+    factorisation failed."""
     m = G.shape[0]
-    if m <= EXACT_COND_MAX:
-        lam = torch.linalg.eigvalsh(G)
-        failed = torch.diagonal(L).isnan().any() | ~lam.isfinite().all()
-        cond = lam[-1] / lam[0].clamp_min(torch.finfo(G.dtype).tiny)
-        return torch.where(failed | (lam[0] <= 0), torch.full_like(cond, float("inf")), cond)
     x = 1.0 + 0.5 * torch.sin(2.4 * torch.arange(m, dtype=G.dtype, device=G.device))  # generic start vector
     x = (x / torch.linalg.vector_norm(x)).unsqueeze(-1)
     for _ in range(iters):
