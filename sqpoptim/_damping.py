@@ -56,6 +56,7 @@ __all__ = [
     "Verdict",
     "initial_state",
     "judge",
+    "radius_of",
     "record",
     "rejected",
     "values_after",
@@ -63,8 +64,9 @@ __all__ = [
 
 NU_MIN, NU_MAX = 1e-6, 1e4  # range of ν
 DEFAULT_NU0 = 1e-6  # the optimizers' default ``normal_damping``: chosen by measurement (RESULTS.md)
-_NU_RELAX = 0.9  # ν's factor per step while the tangential step dominates
+_NU_RELAX = 0.9  # ν's factor per step while the tangential step dominates (Δ's is its inverse)
 _MAX_ESCALATION = 2.0**20
+_RADIUS_MIN = 1e-30  # Δ stays positive: the secular equation needs a target
 
 
 @dataclass
@@ -76,16 +78,30 @@ class Verdict:
     escalation: Tensor
     rho: Tensor
     reject: Tensor
+    radius: Tensor
 
 
 def initial_state(nu0: float, device: torch.device) -> DampingState:
     nu = torch.full((), nu0, dtype=torch.float64, device=device)
-    return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0))
+    return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0), radius=torch.full_like(nu, math.inf))
+
+
+def radius_of(state: DampingState) -> Tensor:
+    """Δ of the state (``inf`` for a state saved before the radius existed)."""
+    return torch.full_like(state.nu, math.inf) if state.radius is None else state.radius
+
+
+def _full_model(model: Tensor) -> Tensor:
+    """The model with the normal displacement's length and the radius flag (a saved three-entry model: unknown
+    length, radius not binding)."""
+    if model.numel() == 5:
+        return model
+    return torch.cat([model, torch.tensor([math.nan, 0.0], dtype=model.dtype, device=model.device)])
 
 
 def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
     """Judge the last step from the new residual ``c`` (and ``loss``, for finiteness); see the module docstring."""
-    nu, escalation, model = state.nu, state.escalation, state.model
+    nu, escalation, model, radius = state.nu, state.escalation, state.model, radius_of(state)
     x_prev = state.x_accepted
     if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
         model = None
@@ -93,8 +109,10 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
         model = None
     if model is None:
         no = torch.zeros((), dtype=torch.bool, device=nu.device)
-        return Verdict(nu, escalation, torch.full_like(nu, math.nan), no)
+        return Verdict(nu, escalation, torch.full_like(nu, math.nan), no, radius)
+    model = _full_model(model)
     before, predicted, normal_dominates = model[0], model[1], model[2] > 0
+    length, bound = model[3], model[4] > 0
     actual = torch.linalg.vector_norm(c.double())
     pred = before - predicted
     rho = (before - actual) / torch.where(pred > 0, pred, 1.0)
@@ -109,6 +127,14 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
         escalation,
         torch.where(success, nielsen, torch.where(relax, torch.full_like(nu, _NU_RELAX), torch.ones_like(nu))),
     )
+    # the radius: on a failure, and on a poor step the radius made, the length at which a remainder quadratic in
+    # the step would give ρ = 3/4 (the error 1 - ρ grows linearly with the length): ‖γv‖ / (4(1 - ρ))
+    shrink = (failure | success & bound & (rho < 0.25)) & length.isfinite()
+    shrunk = (length / (4.0 * (1.0 - torch.where(shrink, rho, 0.0)))).clamp_min(_RADIUS_MIN)
+    grow = success & bound & (rho > 0.75)
+    radius = torch.where(
+        shrink, shrunk, torch.where(grow, 2.0 * radius, torch.where(relax, radius / _NU_RELAX, radius))
+    )
     return Verdict(
         nu=(nu * factor).clamp(NU_MIN, NU_MAX),
         escalation=torch.where(
@@ -116,13 +142,15 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
         ),
         rho=torch.where(judged, rho, torch.full_like(rho, math.nan)),
         reject=failure,
+        radius=radius,
     )
 
 
 def _unjudged(model: Tensor) -> Tensor:
     """The model after a rejection: no predicted decrease, so the next step (taken from the same point with the
     escalated ν) neither judges nor relaxes ν."""
-    return torch.stack([model[0], model[0], torch.zeros_like(model[0])])
+    zero = torch.zeros_like(model[0])
+    return torch.stack([model[0], model[0], zero, zero + math.nan, zero])
 
 
 def rejected(state: DampingState, verdict: Verdict) -> DampingState:
@@ -135,6 +163,7 @@ def rejected(state: DampingState, verdict: Verdict) -> DampingState:
         state,
         nu=verdict.nu,
         escalation=verdict.escalation,
+        radius=verdict.radius,
         model=_unjudged(state.model),
         retry=torch.ones((), dtype=torch.bool, device=verdict.nu.device),
         rejected_steps=count + 1,
@@ -160,13 +189,14 @@ def record(
     Jdelta: Tensor,
     normal_norm: Tensor,
     u_norm: Tensor,
+    bound: Tensor,
     x: Tensor,
     ok: Tensor | None,
     reject: Tensor | None,
 ) -> DampingState:
-    """The state after this step: ν, the point x_k it was taken from with its ``loss`` and ``c``, and its model
+    """The state after this step: ν, Δ, the point x_k it was taken from with its ``loss`` and ``c``, and its model
     (‖c_k‖, ‖c_k + J_kδ_k‖, whether the normal displacement ``normal_norm`` = ‖γv_k‖ exceeded ``u_norm`` =
-    ‖u_k‖).
+    ‖u_k‖, ‖γv_k‖, and ``bound``: whether the radius set the damping, :mod:`sqpoptim._trust_region`).
 
     Exact mode (``ok`` and ``reject`` are ``None``): the step was accepted. Sync-free mode: ``ok`` says the step
     was applied, ``reject`` that it moved back to ``state.x_accepted``; neither means it was refused, which
@@ -177,19 +207,23 @@ def record(
             torch.linalg.vector_norm(c64),
             torch.linalg.vector_norm(c64 + Jdelta.double()),
             (normal_norm.double() > u_norm.double()).double(),
+            normal_norm.double(),
+            bound.double(),
         ]
     )
-    nu, escalation = verdict.nu, verdict.escalation
+    nu, escalation, radius = verdict.nu, verdict.escalation, verdict.radius
     count = state.rejected_steps
     no = torch.zeros((), dtype=torch.bool, device=nu.device)
     if ok is None:
-        return DampingState(nu, escalation, model, x, loss, c, no, count)
+        return DampingState(nu, escalation, model, x, loss, c, no, count, radius)
     assert reject is not None
     if state.model is not None:
-        model = torch.where(ok, model, torch.where(reject, _unjudged(state.model), state.model))
-    keep = ~(ok | reject)  # refused: ν unchanged
+        last = _full_model(state.model)
+        model = torch.where(ok, model, torch.where(reject, _unjudged(last), last))
+    keep = ~(ok | reject)  # refused: ν and Δ unchanged
     nu = torch.where(keep, state.nu, nu)
     escalation = torch.where(keep, state.escalation, escalation)
+    radius = torch.where(keep, radius_of(state), radius)
     x_prev = state.x_accepted
     if x_prev is None or x_prev.numel() != x.numel():
         x_new, loss_new, c_new = x, loss, c
@@ -200,4 +234,4 @@ def record(
         c_new = torch.where(ok, c, state.accepted_c) if same else c
     retry = reject | (state.retry if state.retry is not None else no) & keep
     count = torch.zeros((), dtype=torch.long, device=x.device) if count is None else count
-    return DampingState(nu, escalation, model, x_new, loss_new, c_new, retry, count + reject.long())
+    return DampingState(nu, escalation, model, x_new, loss_new, c_new, retry, count + reject.long(), radius)

@@ -122,6 +122,8 @@ class GramFactor:
     rank: Tensor
     cond: Tensor
     refine: int = 0
+    #: the last damped factor made from this one by :func:`damped`: ``(ν, sync_free, factor)``
+    damped_memo: tuple[Tensor, bool, GramFactor] | None = None
 
     def solve(self, b: Tensor) -> Tensor:
         r"""Solve :math:`G x = b` (least-norm on the kept directions); ``b`` is ``[m]`` or ``[m, k]``."""
@@ -198,10 +200,15 @@ def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free:
     along a singular direction :math:`\sigma_i` is multiplied by :math:`\sigma_i^2/(\sigma_i^2 + \mu)`, so the
     directions a nearly rank-deficient Jacobian barely sees stop dominating the step. μ is relative to the
     mean diagonal of G, so ν is dimensionless. The projector keeps using the undamped factor (:math:`J u = 0`
-    exactly)."""
+    exactly). The last result is memoised on ``factor`` for the same ``nu`` tensor (identity, not value)."""
     if nu is None or factor.gram.shape[0] == 0:
         return factor
-    return factor_gram(_damped_gram(factor.gram, nu), rank_tol, sync_free=sync_free)
+    memo = factor.damped_memo
+    if memo is not None and memo[0] is nu and memo[1] == sync_free:  # the same ν tensor: already factored (the
+        return memo[2]  # trust region's last iterate, :mod:`sqpoptim._trust_region`)
+    out = factor_gram(_damped_gram(factor.gram, nu), rank_tol, sync_free=sync_free)
+    factor.damped_memo = (nu, sync_free, out)
+    return out
 
 
 def _damped_gram(G: Tensor, nu: Tensor) -> Tensor:

@@ -192,6 +192,9 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     def _factors_gram(self) -> bool:
         return self.project_gradients or self.projection == "euclidean"
 
+    def _euclidean_normal_step(self) -> bool:
+        return self.projection == "euclidean"
+
     def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
         super()._commit_step(ctx, counted)
         self._counts.advance(ctx.layout, self.state, counted)
