@@ -377,7 +377,13 @@ class ConstrainedOptimizer(Optimizer):
                 gamma = self._normal_step_sizes(s.layout)
                 gamma = float(gamma.max()) if isinstance(gamma, Tensor) else float(gamma)
                 ctx.damping, s.bound = damping_within(
-                    s.J, s.c, s.verdict.nu, s.verdict.radius, gamma, sync_free=s.sync_free
+                    s.J,
+                    s.c,
+                    s.verdict.nu,
+                    s.verdict.radius,
+                    gamma,
+                    sync_free=s.sync_free,
+                    warm=_damping.warm_start(s.damping, s.verdict),
                 )
         if s.num_ineq:
             ctx.num_ineq = s.num_ineq
@@ -549,8 +555,9 @@ class ConstrainedOptimizer(Optimizer):
         ``"krylov"``; the matrix-free solver adds ``krylov_iterations``, ``krylov_converged``, ``krylov_test`` —
         1 or 2 for the termination test that stopped the step's solve, 0 for ``rtol``, -1 when capped —,
         ``krylov_residual`` (‖γc + Js‖/‖b‖) and the merit penalty ``penalty``; its one-solve step leaves
-        ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (ν), ``damping_ratio`` (ρ),
-        ``rejected`` and ``rejected_steps`` (the count so far), plus method-specific entries. As Python numbers
+        ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (the ν applied), ``damping_ratio`` (ρ),
+        ``radius`` (the trust radius Δ), ``rejected`` and ``rejected_steps`` (the count so far), plus
+        method-specific entries. As Python numbers
         (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""
         if not sync:

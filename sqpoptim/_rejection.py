@@ -108,6 +108,7 @@ def record_step(
         normal_norm=gamma * info["v_norm"].double(),
         u_norm=info["u_norm"],
         bound=bound,
+        nu_applied=nu_applied,
         x=x,
         ok=applied,
         reject=reject,

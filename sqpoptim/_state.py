@@ -44,8 +44,8 @@ class DampingState:
     ``retry`` (0-d bool) says the last step was rejected, so the next one retakes it from the same point;
     ``rejected_steps`` counts rejections; ``radius`` (Δ, 0-d float64, ``inf`` until a step fails) bounds the normal
     displacement (:mod:`sqpoptim._trust_region`; ``None`` in a checkpoint saved before it existed: ``inf``);
-    ``model`` then has two more entries, the length ‖γv_k‖ and whether Δ set the damping (a saved three-entry
-    model is read as "length unknown, radius not binding")."""
+    ``model`` then has two more entries, the length ‖γv_k‖ and the damping applied where Δ set it, else 0 (a saved
+    three-entry model is read as "length unknown, radius not binding")."""
 
     nu: Tensor
     escalation: Tensor

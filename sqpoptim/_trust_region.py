@@ -10,7 +10,7 @@ radius :math:`\Delta_k` of :mod:`sqpoptim._damping` and the normal step size γ,
     \boxed{\mu_k = \max\bigl(\nu_k \operatorname{mean}_i (J_kJ_k^\top)_{ii},\ \mu_\Delta\bigr),\qquad
     \|v(\mu_\Delta)\| = \Delta_k/\gamma}
 
-so that the normal displacement :math:`\gamma v_k` stays within :math:`\Delta_k` (within the tolerance below).
+so that the normal displacement :math:`\gamma v_k` has the length :math:`\Delta_k` (within the tolerance below).
 :math:`\mu_\Delta` solves the secular equation :math:`\phi(\mu) = 1/\|v(\mu)\| - \gamma/\Delta_k = 0` by Newton's
 method (Moré & Sorensen, "Computing a trust region step", SIAM J. Sci. Stat. Comput. 4, 1983; Nocedal & Wright,
 *Numerical Optimization*, Alg. 4.3) in the m-dimensional dual form: with
@@ -22,25 +22,33 @@ method (Moré & Sorensen, "Computing a trust region step", SIAM J. Sci. Stat. Co
     \mu \leftarrow \mu + \frac{\|v\|^2}{\|q\|^2}\,\frac{\|v\| - \Delta_k/\gamma}{\Delta_k/\gamma}
 
 (one Cholesky factorisation of the m×m matrix per iteration, cheap beside forming J for m up to a few
-thousand). :math:`1/\|v(\mu)\|` is concave and increasing in μ (Moré & Sorensen), so Newton's iterate from any μ
-lands left of the root, and from there the iterates increase monotonically towards it without passing it, the
-lengths decreasing towards :math:`\Delta_k/\gamma`; μ is kept at or above :math:`\mu_\nu = \nu_k
-\operatorname{mean}\operatorname{diag}G`. The iteration stops at the first iterate within ``TOLERANCE`` and takes
-one more Newton step unchecked (the solver factors it anyway): the step taken is then between :math:`\Delta_k`
-and :math:`(1 + \text{TOLERANCE})\Delta_k`, and in practice at :math:`\Delta_k` (Newton's convergence is quadratic
-there). At most ``ITERATIONS`` factorisations; measured, two (2–6 on random spectra with the radius 1000 times
-below the Gauss–Newton length). Where the radius does not bind (:math:`\|v(\mu_\nu)\| \le (1 +
+thousand). Deviation from Moré–Sorensen, who iterate on :math:`1/\|v(\mu)\|` (concave and increasing in μ, so
+Newton's iterate from any μ is a lower bound on the root): from μ = 0 those iterates climb through the tiny
+eigenvalues of an ill-conditioned G about a decade per factorisation (4–6 at cond(G) = 1e13). Here that step is
+taken once, from μ = 0 with the factor the step forms anyway (a certified lower bound, no factorisation), and the
+iteration then is Newton's on :math:`\log\|v\|` against :math:`\log\mu`,
+
+.. math::
+
+    \log\mu \leftarrow \log\mu + \frac{\|v\|^2}{\mu\|q\|^2}\,\bigl(\log\|v\| - \log(\Delta_k/\gamma)\bigr),
+
+exact where μ dominates the eigenvalues that carry c (:math:`\|v\| \propto 1/\mu`, the regime of a binding
+radius), kept inside the bracket of the iterates on either side of the root (else its geometric mean), and
+started from the last step's damping scaled to this radius where the radius set that one. It stops at the
+first iterate within ``TOLERANCE`` of the radius and takes one more step unchecked (the solver factors it
+anyway). Measured on the tanh MLP of the scaling benchmark: one or two factorisations per step where the
+radius binds, four after a rejection. Where the radius does not bind (:math:`\|v(\mu_\nu)\| \le (1 +
 \text{TOLERANCE})\Delta_k/\gamma`, or :math:`\Delta_k = \infty`, the state before the first failure) the step is
-the ν-damped one, bit for bit.
+the ν-damped one, bit for bit; μ never falls below :math:`\mu_\nu = \nu_k\operatorname{mean}\operatorname{diag}G`.
 
 Synchronisation. The exact mode (CPU) reads one flag on the host per iteration — does the radius bind, is the
 iterate within the tolerance? The sync-free mode runs ``ITERATIONS`` iterations as device computations and keeps
 μ once it has settled, and keeps μ₀ where the radius does not bind (``torch.where``): the two modes give the same μ.
 
 Where this applies. The dense solver's Euclidean normal step (every method with ``projection="euclidean"``).
-Newton starts from μ = 0 with the undamped factor the step forms anyway (for the projection), so a step where
-the radius does not bind costs two triangular solve pairs more, and one where it binds a factorisation per
-iteration. The matrix-free solver has no factorisation to iterate with; it takes the μ of the bound
+The iteration starts from μ = 0 with the undamped factor the step forms anyway (for the projection), so a step
+where the radius does not bind costs two triangular solve pairs more, and one where it binds a factorisation
+per iteration. The matrix-free solver has no factorisation to iterate with; it takes the μ of the bound
 :math:`\|v(\mu)\| \le \|c\|/(2\sqrt\mu)` (true for every J), :math:`\mu_\Delta = (\gamma\|c\|/(2\Delta_k))^2` —
 a step inside the radius, shorter than the exact one. A normal step in another metric (``projection="scaled"``)
 is damped by ν alone: the radius is in the Euclidean norm.
@@ -58,16 +66,24 @@ from ._linalg import _cholesky_solve
 
 __all__ = ["ITERATIONS", "TOLERANCE", "damping_within"]
 
-TOLERANCE = 0.25  # the step found is between Δ and (1 + TOLERANCE)Δ (Moré 1978 accepts ±10 %)
+TOLERANCE = 0.25  # the last iterate checked is within this of Δ; the step, one iteration later, closer
 ITERATIONS = 8  # Newton iterations on the secular equation: at most (exact mode), exactly (sync-free mode)
 
 
 def damping_within(
-    solver: ConstraintSolver, c: Tensor, nu: Tensor, radius: Tensor, gamma: float, *, sync_free: bool
+    solver: ConstraintSolver,
+    c: Tensor,
+    nu: Tensor,
+    radius: Tensor,
+    gamma: float,
+    *,
+    sync_free: bool,
+    warm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(ν_eff, binds)``: the relative damping :math:`\\mu_k/\\operatorname{mean}\\operatorname{diag}G` of this step
     and whether the radius set it (0-d float64 and bool device tensors). ``nu`` is ν_k, ``radius`` Δ_k (``inf``:
-    none), ``gamma`` the normal step size; the normal step is the solver's unweighted one. Where the radius does
+    none), ``gamma`` the normal step size, ``warm`` a guess of the relative damping (0: none); the normal step is
+    the solver's unweighted one. Where the radius does
     not bind, ``ν_eff`` is ``nu`` itself (the same tensor in exact mode)."""
     no = torch.zeros((), dtype=torch.bool, device=nu.device)
     m = c.shape[0]
@@ -76,7 +92,7 @@ def damping_within(
     target = radius / gamma  # bound on ‖v‖
     if solver.kind != "dense":
         return _bound(solver, c, nu, target)
-    return _secular(solver, c, nu, target, sync_free)
+    return _secular(solver, c, nu, target, sync_free, warm)
 
 
 def _bound(solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,13 +104,14 @@ def _bound(solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor) -> t
     return torch.where(binds, nu_r, nu), binds
 
 
-def _secular(solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
+def _secular(
+    solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor, sync_free: bool, warm: Tensor | None
+) -> tuple[Tensor, Tensor]:
     factor = solver.factor  # type: ignore[attr-defined]  # the undamped factor of G (the projection's)
     G = factor.gram
     c64 = c.double()
     scale = torch.diagonal(G).mean()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
 
     def lengths(solve) -> tuple[Tensor, Tensor]:  # ‖v‖ and ‖q‖²
         y = solve(c64)
@@ -104,7 +121,9 @@ def _secular(solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor, sy
         return v2.sqrt(), q2
 
     def shifted(mu: Tensor):  # a plain factorisation of G + μI: only ‖v‖ and its derivative are needed
-        L = torch.linalg.cholesky_ex(G + mu * eye)[0]
+        A = G.clone()
+        A.diagonal().add_(mu)
+        L = torch.linalg.cholesky_ex(A)[0]
         return lambda b: _cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
 
     # Newton starts from μ = 0 with the factor the step has anyway: no factorisation where the radius does not
@@ -118,21 +137,28 @@ def _secular(solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor, sy
         return nu, may_bind
     safe_target = torch.where(target.isfinite(), target, v)
     mu_nu = nu * scale
-    mu = torch.zeros_like(mu_nu)
+    # the first iterate: Newton on 1/‖v(μ)‖ from μ = 0 (the concavity puts it left of the root, μ_Δ ≥ it)
+    lo = mu = torch.maximum(mu_nu, v.square() / q2 * (v - safe_target) / safe_target)
+    hi = torch.full_like(mu, math.inf)
+    if warm is not None and (sync_free or bool(warm > lo / scale)):  # (one host read, exact mode)
+        # the last step's damping scaled to this radius (μ ∝ 1/Δ where μ dominates the eigenvalues that carry c)
+        mu = torch.where(warm * scale > lo, warm * scale, lo)
     settled = ~may_bind
-    for i in range(ITERATIONS):
-        # once an iterate is within the tolerance, one more Newton step, unchecked, ends the iteration: Newton on
-        # 1/‖v(μ)‖ = γ/Δ lands left of the root and is monotone from there, so that step lies between Δ and the
-        # iterate's length; μ never falls below ν's
-        close = v <= (1.0 + TOLERANCE) * safe_target
-        newton = torch.maximum(mu_nu, mu + v.square() / q2 * (v - safe_target) / safe_target)
-        mu = torch.where(settled, mu, newton)
+    for _ in range(ITERATIONS):
+        v, q2 = lengths(shifted(mu))
+        left = v >= safe_target
+        lo = torch.where(left, torch.maximum(lo, mu), lo)
+        hi = torch.where(left, hi, torch.minimum(hi, mu))
+        close = (v - safe_target).abs() <= TOLERANCE * safe_target
+        # Newton on log‖v‖ against log μ (slope -μ‖q‖²/‖v‖²): exact for ‖v‖ ∝ 1/μ, the regime where the radius
+        # binds hard, and quadratic near the root; kept inside the bracket [lo, hi] (else its geometric mean)
+        step = mu * torch.exp((torch.log(v) - torch.log(safe_target)) * v.square() / (mu * q2))
+        step = torch.where((step >= lo) & (step <= hi), step, torch.where(hi.isfinite(), (lo * hi).sqrt(), 10.0 * lo))
+        mu = torch.where(settled, mu, torch.maximum(mu_nu, step))
         settled = settled | close
         if not sync_free and bool(close):  # one host read (exact mode); the sync-free mode keeps μ from here on
             break
-        if i + 1 < ITERATIONS:
-            v, q2 = lengths(shifted(mu))
-    binds = mu > mu_nu
+    binds = may_bind & (mu > mu_nu)
     if not sync_free and not bool(binds):  # (exact mode: ν itself)
         return nu, binds
     return torch.where(binds, mu / scale, nu), binds

@@ -41,13 +41,12 @@ def test_the_damping_solves_the_secular_equation(seed, sync_free, monkeypatch):
     for fraction in (0.5, 0.1, 1e-3):
         target = fraction * gauss_newton
         mu_star = _root(length, target)
-        # with the default budget: a step at least as long as the radius (Newton is monotone from the left) and
-        # within the tolerance of it, the damping never above the root
-        nu_eff, binds = _trust_region.damping_within(S, c, nu, torch.tensor(target, dtype=f64), 1.0, sync_free=sync_free)
+        # with the default budget: a step within the tolerance of the radius
+        nu_eff, binds = _trust_region.damping_within(
+            S, c, nu, torch.tensor(target, dtype=f64), 1.0, sync_free=sync_free
+        )
         assert bool(binds)
-        mu = float(nu_eff) * scale
-        assert mu <= mu_star * (1 + 1e-10)
-        assert target * (1 - 1e-10) <= length(mu) <= (1 + _trust_region.TOLERANCE) * target
+        assert abs(length(float(nu_eff) * scale) / target - 1) <= _trust_region.TOLERANCE
         # to convergence: the root itself
         monkeypatch.setattr(_trust_region, "ITERATIONS", 60)
         monkeypatch.setattr(_trust_region, "TOLERANCE", 1e-12)
@@ -56,13 +55,15 @@ def test_the_damping_solves_the_secular_equation(seed, sync_free, monkeypatch):
         monkeypatch.undo()
     # a radius the ν-damped step fits in, or none: ν itself (the same tensor in exact mode)
     for radius in (2.0 * gauss_newton, math.inf):
-        nu_eff, binds = _trust_region.damping_within(S, c, nu, torch.tensor(radius, dtype=f64), 1.0, sync_free=sync_free)
+        nu_eff, binds = _trust_region.damping_within(
+            S, c, nu, torch.tensor(radius, dtype=f64), 1.0, sync_free=sync_free
+        )
         assert not bool(binds) and torch.equal(nu_eff, nu)
         assert sync_free or nu_eff is nu
     # the radius bounds the displacement γv: ‖v‖ ≤ Δ/γ
     target = 0.1 * gauss_newton
     nu_eff, _ = _trust_region.damping_within(S, c, nu, torch.tensor(target, dtype=f64), 0.25, sync_free=sync_free)
-    assert 4 * target * (1 - 1e-10) <= length(float(nu_eff) * scale) <= 4 * target * (1 + _trust_region.TOLERANCE)
+    assert abs(length(float(nu_eff) * scale) / (4 * target) - 1) <= _trust_region.TOLERANCE
 
 
 def test_the_matrix_free_bound_keeps_the_step_inside_the_radius():
@@ -143,7 +144,9 @@ def test_a_random_tanh_network_meets_its_output_constraints_within_ten_steps(mon
     assert c_max[0] > 0.5
     assert c_max[10] <= 1e-2  # max|c| after ten steps
     assert int(opt.global_state.damping.rejected_steps) == 1
-    monkeypatch.setattr(sqpoptim._optimizer, "damping_within", lambda S, c, nu, radius, gamma, sync_free: (nu, nu < 0))
+    monkeypatch.setattr(
+        sqpoptim._optimizer, "damping_within", lambda S, c, nu, radius, gamma, sync_free, warm: (nu, nu < 0)
+    )
     c_max, _, _ = _run()
     assert c_max[10] > 0.5
 
@@ -160,7 +163,7 @@ def test_sync_free_trust_region_steps_match_exact_mode():
 
 
 def test_the_radius_survives_a_state_dict_round_trip_and_old_checkpoints_load():
-    c_max, opt, model = _run(steps=4)
+    _, opt, model = _run(steps=4)
     radius = opt.global_state.damping.radius
     assert math.isfinite(float(radius))
     sd = opt.state_dict()
