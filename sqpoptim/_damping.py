@@ -29,8 +29,8 @@ method on the secular equation, :mod:`sqpoptim._trust_region`) and adapt ν and 
 The radius (J. J. Moré, "The Levenberg–Marquardt algorithm: implementation and theory", 1978; Nocedal & Wright,
 *Numerical Optimization*, ch. 4 and 10) is what makes a failure shorten the next step: where μ_ν is far below
 the eigenvalues of :math:`JJ^\top` that carry c, doubling ν leaves the step's length unchanged, and a run from a
-random network spent ten steps escalating ν from 1e-6 without moving. Δ starts at ∞ (the steps are the ν-damped
-ones, bit for bit, until a step fails) and, with ℓ_k = ‖γv_k‖ the normal displacement taken,
+random network spent ten steps escalating ν from 1e-6 without moving. Δ starts at ∞ (``NO_RADIUS``; the steps
+are the ν-damped ones, bit for bit, until a step fails) and, with ℓ_k = ‖γv_k‖ the normal displacement taken,
 
 .. math::
 
@@ -74,6 +74,7 @@ from ._state import DampingState
 
 __all__ = [
     "DEFAULT_NU0",
+    "NO_RADIUS",
     "NU_MAX",
     "NU_MIN",
     "Verdict",
@@ -91,6 +92,7 @@ DEFAULT_NU0 = 1e-6  # the optimizers' default ``normal_damping``: chosen by meas
 _NU_RELAX = 0.9  # ν's factor per step while the tangential step dominates (Δ's is its inverse)
 _MAX_ESCALATION = 2.0**20
 _RADIUS_MIN = 1e-30  # Δ stays positive: the secular equation needs a target
+NO_RADIUS = 1e300  # Δ at or above this: no radius (a finite sentinel: the state holds no inf, no NaN)
 
 
 @dataclass
@@ -107,12 +109,12 @@ class Verdict:
 
 def initial_state(nu0: float, device: torch.device) -> DampingState:
     nu = torch.full((), nu0, dtype=torch.float64, device=device)
-    return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0), radius=torch.full_like(nu, math.inf))
+    return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0), radius=torch.full_like(nu, NO_RADIUS))
 
 
 def radius_of(state: DampingState) -> Tensor:
-    """Δ of the state (``inf`` for a state saved before the radius existed)."""
-    return torch.full_like(state.nu, math.inf) if state.radius is None else state.radius
+    """Δ of the state (``NO_RADIUS`` for a state saved before the radius existed)."""
+    return torch.full_like(state.nu, NO_RADIUS) if state.radius is None else state.radius
 
 
 def warm_start(state: DampingState | None, verdict: Verdict) -> Tensor | None:
@@ -125,11 +127,11 @@ def warm_start(state: DampingState | None, verdict: Verdict) -> Tensor | None:
 
 
 def _full_model(model: Tensor) -> Tensor:
-    """The model with the normal displacement's length and the radius flag (a saved three-entry model: unknown
-    length, radius not binding)."""
+    """The model with the normal displacement's length and the radius' damping (a saved three-entry model: length
+    unknown, 0, and the radius not binding)."""
     if model.numel() == 5:
         return model
-    return torch.cat([model, torch.tensor([math.nan, 0.0], dtype=model.dtype, device=model.device)])
+    return torch.cat([model, model.new_zeros(2)])
 
 
 def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
@@ -162,12 +164,12 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
     )
     # the radius: on a failure, and on a poor step the radius made, the length at which a remainder quadratic in
     # the step would give ρ = 3/4 (the error 1 - ρ grows linearly with the length): ‖γv‖ / (4(1 - ρ))
-    shrink = (failure | success & bound & (rho < 0.25)) & length.isfinite()
+    shrink = (failure | success & bound & (rho < 0.25)) & (length > 0)
     shrunk = (length / (4.0 * (1.0 - torch.where(shrink, rho, 0.0)))).clamp_min(_RADIUS_MIN)
     grow = success & bound & (rho > 0.75)
     radius = torch.where(
         shrink, shrunk, torch.where(grow, 2.0 * radius, torch.where(relax, radius / _NU_RELAX, radius))
-    )
+    ).clamp_max(NO_RADIUS)
     return Verdict(
         nu=(nu * factor).clamp(NU_MIN, NU_MAX),
         escalation=torch.where(
@@ -183,7 +185,7 @@ def _unjudged(model: Tensor) -> Tensor:
     """The model after a rejection: no predicted decrease, so the next step (taken from the same point with the
     escalated ν) neither judges nor relaxes ν."""
     zero = torch.zeros_like(model[0])
-    return torch.stack([model[0], model[0], zero, zero + math.nan, zero])
+    return torch.stack([model[0], model[0], zero, zero, zero])
 
 
 def rejected(state: DampingState, verdict: Verdict) -> DampingState:
@@ -242,7 +244,7 @@ def record(
             torch.linalg.vector_norm(c64),
             torch.linalg.vector_norm(c64 + Jdelta.double()),
             (normal_norm.double() > u_norm.double()).double(),
-            normal_norm.double(),
+            torch.where(normal_norm.isfinite(), normal_norm.double(), 0.0),  # (a refused step's is NaN: 0, unknown)
             torch.where(bound, nu_applied.double(), 0.0),
         ]
     )

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from ._constraint_solver import ConstraintSolver
+from ._damping import NO_RADIUS
 from ._linalg import _cholesky_solve
 
 __all__ = ["ITERATIONS", "TOLERANCE", "damping_within"]
@@ -87,9 +88,9 @@ def damping_within(
     not bind, ``ν_eff`` is ``nu`` itself (the same tensor in exact mode)."""
     no = torch.zeros((), dtype=torch.bool, device=nu.device)
     m = c.shape[0]
-    if m == 0 or gamma == 0.0 or (not sync_free and not math.isfinite(float(radius))):  # one host read (exact)
+    if m == 0 or gamma == 0.0 or (not sync_free and float(radius) >= NO_RADIUS):  # one host read (exact)
         return nu, no
-    target = radius / gamma  # bound on ‖v‖
+    target = torch.where(radius < NO_RADIUS, radius / gamma, math.inf)  # bound on ‖v‖
     if solver.kind != "dense":
         return _bound(solver, c, nu, target)
     return _secular(solver, c, nu, target, sync_free, warm)
