@@ -85,10 +85,10 @@ def damping_within(
     warm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(ν_eff, binds)``: the relative damping :math:`\\mu_k/\\operatorname{mean}\\operatorname{diag}G` of this step
-    and whether the radius set it (0-d float64 and bool device tensors). ``nu`` is ν_k, ``radius`` Δ_k (``inf``:
-    none), ``gamma`` the normal step size, ``warm`` a guess of the relative damping (0: none); the normal step is
-    the solver's unweighted one. Where the radius does
-    not bind, ``ν_eff`` is ``nu`` itself (the same tensor in exact mode)."""
+    and whether the radius set it (0-d float64 and bool device tensors). ``nu`` is ν_k, ``radius`` Δ_k
+    (``NO_RADIUS`` or more: none), ``gamma`` the normal step size, ``warm`` a guess of the relative damping (0:
+    none); the normal step is the solver's unweighted one. Where the radius does not bind, ``ν_eff`` is ``nu``
+    itself (the same tensor in exact mode)."""
     no = torch.zeros((), dtype=torch.bool, device=nu.device)
     m = c.shape[0]
     if m == 0 or gamma == 0.0 or (not sync_free and float(radius) >= NO_RADIUS):  # one host read (exact)
@@ -149,13 +149,15 @@ def _secular(
     settled = ~may_bind
     nu_i = mu / scale
     for it in range(ITERATIONS):
-        nu_i = mu / scale
+        # (exact mode: at μ_ν, ν itself, whose factor the solver then finds memoised if ν's step fits)
+        nu_i = nu if not sync_free and it == 0 and bool(mu <= mu_nu) else mu / scale
         F = damped(factor, nu_i, rank_tol, sync_free=mode)  # memoised: the solver's own solve at ν_i reuses it
         v, q2 = lengths(F.solve if F.chol is None else _plain(F.chol))
         left = v >= safe_target
         lo = torch.where(left, torch.maximum(lo, mu), lo)
         hi = torch.where(left, hi, torch.minimum(hi, mu))
-        settled = settled | ((v - safe_target).abs() <= TOLERANCE * safe_target)
+        fits = (mu <= mu_nu) & (v <= (1.0 + TOLERANCE) * safe_target)  # ν's own step: the radius does not bind
+        settled = settled | fits | ((v - safe_target).abs() <= TOLERANCE * safe_target)
         if it + 1 == ITERATIONS or (not sync_free and bool(settled)):  # one host read (exact mode)
             break
         # Newton on log‖v‖ against log μ (slope -μ‖q‖²/‖v‖²): exact for ‖v‖ ∝ 1/μ, the regime where the radius
