@@ -374,8 +374,8 @@ class ConstrainedOptimizer(Optimizer):
         if s.verdict is not None:
             ctx.damping, s.bound = s.verdict.nu, torch.zeros((), dtype=torch.bool, device=s.layout.device)
             if self._euclidean_normal_step() and not s.num_ineq:
-                gamma = self._normal_step_sizes(s.layout)
-                gamma = float(gamma.max()) if isinstance(gamma, Tensor) else float(gamma)
+                # γ_max from the groups' floats: no host read of a per-coordinate tensor
+                gamma = max(float(g["lr"] if g["normal_lr"] is None else g["normal_lr"]) for g in self.param_groups)
                 ctx.damping, s.bound = damping_within(
                     s.J,
                     s.c,
