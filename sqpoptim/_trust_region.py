@@ -71,7 +71,7 @@ from ._linalg import _cholesky_solve, damped
 __all__ = ["ITERATIONS", "TOLERANCE", "damping_within"]
 
 TOLERANCE = 0.1  # the step taken is within this of Δ, relative (Moré 1978 accepts ±10 %), unless ITERATIONS ran out
-ITERATIONS = 8  # Newton iterations on the secular equation: at most (exact mode), exactly (sync-free mode)
+ITERATIONS = 5  # Newton iterations on the secular equation: at most (exact mode), exactly (sync-free mode)
 
 
 def damping_within(

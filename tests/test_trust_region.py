@@ -183,3 +183,29 @@ def test_the_radius_survives_a_state_dict_round_trip_and_old_checkpoints_load():
     assert opt3.global_state.damping.radius is None
     opt3.step(closure2)
     assert opt3.global_state.damping.model.numel() == 5
+
+
+@pytest.mark.cuda
+def test_sync_free_trust_region_steps_never_synchronise_with_the_host():
+    # on CUDA (sync-free by default) the rejection and the secular equation are device computations: the steps
+    # around the first rejection, where the radius binds, run under the sync debug mode "error"
+    model, _ = _tanh_problem()
+    model.to("cuda")
+    gen = torch.Generator().manual_seed(1)  # the data of _tanh_problem(seed=0), on the device
+    X, Y = torch.rand(64, 8, generator=gen, dtype=f64).cuda(), torch.rand(64, 1, generator=gen, dtype=f64).cuda()
+    Xc, Yc = torch.rand(10, 8, generator=gen, dtype=f64).cuda(), torch.rand(10, generator=gen, dtype=f64).cuda()
+    opt = sqpoptim.ProjectedAdamSQP(model.parameters(), lr=1e-4)
+
+    def cuda_closure():
+        return ((model(X) - Y) ** 2).mean(), model(Xc).squeeze(1) - Yc
+
+    opt.step(cuda_closure)  # first step: lazy initialisation, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            opt.step(cuda_closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(opt.global_state.damping.rejected_steps) >= 1
+    assert float(opt.global_state.damping.radius) < _damping.NO_RADIUS
