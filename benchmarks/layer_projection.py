@@ -76,17 +76,25 @@ def make_constraints(A, c, d, path: str, jac_mode: str = "rev") -> OutputConstra
     def h_jac(x, y):
         Ay = (y @ A_flat.to(y).T).view(-1, m, n)  # [B, m, n], contiguous (A_i symmetric: yᵀA_iᵀ = (A_i y)ᵀ)
         value = (Ay @ y[:, :, None]).squeeze(-1) + y @ c.to(y).T + d.to(y) - x**3  # [B, m]
-        return value, torch.add(c.to(y), Ay, alpha=2)  # J_i = 2 A_i y + c_i in one pass
+        if torch.is_grad_enabled() and y.requires_grad:
+            return value, torch.add(c.to(y), Ay, alpha=2)  # J_i = 2 A_i y + c_i in one pass
+        return value, Ay.mul_(2).add_(c.to(y))  # in place: no second [B, m, n] allocation
+
+    def h_gemm(x, y):  # the values by the same GEMM (the einsum of ``h`` measured 2x slower for them)
+        Ay = (y @ A_flat.to(y).T).view(-1, m, n)
+        return (Ay @ y[:, :, None]).squeeze(-1) + y @ c.to(y).T + d.to(y) - x**3
 
     def lagrangian_hessian(x, y, w_h, w_g):
         return 2 * (w_h @ A_rows.to(y)).reshape(-1, n, n)  # Σ_i w_i ∇²h_i = 2 Σ_i w_i A_i
 
-    return OutputConstraints(h=h, h_jac=h_jac, lagrangian_hessian=lagrangian_hessian)
+    return OutputConstraints(h=h_gemm, h_jac=h_jac, lagrangian_hessian=lagrangian_hessian)
 
 
 def make_layer(name: str, cons: OutputConstraints, tol: float, gradient: str = "unrolled"):
     if name == "enforce":
         return EnforceProjection(cons, eval_tol=tol, gradient=gradient, nonconvergence="ignore").eval()
+    if name == "enforce_mixed":  # float32 NP steps, float64 residuals (implicit gradient only)
+        return EnforceProjection(cons, eval_tol=tol, mixed_precision=True, nonconvergence="ignore").eval()
     if name == "hardnet_pp":
         if gradient != "unrolled":
             raise ValueError("HardNetPP has no implicit gradient")

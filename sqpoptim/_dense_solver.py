@@ -78,7 +78,7 @@ class DenseSolver(ConstraintSolver):
     def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:
         if self.op.m == 0:
             return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
-        F = damped(self.factor, damping, self.rank_tol, sync_free=self.sync_free or not self.truncate)
+        F = damped(self.factor, damping, self.rank_tol, sync_free=self.sync_free, truncate=self.truncate)
         return self._wjt(F.solve(-c), self.weight)
 
     def scaled_normal_step(

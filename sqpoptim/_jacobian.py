@@ -12,6 +12,11 @@ Three ways to form :math:`J = \partial c/\partial x`:
   ``torch.autograd.grad(c, params, grad_outputs=I, is_grads_batched=True)``, optionally ``chunk_size`` rows at
   a time to bound memory when m is large. It works through residuals that contain input derivatives built with
   ``autograd.grad(create_graph=True)`` (u_t, u_xx, ...).
+* :func:`joint_gradient_and_jacobian` (``jacobian="joint"``): the objective's gradient and J from one
+  vectorised backward over the m + 1 rows of :math:`(f, c)`. When c is read off the objective's own pass (PINN
+  residuals at collocation points the objective also uses) the shared graph is traversed once instead of twice;
+  the rows of the objective cost m + 1 times its part of the graph, so it does not pay when the objective has a
+  large part of its own.
 * :func:`loop_jacobian`: one backward per row. The slow reference, the test oracle, and the fallback when the
   batched pass raises (some operators have no batching rule).
 * :class:`PointwiseConstraints`: opt-in ``torch.func`` path for residuals written functionally, one point at
@@ -34,6 +39,7 @@ __all__ = [
     "PointwiseConstraints",
     "batched_jacobian",
     "flat_size",
+    "joint_gradient_and_jacobian",
     "loop_jacobian",
 ]
 
@@ -92,6 +98,31 @@ def batched_jacobian(c: Tensor, params: Sequence[Tensor], n: int, *, chunk_size:
         )
         _fill_rows(J, rows, grads, params)
     return J
+
+
+def joint_gradient_and_jacobian(
+    loss: Tensor, c: Tensor, params: Sequence[Tensor], n: int, *, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(g, J)``: the ``[n]`` gradient of the scalar ``loss`` and the ``[m, n]`` Jacobian of ``c``, as the rows of
+    the Jacobian of ``(loss, c)`` by :func:`batched_jacobian` (one vectorised backward when ``chunk_size`` is
+    ``None``). The graphs are retained (so that a pass that raises leaves them whole for the separate passes)."""
+    _check_graph(c)
+    if not loss.requires_grad:  # a constant objective: no row of its own
+        return torch.zeros(n, dtype=_real(params[0]).dtype, device=c.device), batched_jacobian(
+            c, params, n, chunk_size=chunk_size
+        )
+    rows = torch.cat([loss.reshape(1).to(c.dtype), c])
+    m1 = rows.shape[0]
+    K = torch.empty((m1, n), dtype=_real(params[0]).dtype, device=c.device)
+    step = m1 if chunk_size is None else max(1, int(chunk_size))
+    eye = torch.eye(m1, dtype=rows.dtype, device=rows.device)
+    for start in range(0, m1, step):
+        block = slice(start, min(start + step, m1))
+        grads = torch.autograd.grad(
+            rows, params, grad_outputs=eye[block], is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
+        _fill_rows(K, block, grads, params)
+    return K[0], K[1:]
 
 
 def loop_jacobian(c: Tensor, params: Sequence[Tensor], n: int) -> Tensor:

@@ -12,6 +12,9 @@ In order of preference:
 4. ``"batched"`` (one vectorised backward over the rows, ``chunk_size`` rows at a time), falling back to
    ``"loop"`` (one backward per row) where the batched pass raises.
 
+``jacobian="joint"`` forms g and an explicit J together (:func:`~sqpoptim._jacobian.joint_gradient_and_jacobian`)
+for closures whose constraints are read off the objective's own pass; it is never chosen by ``"auto"``, which
+cannot see from the graphs whether the objective has a large part of its own (the case where it costs more).
 ``jacobian="layers"`` insists on 2 (a ``ValueError`` says why it does not apply); ``"batched"`` and ``"loop"``
 are the explicit paths themselves (no recording). Once the layer factors have failed their checks, recording
 stops for the rest of the run (it would only cost time). The graph of ``c`` is kept after the operator is formed
@@ -23,9 +26,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
-from ._jacobian import jacobian
+from ._jacobian import jacobian, joint_gradient_and_jacobian
 from ._jacobian_operator import AutogradJacobian, DenseJacobian, JacobianOperator
 from ._layout import FlatLayout
 from ._linear_factors import VERIFY_EVERY, LinearCallRecorder, layer_factors
@@ -33,7 +37,7 @@ from ._solver_choice import AUTO_DENSE_BYTES
 
 __all__ = ["JACOBIAN_MODES", "JacobianPath"]
 
-JACOBIAN_MODES = ("auto", "layers", "batched", "loop")
+JACOBIAN_MODES = ("auto", "layers", "batched", "loop", "joint")
 
 
 class JacobianPath:
@@ -56,11 +60,26 @@ class JacobianPath:
     @contextlib.contextmanager
     def recording(self, enabled: bool) -> Iterator[LinearCallRecorder | None]:
         """Record the closure's ``nn.Linear`` calls while it runs, when the layer factors may apply."""
-        if not enabled or self.mode in ("batched", "loop") or self.layers_off is not None:
+        if not enabled or self.mode in ("batched", "loop", "joint") or self.layers_off is not None:
             yield None
             return
         with LinearCallRecorder() as rec:
             yield rec
+
+    def joint(self, loss: Tensor, c: Tensor, layout: FlatLayout) -> tuple[Tensor, JacobianOperator] | None:
+        """``(g, operator)`` from one backward over ``(loss, c)`` in ``"joint"`` mode (``None`` in the other modes,
+        or when there are no constraints); a batched pass that raises falls back to the separate passes of
+        :func:`~sqpoptim._jacobian.jacobian`, with its one-time warning."""
+        if self.mode != "joint" or c.shape[0] == 0:
+            return None
+        try:
+            g, J = joint_gradient_and_jacobian(loss, c, layout.params, layout.n, chunk_size=self.chunk_size)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            return None  # the graphs are intact (nothing was freed by a pass that raised): the separate passes
+        self.used = "joint"
+        return g, DenseJacobian(J)
 
     def operator(
         self,
@@ -96,7 +115,7 @@ class JacobianPath:
         if solver == "krylov" or (solver == "auto" and explicit_bytes > AUTO_DENSE_BYTES):
             self.used = "autograd"
             return AutogradJacobian(c, layout.params, layout.n), True
-        mode = "loop" if self.mode == "loop" else "batched"
+        mode = "loop" if self.mode == "loop" else "batched"  # ("joint" lands here when its pass raised)
         J = jacobian(c, layout.params, layout.n, mode=mode, chunk_size=self.chunk_size, warned=self._warned)
         self.used = mode
         return DenseJacobian(J), False

@@ -122,8 +122,8 @@ class GramFactor:
     rank: Tensor
     cond: Tensor
     refine: int = 0
-    #: the last damped factor made from this one by :func:`damped`: ``(ν, sync_free, factor)``
-    damped_memo: tuple[Tensor, bool, GramFactor] | None = None
+    #: the last damped factor made from this one by :func:`damped`: ``(ν, (sync_free, truncate), factor)``
+    damped_memo: tuple[Tensor, tuple[bool, bool], GramFactor] | None = None
 
     def solve(self, b: Tensor) -> Tensor:
         r"""Solve :math:`G x = b` (least-norm on the kept directions); ``b`` is ``[m]`` or ``[m, k]``."""
@@ -140,13 +140,22 @@ class GramFactor:
         return X.squeeze(-1) if vec else X
 
 
+EXACT_COND_MAX = 16  # largest m whose condition number is computed exactly
+
+
 def _cond_estimate(G: Tensor, L: Tensor, iters: int = 3) -> Tensor:
     """Lower bound on the condition number of G from its Cholesky factor, without host synchronisation.
 
     λ_min is bounded above by the smallest pivot and by ``1/‖G⁻¹x‖`` after a few inverse-iteration steps;
     λ_max is bounded below by the largest diagonal entry and by ``‖Gx‖`` after a power step. NaN when the
-    factorisation failed."""
+    factorisation failed. Up to ``EXACT_COND_MAX`` rows the eigenvalues themselves are cheaper than the
+    iterations' dozen small kernels, and the estimate is exact."""
     m = G.shape[0]
+    if m <= EXACT_COND_MAX:
+        lam = torch.linalg.eigvalsh(G)
+        failed = torch.diagonal(L).isnan().any() | ~lam.isfinite().all()
+        cond = lam[-1] / lam[0].clamp_min(torch.finfo(G.dtype).tiny)
+        return torch.where(failed | (lam[0] <= 0), torch.full_like(cond, float("inf")), cond)
     x = 1.0 + 0.5 * torch.sin(2.4 * torch.arange(m, dtype=G.dtype, device=G.device))  # generic start vector
     x = (x / torch.linalg.vector_norm(x)).unsqueeze(-1)
     for _ in range(iters):
@@ -191,7 +200,9 @@ def factor_gram(G: Tensor, rank_tol: float, *, sync_free: bool = False, truncate
     return GramFactor(G, None, Q, inv, keep.sum(), lam_max / kept_min)
 
 
-def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free: bool = False) -> GramFactor:
+def damped(
+    factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free: bool = False, truncate: bool = True
+) -> GramFactor:
     r"""The factor of :math:`G + \mu I`, :math:`\mu = \nu \cdot \operatorname{mean}_i G_{ii}` (Levenberg–Marquardt
     damping of the normal step; ``nu`` a 0-d float64 tensor), or ``factor`` itself when ``nu`` is ``None``.
 
@@ -200,22 +211,35 @@ def damped(factor: GramFactor, nu: Tensor | None, rank_tol: float, *, sync_free:
     along a singular direction :math:`\sigma_i` is multiplied by :math:`\sigma_i^2/(\sigma_i^2 + \mu)`, so the
     directions a nearly rank-deficient Jacobian barely sees stop dominating the step. μ is relative to the
     mean diagonal of G, so ν is dimensionless. The projector keeps using the undamped factor (:math:`J u = 0`
-    exactly). The last result is memoised on ``factor`` for the same ``nu`` tensor (identity, not value)."""
+    exactly). ``sync_free`` and ``truncate`` as in :func:`factor_gram`: in exact mode a healthy damped matrix
+    costs one factorisation, and when ``factor`` is a healthy Cholesky factor its condition estimate stands for
+    the damped matrix's too (:math:`\kappa(G + \mu I) \le \kappa(G)` for :math:`\mu > 0`), so none is made. The
+    last result is memoised on ``factor`` for the same ``nu`` tensor (identity, not value) and options."""
     if nu is None or factor.gram.shape[0] == 0:
         return factor
     memo = factor.damped_memo
-    if memo is not None and memo[0] is nu and memo[1] == sync_free:  # the same ν tensor: already factored (the
-        return memo[2]  # trust region's last iterate, :mod:`sqpoptim._trust_region`)
-    out = factor_gram(_damped_gram(factor.gram, nu), rank_tol, sync_free=sync_free)
-    factor.damped_memo = (nu, sync_free, out)
+    if memo is not None and memo[0] is nu and memo[1] == (sync_free, truncate):  # the same ν tensor: factored
+        return memo[2]  # already (the trust region's last iterate, :mod:`sqpoptim._trust_region`)
+    out = _damped_factor(factor, nu, rank_tol, sync_free=sync_free, truncate=truncate)
+    factor.damped_memo = (nu, (sync_free, truncate), out)
     return out
+
+
+def _damped_factor(factor: GramFactor, nu: Tensor, rank_tol: float, *, sync_free: bool, truncate: bool) -> GramFactor:
+    Gd = _damped_gram(factor.gram, nu)
+    m = Gd.shape[0]
+    if not sync_free and factor.chol is not None and factor.refine == 0 and int(factor.rank) == m:
+        L, info = torch.linalg.cholesky_ex(Gd)  # (one host read below: exact mode)
+        if int(info) == 0:
+            return GramFactor(Gd, L, None, None, factor.rank, factor.cond)
+    return factor_gram(Gd, rank_tol, sync_free=sync_free, truncate=truncate)
 
 
 def _damped_gram(G: Tensor, nu: Tensor) -> Tensor:
     r""":math:`G + \nu\,\operatorname{mean}_i G_{ii}\, I`."""
     mu = nu.to(G.dtype) * torch.diagonal(G).mean()
-    out = G.clone()  # (not G + μ·eye: that forms and scales an m×m identity, a third of a Cholesky at m = 1000)
-    out.diagonal().add_(mu)
+    out = G.clone()
+    out.diagonal().add_(mu)  # (one copy; no m x m identity)
     return out
 
 

@@ -321,12 +321,17 @@ class ConstrainedOptimizer(Optimizer):
     def _form(self, s: _Step) -> None:
         """Phase 3: J as an operator and its solver, then g (J first: c's graph is retained by its backward when
         the objective shares it, and the objective's backward then frees its own graph unless the operator still
-        needs c's)."""
-        op, keep_graph = self._jacobian_path.operator(
-            s.inputs.c, self._reader.given_jacobian(s.inputs, s.layout), s.layout, s.recorder, solver=s.solver_mode
-        )
-        if s.g is None:
-            s.g = flat_gradient(s.inputs.loss, s.layout, retain_graph=keep_graph)
+        needs c's); in ``jacobian="joint"`` mode both from one backward."""
+        given = self._reader.given_jacobian(s.inputs, s.layout)
+        joint = None
+        if given is None and s.g is None:
+            joint = self._jacobian_path.joint(s.inputs.loss, s.inputs.c, s.layout)
+        if joint is not None:
+            s.g, op = joint
+        else:
+            op, keep_graph = self._jacobian_path.operator(s.inputs.c, given, s.layout, s.recorder, solver=s.solver_mode)
+            if s.g is None:
+                s.g = flat_gradient(s.inputs.loss, s.layout, retain_graph=keep_graph)
         s.loss, s.c = s.inputs.loss.detach(), s.inputs.c.detach()
         s.J = make_solver(
             op,

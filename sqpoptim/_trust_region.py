@@ -117,7 +117,7 @@ def _secular(
 ) -> tuple[Tensor, Tensor]:
     factor = solver.factor  # type: ignore[attr-defined]  # the undamped factor of G (the projection's)
     G = factor.gram
-    mode = solver.sync_free or not solver.truncate  # type: ignore[attr-defined]  # as the solver damps
+    sync_free_f, truncate = solver.sync_free, solver.truncate  # type: ignore[attr-defined]  # as the solver damps
     rank_tol = solver.rank_tol  # type: ignore[attr-defined]
     c64 = c.double()
     scale = torch.diagonal(G).mean()
@@ -151,7 +151,8 @@ def _secular(
     for it in range(ITERATIONS):
         # (exact mode: at μ_ν, ν itself, whose factor the solver then finds memoised if ν's step fits)
         nu_i = nu if not sync_free and it == 0 and bool(mu <= mu_nu) else mu / scale
-        F = damped(factor, nu_i, rank_tol, sync_free=mode)  # memoised: the solver's own solve at ν_i reuses it
+        # memoised: the solver's own solve at ν_i reuses it
+        F = damped(factor, nu_i, rank_tol, sync_free=sync_free_f, truncate=truncate)
         v, q2 = lengths(F.solve if F.chol is None else _plain(F.chol))
         left = v >= safe_target
         lo = torch.where(left, torch.maximum(lo, mu), lo)

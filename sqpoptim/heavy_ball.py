@@ -71,8 +71,10 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         jacobian: how J is formed (:mod:`sqpoptim._jacobian_path`): ``"auto"`` (default: per-sample factors
             of the ``nn.Linear`` layers from one backward pass when the constraints are pointwise outputs of such
             layers — checked on random probes —, else one vectorised backward), ``"layers"`` (insist on the
-            factors), ``"batched"`` (one vectorised backward over the rows) or ``"loop"`` (one backward per
-            constraint).
+            factors), ``"batched"`` (one vectorised backward over the rows), ``"loop"`` (one backward per
+            constraint) or ``"joint"`` (the objective's gradient and J from one vectorised backward: for
+            constraints read off the objective's own pass, such as PDE residuals at points the objective uses;
+            never chosen by ``"auto"``).
         chunk_size: rows of J per batched backward (bounds memory for large m).
         rank_tol: relative singular-value cutoff for rank-deficient J (default 1e-6 float32, 1e-7 float64).
         sync_free: never wait for the device inside ``step`` (default: True on CUDA, False on CPU); see

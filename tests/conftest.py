@@ -1,3 +1,11 @@
+import os
+
+# numpy's and scipy's OpenBLAS start a thread per core; on the suite's small matrices they spin-wait for each other,
+# and on shared cores that costs far more CPU than the work (a batch of 200 4×4 expm: 0.003 s on one thread, up to
+# 1.6 s of CPU on two under load). One thread, as for torch below; read when OpenBLAS loads, so before numpy is
+# imported (child processes inherit it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import pytest
 import torch
 

@@ -19,6 +19,9 @@ SLOW = {  # runs of more than ~2.5 s CPU: 600-1,500 steps
     ("oscillator", "ProjectedHeavyBallSQP"),
     ("oscillator", "ProjectedAdamSQP"),
 }
+# heavy ball's other 300-step runs (~2 s CPU each): slow-marked; the default suite keeps heavy ball's defaults on
+# poisson (the problem the damped default exists for) and Adam's on every problem
+SECOND_OPINIONS = {("stiff", "ProjectedHeavyBallSQP"), ("mass_balance", "ProjectedHeavyBallSQP")}
 # runs that stall at a local minimum of the violation on their way (the oscillator's energy constraint)
 PASSES_A_STATIONARY_POINT = {("oscillator", "ProjectedAdamSQP", torch.float32)}
 C_TOLERANCE = 1e-3  # max |c| at the end, both dtypes (the residuals are of size 1-100)
@@ -29,7 +32,7 @@ def _cases():
         for opt in OPTIMIZERS:
             for dtype in (torch.float32, torch.float64):
                 # float32 runs are slow-marked: the default suite keeps float64 for each problem and optimizer
-                long_run = (name, opt.__name__) in SLOW or dtype == torch.float32
+                long_run = (name, opt.__name__) in SLOW | SECOND_OPINIONS or dtype == torch.float32
                 marks = [pytest.mark.slow] if long_run else []
                 yield pytest.param(name, opt, dtype, marks=marks, id=f"{name}-{opt.__name__}-{str(dtype)[6:]}")
 

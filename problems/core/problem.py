@@ -83,6 +83,10 @@ class Problem(abc.ABC):
     defaults: ClassVar[ProblemDefaults]
     prediction_kind: ClassVar[PredictionKind]
     """What :meth:`prediction` returns (see the module docstring); the plots dispatch on it."""
+    constraints_in_objective: ClassVar[bool] = False
+    """Whether :meth:`objective_and_constraints` reads c off the objective's own pass (every constraint point is
+    an objective point). The SQP methods then form g and J by one backward (``jacobian="joint"`` in place of the
+    default ``"auto"``)."""
 
     def __init__(
         self,

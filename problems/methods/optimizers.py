@@ -108,10 +108,21 @@ class OptimizerMethod(Method):
         self, problem: Problem, model: nn.Module, lr: float, options: Any, *, process_group: Any = None
     ) -> Training:
         kwargs = self._kwargs(options)
+        if self._joint_jacobian(problem, kwargs):  # c read off the objective's pass: g and J by one backward
+            kwargs["jacobian"] = "joint"
+        recorded = dict(kwargs)
         if process_group is not None:  # every rank evaluates the same constraints: replicated rows
             kwargs = {**kwargs, "process_group": process_group}
         optimizer = self.optimizer(model.parameters(), lr=lr, **kwargs)
-        return Training(model, optimizer, lambda batch: self._closure(problem, model, batch), self._kwargs(options))
+        return Training(model, optimizer, lambda batch: self._closure(problem, model, batch), recorded)
+
+    def _joint_jacobian(self, problem: Problem, kwargs: Mapping[str, Any]) -> bool:
+        return (
+            self.constrained
+            and not self.penalty_closure
+            and problem.constraints_in_objective
+            and kwargs.get("jacobian") in ("auto", "joint")
+        )
 
     def _closure(self, problem: Problem, model: nn.Module, batch: Batch | None) -> Callable[[], Any]:
         if self.penalty_closure:

@@ -207,7 +207,9 @@ class NonconvexProgram(LayerProblem):
             return y @ d["A"].T - x, d["A"].expand(y.shape[0], -1, -1)  # [B, m], [B, m, n]
         Ay = self._quad_products(y)  # [B, m, n]: rows A_i y
         h = (Ay @ y[:, :, None]).squeeze(-1) + y @ d["A"].T + d["d"] - x**3  # [B, m]
-        return h, torch.add(d["A"], Ay, alpha=2.0)  # J rows 2 A_i y + c_i, one pass
+        if torch.is_grad_enabled() and y.requires_grad:
+            return h, torch.add(d["A"], Ay, alpha=2.0)  # J rows 2 A_i y + c_i, one pass
+        return h, Ay.mul_(2.0).add_(d["A"])  # in place without a graph: no second [B, m, n] allocation
 
     def _quad_products(self, y: Tensor) -> Tensor:
         """``A_i y`` for every constraint and sample, ``[B, m, n]``, as one GEMM ``[B, n] x [n, m n]`` (the A_i are

@@ -87,6 +87,7 @@ class Spring(Problem):
 
     name = "spring"
     prediction_kind = "series"
+    constraints_in_objective = True  # the constraint points are residual points (objective_and_constraints)
     defaults = ProblemDefaults(
         lrs=(5e-4, 1e-4),
         iterations_full=30_000,

@@ -48,6 +48,13 @@ Notes and deviations
   elsewhere is the batch, not this :math:`B`. Parameters captured inside ``h`` receive no gradient in
   implicit mode.
 * Rank-deficient :math:`B`: regularised Cholesky (:mod:`._linalg`), flagged in ``regularized``.
+* ``mixed_precision=True`` (not in the paper): the NP steps in float32 (:math:`B`, :math:`BB^\top`, its
+  Cholesky factor, :math:`c`) until float32's rounding floor, then float64 residuals corrected with the float32
+  factor (iterative refinement) to the tolerance, which is tested on float64 values as in the float64 layer
+  (:mod:`._mixed_np`). In training the float32 iteration usually meets :math:`\varepsilon_T` by itself and the
+  implicit backward then solves with the float32 :math:`B` (relative error within
+  :math:`m\,\kappa(BB^\top)\,\epsilon_{32}`, tested against the float64 backward); in evaluation mode the
+  backward evaluates :math:`B` in float64.
 * :func:`adanp_activation` is the paper's Alg. 2 (use :math:`\hat y` for the batch when one NP step makes
   the task-loss measure worse); it is a function the training loop calls, not state on the layer.
 """
@@ -64,6 +71,7 @@ from ._constraints import OutputConstraints
 from ._gauss_newton import gauss_newton
 from ._implicit import LimitBackward
 from ._linalg import gram_solve
+from ._mixed_np import mixed_np
 from ._system import StackedSystem
 
 __all__ = ["EnforceProjection", "adanp", "adanp_activation", "np_step"]
@@ -116,6 +124,9 @@ class EnforceProjection(ProjectionLayer):
         gradient: ``"implicit"`` or ``"unrolled"`` (see the module notes).
         jacobian: ``"auto"``, ``"exact"``, ``"broyden"`` or ``"chord"`` (see the module notes).
         solve_dtype: dtype of the iterations (``None``: ``y_hat``'s).
+        mixed_precision: NP steps in float32 (Jacobian, Gram matrix, Cholesky), then float64 residuals with
+            float32 corrections to the tolerance (:mod:`._mixed_np`); needs ``solve_dtype=torch.float64``,
+            ``gradient="implicit"`` and exact Jacobians (``jacobian`` ``"auto"`` or ``"exact"``).
         nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"`` when evaluation-mode outputs miss
             ``eval_tol``.
 
@@ -136,6 +147,7 @@ class EnforceProjection(ProjectionLayer):
         gradient: str = "implicit",
         jacobian: str = "auto",
         solve_dtype: torch.dtype | None = torch.float64,
+        mixed_precision: bool = False,
         nonconvergence: str = "warn",
     ) -> None:
         super().__init__(constraints, solve_dtype=solve_dtype, nonconvergence=nonconvergence)
@@ -150,6 +162,14 @@ class EnforceProjection(ProjectionLayer):
         self.jacobian = check_choice("jacobian", jacobian, JACOBIANS)
         if self.gradient == "unrolled" and self.jacobian in ("broyden", "chord"):
             raise ValueError("gradient='unrolled' differentiates the paper's iteration: use jacobian='exact'")
+        self.mixed_precision = bool(mixed_precision)
+        if self.mixed_precision and (
+            solve_dtype != torch.float64 or self.gradient != "implicit" or self.jacobian not in ("auto", "exact")
+        ):
+            raise ValueError(
+                "mixed_precision=True needs solve_dtype=torch.float64, gradient='implicit' and jacobian 'auto' or "
+                f"'exact'; got solve_dtype={solve_dtype}, gradient={gradient!r}, jacobian={jacobian!r}"
+            )
 
     @property
     def tol(self) -> float:
@@ -171,6 +191,14 @@ class EnforceProjection(ProjectionLayer):
     def _project(self, x: Tensor | None, y: Tensor) -> ProjectionResult:
         args = (self.tol, self.max_depth, "mean" if self.training else "max", self._jacobian_mode())
         needs_grad = torch.is_grad_enabled() and (y.requires_grad or (x is not None and x.requires_grad))
+        if self.mixed_precision:
+            with torch.no_grad():
+                res, c, J = mixed_np(self.constraints, x, y, tol=self.tol, max_iter=self.max_depth, measure=args[2])
+            if not needs_grad:
+                return res
+            system = StackedSystem(self.constraints, x, res.y, jacobian=False, c0=c)
+            y_out = LimitBackward.apply(system, 0.0, self.tol, x, y, res.y, c, J)
+            return ProjectionResult(y_out, res.iterations, res.residual, res.converged, res.regularized)
         if self.gradient == "unrolled" or not needs_grad:
             return _adanp(self.constraints, x, y, *args)[0]
         with torch.no_grad():

@@ -31,7 +31,14 @@ Two iterations (``method=``)
   others; from an untrained backbone's output 500 paper iterations leave a violation of ~4.5e-3. Dropping the
   satisfied rows makes the linearisation consistent, :math:`\nu_k \to 0` makes the local rate quadratic, and
   the ratio test makes it safe far away. Rows that the step pushes past a bound become violated and join the
-  next step.
+  next step. The first ``free_steps`` (10) steps are undamped and always taken, and the monotone phase starts
+  from the best of them (escapes valleys of :math:`V` such as KKT-Hardnet's bilinear pooling balances). That
+  pick is a discrete choice: the output is then a *discontinuous* function of :math:`\hat y` wherever two
+  free iterates tie, and a perturbation of :math:`\hat y` by :math:`10^{-6}` can move the output by
+  :math:`O(1)` (measured on HardNet++'s learned-MPC task from an untrained backbone: 8 of 16 samples moved by
+  5e-3 to 1.3). A network trained through the layer then sees a loss with jumps that no gradient reports;
+  ``free_steps=0`` (the damped iteration from the start) is continuous there (outputs move by
+  :math:`\le 10^{-6}`) and is what training should use unless the free steps are needed to converge.
 * ``"paper"``: the iteration above with fixed :math:`\varepsilon`, ``max_iter`` steps (500 by default), or
   until ``tol`` is met with ``early_stop=True`` (tested every ``check_every`` iterations, one host sync per
   test). For :math:`m + q > n` the step uses :math:`(J_c^\top J_c + \varepsilon I)^{-1} J_c^\top r` (same
@@ -48,7 +55,10 @@ iteration's limit at the converged point (:mod:`._implicit`): for ``"lm"`` the o
 tangent space of the active rows, :math:`I - J_a^\top (J_a J_a^\top)^{-1} J_a`; for ``"paper"`` the
 :math:`H`-orthogonal one, :math:`H = J_c^\top J_c + \varepsilon I`, which is what the powers of the paper's
 step Jacobian :math:`I - H^{-1}J_a^\top J_a` converge to. Exact when :math:`\hat y` is feasible, within
-:math:`O(\|\hat y - y^\star\|)` of the unrolled derivative otherwise (tested). Active rows: equalities, and
+:math:`O(\|\hat y - y^\star\|)` of the unrolled derivative otherwise (tested). That error is not small when
+the backbone's raw output stays far from the constraint set, as it does when nothing pulls it there (no
+displacement penalty): the implicit gradient can then point the wrong way along some directions, and training
+should use ``gradient="unrolled"`` with ``free_steps=0``. Active rows: equalities, and
 inequalities violated or within ``tol`` of a bound at the output. ``"unrolled"``: autograd through every
 iteration (the paper's training; exact Jacobians only).
 """
@@ -121,6 +131,8 @@ class HardNetPP(ProjectionLayer):
         tol: violation tolerance for ``converged`` and for stopping.
         early_stop: ``method="paper"``: stop once every sample meets ``tol`` (checked every ``check_every``
             iterations); ``"lm"`` always stops at ``tol``.
+        free_steps: ``method="lm"``: undamped Gauss–Newton steps before the monotone phase (10; 0 keeps the
+            output a continuous function of the raw output, see the module docstring).
         gradient: ``"implicit"`` (default) or ``"unrolled"``.
         jacobian: ``"auto"``, ``"exact"``, ``"broyden"`` or ``"chord"`` (the last two ``"lm"`` only).
         solve_dtype, nonconvergence: see :class:`~sqpoptim.layers.EnforceProjection`.
@@ -136,6 +148,7 @@ class HardNetPP(ProjectionLayer):
         tol: float = 1e-6,
         early_stop: bool = False,
         check_every: int = 10,
+        free_steps: int = FREE_STEPS,
         gradient: str = "implicit",
         jacobian: str = "auto",
         solve_dtype: torch.dtype | None = torch.float64,
@@ -153,6 +166,9 @@ class HardNetPP(ProjectionLayer):
             raise ValueError(f"Invalid check_every: {check_every}")
         if not tol > 0:
             raise ValueError(f"Invalid tol: {tol}")
+        if int(free_steps) != free_steps or free_steps < 0:
+            raise ValueError(f"Invalid free_steps: {free_steps} (a number of steps >= 0)")
+        self.free_steps = int(free_steps)
         self.eps, self.max_iter, self.tol = float(eps), int(max_iter), float(tol)
         self.early_stop, self.check_every = bool(early_stop), int(check_every)
         self.gradient = check_choice("gradient", gradient, _GRADIENTS)
@@ -182,7 +198,7 @@ class HardNetPP(ProjectionLayer):
             max_iter=self.max_iter,
             damping=True,
             jacobian=self._jacobian_mode(),
-            free_steps=FREE_STEPS,
+            free_steps=self.free_steps,
         )
         return result, system, c, J
 

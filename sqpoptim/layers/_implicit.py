@@ -89,7 +89,9 @@ class LimitBackward(torch.autograd.Function):
         if J_star is None:
             c_star, J_star = system.jacobian(y_star)
         active = system.near_active(c_star, ctx.tol)  # [B, k]
-        v, grad_y_hat = limit_vjp(J_star, active, grad_y, ctx.eps)
+        # A float32 J (mixed-precision forward): the solve in float32, relative error ~ kappa(J J^T) eps_32.
+        v, grad_y_hat = limit_vjp(J_star, active, grad_y.to(J_star.dtype), ctx.eps)
+        v, grad_y_hat = v.to(grad_y.dtype), grad_y_hat.to(grad_y.dtype)
         grad_x = None
         if x is not None and ctx.needs_input_grad[3]:
             _, pull = vjp(lambda xx: pinned_rows(system, xx, y_star, c_star, ctx.tol), x)

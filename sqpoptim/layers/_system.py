@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._base import check_bounds, finite_or_raise
-from ._constraints import OutputConstraints
+from ._constraints import ConstraintEvaluation, OutputConstraints
 
 __all__ = ["StackedSystem", "broyden_update", "put"]
 
@@ -52,9 +52,17 @@ def broyden_update(J: Tensor, s: Tensor, dc: Tensor) -> Tensor:
 class StackedSystem:
     """:math:`c = [h; g]` at fixed inputs ``x``, with the bounds and HardNet++'s residual (module docstring)."""
 
-    def __init__(self, constraints: OutputConstraints, x: Tensor | None, y0: Tensor, *, jacobian: bool) -> None:
+    def __init__(
+        self, constraints: OutputConstraints, x: Tensor | None, y0: Tensor, *, jacobian: bool, c0: Tensor | None = None
+    ) -> None:
+        """``c0``: the values at ``y0`` when the caller has them (equalities only; nothing is evaluated then)."""
         self.cons, self.x = constraints, x
-        ev = constraints.evaluate(x, y0, jacobian=jacobian)
+        if c0 is not None:
+            if constraints.has_inequalities or jacobian:
+                raise ValueError("StackedSystem(c0=...) takes equality constraints and jacobian=False")
+            ev = ConstraintEvaluation(h=c0, g=None)
+        else:
+            ev = constraints.evaluate(x, y0, jacobian=jacobian)
         finite_or_raise(ev.c, "the constraint function")
         self.m = ev.h.shape[-1] if ev.h is not None else 0
         self.k = ev.c.shape[-1]

@@ -197,3 +197,40 @@ def test_methods_run_through_the_runner(method, mpc, tmp_path):
     f = res["final"]
     keys = {f"test_{k}_{s}" for k in ("subopt", "dyn_viol", "box_viol", "quad_viol") for s in ("mean", "max")}
     assert keys <= set(f) and all(np.isfinite(f[k]) for k in keys)
+
+
+def _far_raw_output(mpc):
+    """An untrained backbone's raw output: every state near 0, i.e. ~10 from the dynamics through x₀."""
+    x = mpc.x0_train
+    return x, 0.3 * torch.randn(x.shape[0], HORIZON * 9, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+
+
+def test_hardnet_pp_without_free_steps_is_continuous_and_its_unrolled_gradient_is_exact(mpc):
+    # The layer as the MPC table trains it. Oracles: the output moves by O(|dŷ|) under a perturbation of ŷ
+    # (the free steps' best-point pick lets it jump by O(1)), and central differences of Σ Z(layer(ŷ)).
+    from sqpoptim.layers import HardNetPP
+
+    layer = HardNetPP(mpc.output_constraints(), free_steps=0, tol=1e-11, gradient="unrolled")
+    x, y_hat = _far_raw_output(mpc)
+    gen = torch.Generator().manual_seed(1)
+    dirs = [(d := torch.randn(y_hat.shape, generator=gen, dtype=y_hat.dtype)) / d.norm() for _ in range(3)]
+    h = 1e-6
+    with torch.no_grad():
+        for d in dirs:
+            moved = (layer(x, y_hat + h * d) - layer(x, y_hat - h * d)).norm(dim=-1)
+            assert moved.max() <= 10 * 2 * h
+    v = y_hat.clone().requires_grad_(True)
+    mpc_cost(layer(x, v)).sum().backward()
+    f = lambda y: float(mpc_cost(layer(x, y)).sum())  # noqa: E731
+    h = 1e-4
+    for d in [*dirs, v.grad / v.grad.norm()]:
+        fd = (f(y_hat + h * d) - f(y_hat - h * d)) / (2 * h)
+        assert abs(float((v.grad * d).sum()) - fd) <= 1e-4 * (1 + abs(fd))
+
+
+def test_hardnet_pp_free_steps_is_validated(mpc):
+    from sqpoptim.layers import HardNetPP
+
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="free_steps"):
+            HardNetPP(mpc.output_constraints(), free_steps=bad)

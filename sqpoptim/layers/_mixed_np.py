@@ -1,0 +1,226 @@
+r"""ENFORCE's NP iteration in mixed precision: float32 Newton steps, float64 residuals for the last digits.
+
+The NP step :math:`y_{k+1} = y_k - B_k^\top (B_k B_k^\top)^{-1} c_k` (:mod:`._enforce`) spends nearly all of its
+time on :math:`B_k = J_y c(x, y_k)` and the Gram matrix :math:`B_k B_k^\top` with its Cholesky factor (for C3's
+150 quadratic rows in 200 outputs: one ``[b, 200] x [200, 30000]`` product for every :math:`A_i y`, a batched
+``150 x 200 x 150`` product, 150 x 150 factorisations). In float32 these cost about half (measured on this
+package's CPU benchmark machine), but float32 cannot *evaluate* :math:`c` to the evaluation tolerance: rounding
+:math:`y` and the terms of :math:`c` leaves :math:`|c| \approx 10^{-5}`–:math:`10^{-4}` on C3. Only the residual
+has to be accurate, not the step, so the iteration is split:
+
+.. math::
+
+    \begin{aligned}
+    &\textbf{phase 1 (float32): } \tilde y \leftarrow \tilde y - B^\top (BB^\top)^{-1} c
+        \quad (c, B, BB^\top, \text{Cholesky in float32}),\\
+    &\qquad \text{until } \max_i |c_i| \le \max(\varepsilon, K \varphi), \quad
+        \varphi = \epsilon_{32}\, \max_i \|B_i\|_2\, \|\tilde y\|_2 \\
+    &\textbf{phase 2 (float64 residual): } \tilde y \leftarrow \tilde y - B_\star^\top L_\star^{-\top}
+        L_\star^{-1} c_{64}(x, \tilde y) \quad (\tilde y,\ c_{64} \text{ in float64};\ B_\star, L_\star
+        \text{ float32})
+    \end{aligned}
+
+* :math:`\varphi` bounds the change of :math:`c` that rounding :math:`\tilde y` to float32 causes
+  (:math:`|\delta c_i| \le \|B_i\| \|\delta y\|`, :math:`\|\delta y\| \le \epsilon_{32}\|\tilde y\|`), a floor
+  below which float32 steps cannot make progress; :math:`K = 4`. A sample leaves phase 1 there (or at the
+  tolerance), so phase 1 never spends steps at its floor. In evaluation mode a sample also leaves phase 1
+  right after a step when Newton's rate predicts the residual there below that level
+  (:math:`r_{k+1} \approx r_k^3 / r_{k-1}^2` from the last two float32 residuals): its next residual is
+  then evaluated in float64 only, which saves the float32 evaluation of :math:`c` and :math:`B` there (on the
+  benchmark: 6 → 0.3 → 5e-3 → predicted 1.4e-6, actual 1.5e-6). A wrong prediction costs nothing but speed:
+  phase 2 converges from anywhere the chord contracts, and refreshes the factor where it does not.
+* Phase 2 starts from each sample's last phase-1 factor (formed one step back: the chord), so entering it
+  costs no Gram matrix; a sample that took no phase-1 step gets the factor at its point.
+* Phase 2 is iterative refinement (a chord iteration): the residual is evaluated in float64 at the float64
+  iterate, the correction uses the last float32 Jacobian :math:`B_\star` and the Cholesky factor
+  :math:`L_\star` of its Gram matrix. With :math:`B` the exact Jacobian at the current point,
+  :math:`c_{k+1} = (I - B B_\star^\top (B_\star B_\star^\top)^{-1}) c_k + O(\|d_k\|^2)`, and
+  :math:`\|B - B_\star\| / \|B\|` is the float32 rounding (:math:`\approx \epsilon_{32}`) plus the distance the
+  iterate moved since :math:`B_\star` was formed, so the residual contracts by about
+  :math:`\kappa(BB^\top)\,\epsilon_{32}` per step near the solution (:math:`\kappa \approx 265` on the
+  benchmark instance: :math:`10^{-5}` per step). The accuracy of the output is set by the float64 residual
+  alone: the loop stops on :math:`\max_i |c_{64,i}| \le \varepsilon`, the same test as the float64 iteration.
+  A sample whose refinement step does not halve :math:`\max_i |c_{64,i}|` gets a fresh float32
+  :math:`B_\star, L_\star` at its point; if a step from a fresh factor still does not halve it (float32 too
+  coarse for its conditioning, :math:`\kappa \gtrsim 1/\epsilon_{32}`), the sample continues with float64
+  NP steps (float64 :math:`B`, Gram and Cholesky), the plain iteration.
+* Training (``measure="mean"``): phase 1 stops when the batch mean of the float32 :math:`|c|` is at most
+  :math:`\varepsilon_T = 10^{-4}` — float32 evaluates :math:`c` to :math:`\lesssim 10^{-5}` there, so the
+  mean is met in float64 terms up to that error — and the output is the float32 iterate. Samples that reached
+  their float32 floor first are refined in phase 2 as above.
+* Every step is taken (AdaNP takes every NP step); ``iterations`` counts phase-1 and phase-2 steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import ProjectionResult, finite_or_raise
+from ._constraints import OutputConstraints
+from ._linalg import cholesky_apply, gram_factor, gram_solve
+from ._system import put, take
+
+__all__ = ["mixed_np"]
+
+_K = 4.0  # phase 1 stops at K times its float32 rounding floor
+_THETA = 0.5  # a refinement step must at least halve max |c|
+
+
+def _max_abs(c: Tensor) -> Tensor:
+    return c.abs().amax(dim=-1)
+
+
+class _Evaluator:
+    """``c`` (and ``B``) on sub-batches, in float32 or float64."""
+
+    def __init__(self, constraints: OutputConstraints, x: Tensor | None) -> None:
+        self.cons = constraints
+        self.x64 = x
+        self.x32 = x.float() if x is not None and x.is_floating_point() else x
+
+    def jacobian32(self, y32: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        ev = self.cons.evaluate(take(self.x32, idx), y32, jacobian=True)
+        return ev.h, ev.h_jac
+
+    def jacobian64(self, y: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        ev = self.cons.evaluate(take(self.x64, idx), y, jacobian=True)
+        return ev.h, ev.h_jac
+
+    def values64(self, y: Tensor, idx: Tensor | None) -> Tensor:
+        return self.cons.evaluate(take(self.x64, idx), y, jacobian=False).h
+
+
+def _factor(J: Tensor) -> tuple[Tensor, Tensor]:
+    return gram_factor(J @ J.mT)
+
+
+def _floor(J: Tensor, y: Tensor) -> Tensor:
+    """:math:`\\varphi` of the module docstring, ``[b]``."""
+    eps = torch.finfo(J.dtype).eps
+    return eps * torch.linalg.vector_norm(J, dim=-1).amax(dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+
+
+def mixed_np(
+    constraints: OutputConstraints, x: Tensor | None, y0: Tensor, *, tol: float, max_iter: int, measure: str
+) -> tuple[ProjectionResult, Tensor, Tensor | None]:
+    """Run the two phases of the module docstring from ``y0`` (float64, ``[B, n]``).
+
+    Returns ``(result, c, J)``: ``result.y`` in float64, :math:`c` at it (float64 where phase 2 evaluated
+    it, the float32 values otherwise) and the float32 Jacobian at ``result.y`` when the iteration ended in
+    phase 1 (training mode; else ``None``: the implicit backward then evaluates :math:`B` in float64).
+    """
+    if y0.dtype != torch.float64:
+        raise ValueError(f"mixed precision iterates from a float64 y; got {y0.dtype}")
+    ev = _Evaluator(constraints, x)
+    batch, dev = y0.shape[0], y0.device
+    y, y32 = y0, y0.float()  # the iterate in float64 (float32 steps added to it) and its rounding
+    c32, J = ev.jacobian32(y32, None)  # [B, m], [B, m, n] at y32
+    finite_or_raise(c32, "the constraint function (float32)")
+    m = c32.shape[-1]
+    c, err = c32.double(), _max_abs(c32).double()
+    err_prev = torch.full_like(err, float("inf"))
+    regularized = torch.zeros(batch, dtype=torch.bool, device=dev)
+    switch = err <= torch.clamp(_K * _floor(J, y32).double(), min=tol)
+    # The last float32 step of each sample: its B and Cholesky factor, the chord of phase 2.
+    J_step, L = torch.empty_like(J), J.new_zeros(batch, m, m)
+    stepped = torch.zeros_like(switch)
+    pending = torch.zeros_like(switch)  # y moved, c not evaluated there (predicted below the float32 floor)
+    it = 0
+    # Phase 1: float32 NP steps on the samples above their switch level.
+    while it < max_iter:
+        if measure == "mean" and float(c.abs().mean()) <= tol:
+            return ProjectionResult(y, it, err, err <= tol, regularized), c, J
+        idx = (~switch).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        idx = None if idx.numel() == batch else idx
+        J_s, c_s, e_s = take(J, idx), take(c32, idx), take(err, idx)
+        L_s, flagged = _factor(J_s)
+        y64_s = take(y, idx) - torch.einsum("bmn,bm->bn", J_s, cholesky_apply(L_s, c_s)).double()
+        y_s = y64_s.float()
+        J_step, L, stepped = put(J_step, idx, J_s), put(L, idx, L_s), put(stepped, idx, torch.ones_like(e_s).bool())
+        regularized = put(regularized, idx, take(regularized, idx) | flagged)
+        y, y32 = put(y, idx, y64_s), put(y32, idx, y_s)
+        it += 1
+        # Newton's rate r_{k+1} ~ r_k^3 / r_{k-1}^2 predicts the next residual; below the floor, phase 2 takes
+        # over without a float32 evaluation there (evaluation mode only: training stops on float32 values).
+        floor = torch.clamp(_K * _floor(J_s, y_s).double(), min=tol)
+        e_prev = take(err_prev, idx)
+        contracting = (e_s < e_prev) & torch.isfinite(e_prev)
+        predicted = torch.where(contracting, e_s**3 / e_prev.square(), torch.full_like(e_s, float("inf")))
+        jump = (predicted <= floor) if measure == "max" else torch.zeros_like(floor, dtype=torch.bool)
+        pending = put(pending, idx, jump)
+        ev_idx = (~jump).nonzero().squeeze(1)
+        if ev_idx.numel():
+            whole = ev_idx.numel() == jump.numel()  # the common case: no copies of J
+            sub = idx if whole else (ev_idx if idx is None else idx[ev_idx])
+            c_n, J_n = ev.jacobian32(y_s if whole else y_s[ev_idx], sub)
+            e_n = _max_abs(c_n).double()
+            err_prev = put(err_prev, sub, take(err, sub))
+            c32, J = put(c32, sub, c_n), put(J, sub, J_n)
+            c, err = put(c, sub, c_n.double()), put(err, sub, e_n)
+            done_n = (e_n <= (floor if whole else floor[ev_idx])) | ~torch.isfinite(e_n)
+            switch = put(switch, sub, done_n)
+        jumped = jump.nonzero().squeeze(1)
+        if jumped.numel():
+            switch = switch.index_copy(0, jumped if idx is None else idx[jumped], torch.ones_like(jumped).bool())
+    if measure == "mean" and float(c.abs().mean()) <= tol and not bool(pending.any()):
+        return ProjectionResult(y, it, err, err <= tol, regularized), c, J
+    # Phase 2: float64 residuals. Every sample is certified in evaluation mode (a float32 |c| may hide > tol).
+    todo = ((err > tol) | pending) if measure == "mean" else torch.ones_like(switch)
+    sel = todo.nonzero().squeeze(1)
+    if sel.numel():
+        sel = None if sel.numel() == batch else sel
+        c_sel = ev.values64(take(y, sel), sel)
+        c, err = put(c, sel, c_sel), put(err, sel, _max_abs(c_sel))
+    # Samples that never stepped in phase 1 get the factor at their point; the others refine by the chord.
+    first = (~stepped & (err > tol)).nonzero().squeeze(1)
+    if first.numel():
+        L_new, flagged = _factor(J[first])
+        J_step, L = J_step.index_copy(0, first, J[first]), L.index_copy(0, first, L_new)
+        regularized = regularized.index_copy(0, first, regularized[first] | flagged)
+    J = J_step
+    fresh = ~stepped  # the factor was formed at the sample's current point
+    exact = torch.zeros_like(fresh)  # float64 NP steps (float32 too coarse for this sample)
+    refresh = torch.zeros_like(fresh)
+    while True:
+        active = err > tol
+        if measure == "mean":
+            stop = float(c.abs().mean()) <= tol
+        else:
+            stop = not bool(active.any())
+        if stop or it == max_iter:
+            break
+        new = (refresh & active & ~exact).nonzero().squeeze(1)
+        if new.numel():
+            _, J_new = ev.jacobian32(y[new].float(), new)
+            L_new, flagged = _factor(J_new)
+            J, L = J.index_copy(0, new, J_new), L.index_copy(0, new, L_new)
+            fresh = fresh.index_copy(0, new, torch.ones_like(new, dtype=torch.bool))
+            regularized = regularized.index_copy(0, new, regularized[new] | flagged)
+        idx = active.nonzero().squeeze(1)
+        d = torch.zeros_like(y[idx])
+        ex = exact[idx]
+        if bool(ex.any()):
+            sub = idx[ex]
+            _, J64 = ev.jacobian64(y[sub], sub)
+            w, flagged = gram_solve(J64 @ J64.mT, c[sub])
+            d[ex] = -torch.einsum("bmn,bm->bn", J64, w)
+            regularized = regularized.index_copy(0, sub, regularized[sub] | flagged)
+        ch = ~ex
+        if bool(ch.any()):
+            sub = idx[ch]
+            w = cholesky_apply(L[sub], c[sub].float())
+            d[ch] = -torch.einsum("bmn,bm->bn", J[sub], w).double()
+        y_s = y[idx] + d
+        c_s = ev.values64(y_s, idx)
+        err_s = _max_abs(c_s)
+        poor = ~(err_s <= _THETA * err[idx]) & (err_s > tol)
+        escalate = poor & fresh[idx] & ~ex
+        y, c, err = y.index_copy(0, idx, y_s), c.index_copy(0, idx, c_s), err.index_copy(0, idx, err_s)
+        exact = exact.index_copy(0, idx, ex | escalate)
+        fresh = fresh.index_copy(0, idx, torch.zeros_like(poor))
+        refresh = torch.zeros_like(refresh).index_copy(0, idx, poor & ~escalate)
+        it += 1
+    return ProjectionResult(y, it, err, err <= tol, regularized), c, None
