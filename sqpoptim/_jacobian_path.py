@@ -68,8 +68,8 @@ class JacobianPath:
 
     def joint(self, loss: Tensor, c: Tensor, layout: FlatLayout) -> tuple[Tensor, JacobianOperator] | None:
         """``(g, operator)`` from one backward over ``(loss, c)`` in ``"joint"`` mode (``None`` in the other modes,
-        or when there are no constraints); a batched pass that raises falls back to the separate passes of
-        :func:`~sqpoptim._jacobian.jacobian`, with its one-time warning."""
+        or when there are no constraints); a batched pass that raises falls back to the separate passes
+        (:meth:`operator`: the batched Jacobian, or the per-row loop with its one-time warning)."""
         if self.mode != "joint" or c.shape[0] == 0:
             return None
         try:

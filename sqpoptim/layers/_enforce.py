@@ -51,8 +51,8 @@ Notes and deviations
 * ``mixed_precision=True`` (not in the paper): the NP steps in float32 (:math:`B`, :math:`BB^\top`, its
   Cholesky factor, :math:`c`) until float32's rounding floor, then float64 residuals corrected with the float32
   factor (iterative refinement) to the tolerance, which is tested on float64 values as in the float64 layer
-  (:mod:`._mixed_np`). In training the float32 iteration usually meets :math:`\varepsilon_T` by itself and the
-  implicit backward then solves with the float32 :math:`B` (relative error within
+  (:mod:`sqpoptim.layers._mixed_np`). In training the float32 iteration usually meets :math:`\varepsilon_T`
+  by itself and the implicit backward then solves with the float32 :math:`B` (relative error within
   :math:`m\,\kappa(BB^\top)\,\epsilon_{32}`, tested against the float64 backward); in evaluation mode the
   backward evaluates :math:`B` in float64.
 * :func:`adanp_activation` is the paper's Alg. 2 (use :math:`\hat y` for the batch when one NP step makes
@@ -125,8 +125,9 @@ class EnforceProjection(ProjectionLayer):
         jacobian: ``"auto"``, ``"exact"``, ``"broyden"`` or ``"chord"`` (see the module notes).
         solve_dtype: dtype of the iterations (``None``: ``y_hat``'s).
         mixed_precision: NP steps in float32 (Jacobian, Gram matrix, Cholesky), then float64 residuals with
-            float32 corrections to the tolerance (:mod:`._mixed_np`); needs ``solve_dtype=torch.float64``,
-            ``gradient="implicit"`` and exact Jacobians (``jacobian`` ``"auto"`` or ``"exact"``).
+            float32 corrections to the tolerance (:mod:`sqpoptim.layers._mixed_np`); needs
+            ``solve_dtype=torch.float64``, ``gradient="implicit"`` and exact Jacobians (``jacobian`` ``"auto"``
+            or ``"exact"``).
         nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"`` when evaluation-mode outputs miss
             ``eval_tol``.
 

@@ -1,12 +1,12 @@
 r"""ENFORCE's NP iteration in mixed precision: float32 Newton steps, float64 residuals for the last digits.
 
-The NP step :math:`y_{k+1} = y_k - B_k^\top (B_k B_k^\top)^{-1} c_k` (:mod:`._enforce`) spends nearly all of its
-time on :math:`B_k = J_y c(x, y_k)` and the Gram matrix :math:`B_k B_k^\top` with its Cholesky factor (for C3's
-150 quadratic rows in 200 outputs: one ``[b, 200] x [200, 30000]`` product for every :math:`A_i y`, a batched
-``150 x 200 x 150`` product, 150 x 150 factorisations). In float32 these cost about half (measured on this
-package's CPU benchmark machine), but float32 cannot *evaluate* :math:`c` to the evaluation tolerance: rounding
-:math:`y` and the terms of :math:`c` leaves :math:`|c| \approx 10^{-5}`–:math:`10^{-4}` on C3. Only the residual
-has to be accurate, not the step, so the iteration is split:
+The NP step :math:`y_{k+1} = y_k - B_k^\top (B_k B_k^\top)^{-1} c_k` (:class:`~sqpoptim.layers.EnforceProjection`)
+spends nearly all of its time on :math:`B_k = J_y c(x, y_k)` and the Gram matrix :math:`B_k B_k^\top` with its
+Cholesky factor (for C3's 150 quadratic rows in 200 outputs: one ``[b, 200] x [200, 30000]`` product for every
+:math:`A_i y`, a batched ``150 x 200 x 150`` product, 150 x 150 factorisations). In float32 these cost about half
+(measured on this package's CPU benchmark machine), but float32 cannot *evaluate* :math:`c` to the evaluation
+tolerance: rounding :math:`y` and the terms of :math:`c` leaves :math:`|c| \approx 10^{-5}`–:math:`10^{-4}` on C3.
+Only the residual has to be accurate, not the step, so the iteration is split:
 
 .. math::
 
