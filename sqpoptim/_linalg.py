@@ -122,8 +122,6 @@ class GramFactor:
     rank: Tensor
     cond: Tensor
     refine: int = 0
-    #: the last damped factor made from this one by :func:`damped`: ``(ν, (sync_free, truncate), factor)``
-    damped_memo: tuple[Tensor, tuple[bool, bool], GramFactor] | None = None
 
     def solve(self, b: Tensor) -> Tensor:
         r"""Solve :math:`G x = b` (least-norm on the kept directions); ``b`` is ``[m]`` or ``[m, k]``."""
@@ -204,19 +202,9 @@ def damped(
     mean diagonal of G, so ν is dimensionless. The projector keeps using the undamped factor (:math:`J u = 0`
     exactly). ``sync_free`` and ``truncate`` as in :func:`factor_gram`: in exact mode a healthy damped matrix
     costs one factorisation, and when ``factor`` is a healthy Cholesky factor its condition estimate stands for
-    the damped matrix's too (:math:`\kappa(G + \mu I) \le \kappa(G)` for :math:`\mu > 0`), so none is made. The
-    last result is memoised on ``factor`` for the same ``nu`` tensor (identity, not value) and options."""
+    the damped matrix's too (:math:`\kappa(G + \mu I) \le \kappa(G)` for :math:`\mu > 0`), so none is made."""
     if nu is None or factor.gram.shape[0] == 0:
         return factor
-    memo = factor.damped_memo
-    if memo is not None and memo[0] is nu and memo[1] == (sync_free, truncate):  # the same ν tensor: factored
-        return memo[2]  # already (the trust region's last iterate, :mod:`sqpoptim._trust_region`)
-    out = _damped_factor(factor, nu, rank_tol, sync_free=sync_free, truncate=truncate)
-    factor.damped_memo = (nu, (sync_free, truncate), out)
-    return out
-
-
-def _damped_factor(factor: GramFactor, nu: Tensor, rank_tol: float, *, sync_free: bool, truncate: bool) -> GramFactor:
     Gd = _damped_gram(factor.gram, nu)
     m = Gd.shape[0]
     if not sync_free and factor.chol is not None and factor.refine == 0 and int(factor.rank) == m:

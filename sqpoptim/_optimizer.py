@@ -67,7 +67,6 @@ from ._rejection import move_back, record_step
 from ._solver_choice import make_solver
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
 from ._step_inputs import InputReader, warn_if_distributed
-from ._trust_region import damping_within
 
 __all__ = ["ConstrainedOptimizer", "InfeasibilityWarning", "RankDeficiencyWarning", "StepContext"]
 
@@ -123,7 +122,6 @@ class _Step:
     nu0: float | None = None
     damping: DampingState | None = None
     verdict: _damping.Verdict | None = None
-    bound: Tensor | None = None  # the radius set this step's damping
     g: Tensor | None = None
     loss: Tensor = None  # type: ignore[assignment]  # phase 3 on
     c: Tensor = None  # type: ignore[assignment]
@@ -376,20 +374,7 @@ class ConstrainedOptimizer(Optimizer):
         ctx = StepContext(
             s.layout, s.loss, s.g, s.c, s.J, s.ok, s.stats, self._next_step_count(s.stats, s.layout.device), s.sync_free
         )
-        if s.verdict is not None:
-            ctx.damping, s.bound = s.verdict.nu, torch.zeros((), dtype=torch.bool, device=s.layout.device)
-            if self._euclidean_normal_step() and not s.num_ineq:
-                # γ_max from the groups' floats: no host read of a per-coordinate tensor
-                gamma = max(float(g["lr"] if g["normal_lr"] is None else g["normal_lr"]) for g in self.param_groups)
-                ctx.damping, s.bound = damping_within(
-                    s.J,
-                    s.c,
-                    s.verdict.nu,
-                    s.verdict.radius,
-                    gamma,
-                    sync_free=s.sync_free,
-                    warm=_damping.warm_start(s.damping, s.verdict),
-                )
+        ctx.damping = None if s.verdict is None else s.verdict.nu
         if s.num_ineq:
             ctx.num_ineq = s.num_ineq
             ctx.warm = InequalityWarmStart(self._global.inequality_active, self._global.projection_active)
@@ -457,8 +442,6 @@ class ConstrainedOptimizer(Optimizer):
                 info=info,
                 applied=None if s.ok is None else s.applied,
                 reject=s.reject,
-                nu_applied=s.ctx.damping if s.ctx is not None and s.ctx.damping is not None else s.verdict.nu,
-                bound=s.bound if s.bound is not None else torch.zeros((), dtype=torch.bool, device=s.c.device),
             )
         info["step_norm"] = torch.linalg.vector_norm(delta)
         multipliers = info.pop("multipliers", None)
@@ -502,11 +485,6 @@ class ConstrainedOptimizer(Optimizer):
     def _factors_gram(self) -> bool:
         """Whether the method factors the unweighted Gram matrix JJᵀ (then the inputs are validated from its
         diagonal instead of another pass over J)."""
-        return True
-
-    def _euclidean_normal_step(self) -> bool:
-        """Whether the method's normal step is the Euclidean least-norm one (then the radius of
-        :mod:`sqpoptim._trust_region` bounds it; a normal step in another metric is damped by ν alone)."""
         return True
 
     def _direction(self, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
@@ -560,9 +538,8 @@ class ConstrainedOptimizer(Optimizer):
         ``"krylov"``; the matrix-free solver adds ``krylov_iterations``, ``krylov_converged``, ``krylov_test`` —
         1 or 2 for the termination test that stopped the step's solve, 0 for ``rtol``, -1 when capped —,
         ``krylov_residual`` (‖γc + Js‖/‖b‖) and the merit penalty ``penalty``; its one-solve step leaves
-        ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (the ν applied), ``damping_ratio`` (ρ),
-        ``radius`` (the trust radius Δ), ``rejected`` and ``rejected_steps`` (the count so far), plus
-        method-specific entries. As Python numbers
+        ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (ν), ``damping_ratio`` (ρ),
+        ``rejected`` and ``rejected_steps`` (the count so far), plus method-specific entries. As Python numbers
         (waits for the device), or with ``sync=False`` as the device
         tensors themselves (for logging without a synchronisation)."""
         if not sync:

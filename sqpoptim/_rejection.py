@@ -58,7 +58,6 @@ def move_back(
         "rejected": True,
         "damping": verdict.nu,
         "damping_ratio": verdict.rho,
-        "radius": verdict.radius,
         "rejected_steps": rejected_count(state),
     }
     return state, (loss, c), diagnostics
@@ -79,17 +78,13 @@ def record_step(
     info: dict[str, Any],
     applied: Tensor | None,
     reject: Tensor | None,
-    nu_applied: Tensor,
-    bound: Tensor,
 ) -> tuple[DampingState, Tensor, tuple[Tensor, Tensor]]:
     """The damping state after this step, the displacement to apply and the values ``step`` returns.
 
     Sync-free mode (``reject`` a device flag): a rejected last step turns this step's displacement into the move
     back to the accepted point (and the returned values into that point's); ``applied`` says whether this step's
-    displacement is applied at all. Exact mode (both ``None``): the step is accepted. ``nu_applied`` is the relative
-    damping this step took and ``bound`` whether the radius set it (:mod:`sqpoptim._trust_region`). ``info`` gains the
-    damping's diagnostics (``rejected``, ``damping`` — the ν applied —, ``damping_ratio``, ``rejected_steps``,
-    ``radius``)."""
+    displacement is applied at all. Exact mode (both ``None``): the step is accepted. ``info`` gains the
+    damping's diagnostics (``rejected``, ``damping``, ``damping_ratio``, ``rejected_steps``)."""
     x = layout.gather()
     x_prev = damping.x_accepted
     if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
@@ -107,17 +102,14 @@ def record_step(
         Jdelta=Jdelta,
         normal_norm=gamma * info["v_norm"].double(),
         u_norm=info["u_norm"],
-        bound=bound,
-        nu_applied=nu_applied,
         x=x,
         ok=applied,
         reject=reject,
     )
     info.update(
         rejected=False if reject is None else reject,
-        damping=nu_applied,
+        damping=verdict.nu,
         damping_ratio=verdict.rho,
         rejected_steps=rejected_count(state),
-        radius=verdict.radius,
     )
     return state, delta, returned

@@ -42,10 +42,7 @@ class DampingState:
     before the first; ``x_accepted`` the point the last accepted step was taken from ``[n]``, with the loss and
     c the closure gave there (``accepted_loss``, ``accepted_c``: what ``step`` returns after moving back);
     ``retry`` (0-d bool) says the last step was rejected, so the next one retakes it from the same point;
-    ``rejected_steps`` counts rejections; ``radius`` (Δ, 0-d float64, ``inf`` until a step fails) bounds the normal
-    displacement (:mod:`sqpoptim._trust_region`; ``None`` in a checkpoint saved before it existed: ``inf``);
-    ``model`` then has two more entries, the length ‖γv_k‖ and the damping applied where Δ set it, else 0 (a saved
-    three-entry model is read as "length unknown, radius not binding")."""
+    ``rejected_steps`` counts rejections."""
 
     nu: Tensor
     escalation: Tensor
@@ -55,7 +52,6 @@ class DampingState:
     accepted_c: Tensor | None = None
     retry: Tensor | None = None
     rejected_steps: Tensor | None = None
-    radius: Tensor | None = None
 
 
 @dataclass

@@ -84,8 +84,7 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
     :math:`v = -J^\top(JJ^\top + \mu_k I)^{-1}c_k`, :math:`\mu_k = \nu_k\,\operatorname{mean}\operatorname{diag}
     (JJ^\top)`, from ν0 = ``normal_damping`` = 1e-6; ν follows Nielsen's ratio rule, and a step that increased
     ‖c‖ while its normal part dominated is rejected (the parameters go back; no extra closure calls: the
-    rejection happens at the next ``step``, which then returns without moving on) and retaken within a trust
-    radius set from the failure (the Euclidean normal step only). See :mod:`sqpoptim._damping`.
+    rejection happens at the next ``step``, which then returns without moving on). See :mod:`sqpoptim._damping`.
     ν0 = 1e-6 is Gauss–Newton until a step fails; it was chosen by measurement against the undamped step,
     larger ν0, and caps and trust regions on the normal step's length (RESULTS.md, "Defaults for a first
     problem"): it turns the overshooting runs into solutions and leaves the papers' PINN results as they were.
@@ -192,9 +191,6 @@ class ProjectedAdamSQP(ConstrainedOptimizer):
 
     def _factors_gram(self) -> bool:
         return self.project_gradients or self.projection == "euclidean"
-
-    def _euclidean_normal_step(self) -> bool:
-        return self.projection == "euclidean"
 
     def _commit_step(self, ctx: StepContext, counted: Tensor | None) -> None:
         super()._commit_step(ctx, counted)

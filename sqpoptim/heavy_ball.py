@@ -82,9 +82,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
         normal_damping: ν0 ∈ [1e-6, 1e4], the initial relative Levenberg–Marquardt damping of the normal step
             (default ``1e-6``), or ``None`` for the paper's undamped Gauss–Newton step. Damped, the normal step is
             :math:`v = -J^\top(JJ^\top + \mu I)^{-1}c` with :math:`\mu = \nu\,\operatorname{mean}\operatorname{diag}
-            (JJ^\top)`; ν is adapted by a ratio test, a step that increased ‖c‖ is rejected and the steps after
-            it are kept within a trust radius set from the failure (:mod:`sqpoptim._damping`,
-            :mod:`sqpoptim._trust_region`). It is on by default because the full step, exact for nearly linear
+            (JJ^\top)`; ν is adapted by a ratio test and a step that increased ‖c‖ is rejected
+            (:mod:`sqpoptim._damping`). It is on by default because the full step, exact for nearly linear
             constraints, overshoots by orders of magnitude where J is nearly rank-deficient — residuals of an
             ODE or PDE at a few points of a small network, pointwise output constraints of a ReLU network — and
             the run then satisfies the constraints at their points with a function that is wrong between them.
@@ -93,9 +92,8 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             problems of that kind and on the papers' PINN tasks (RESULTS.md, "Defaults for a first problem"):
             it turns the failing runs into solutions and leaves the PINN results as they were, where a larger ν0
             slows the first steps to feasibility. ``0.1`` fits pointwise output constraints of ReLU networks
-            better (RESULTS.md §5). ``diagnostics()`` has ``damping`` (the ν applied), ``damping_ratio`` (ρ),
-            ``radius`` (Δ), ``rejected`` and ``rejected_steps``. With inequality constraints the step is one QP
-            with no separate normal step
+            better (RESULTS.md §5). ``diagnostics()`` has ``damping`` (ν), ``damping_ratio`` (ρ), ``rejected``
+            and ``rejected_steps``. With inequality constraints the step is one QP with no separate normal step
             to damp: the default then leaves that step undamped (it still damps the steps of the same run whose
             closure gives no inequalities, judging them afresh after an inequality step), and any other value
             is refused with a ``ValueError`` before anything changes; there ``normal_lr`` < 1 shortens the

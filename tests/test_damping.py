@@ -52,41 +52,24 @@ def test_damping_globalises_the_normal_step_where_gauss_newton_diverges(name, nu
     def run(**kw):
         x = torch.tensor([2.0, 0.0], dtype=f64, requires_grad=True)
         opt = DAMPED[name]([x], lr=0.05, **kw)
-        worst, diags = 0.0, []
+        worst, nus = 0.0, []
         for _ in range(300):
             opt.step(lambda: (0.5 * (x[1] - 1.0) ** 2, torch.atan(x[:1])))
             worst = max(worst, abs(x[0].item()))
-            diags.append(opt.diagnostics())
+            nus.append(opt.diagnostics().get("damping"))
             if not math.isfinite(worst) or worst > 1e6:
                 break
-        return x.detach(), worst, diags, opt
+        return x.detach(), worst, nus, opt
 
     _, worst, _, _ = run(normal_damping=None)  # undamped: |x0| = 2 -> 3.5 -> 13.9 -> 279 -> ...
     assert worst > 1e6
-    x, worst, diags, opt = run(normal_damping=nu0)
+    x, worst, nus, opt = run(normal_damping=nu0)
     assert worst < 4.0  # one Gauss-Newton overshoot (2 -> 3.54) is visited, then rejected: no runaway
     assert abs(math.atan(x[0].item())) < 1e-12  # and the iteration converges
     assert abs(x[1].item() - 1.0) < 0.05  # while the tangential part minimises the objective
-    if nu0 == 1e-6 and not opt._euclidean_normal_step():  # the radius bounds the Euclidean normal step only:
-        # here failures escalate ν by 2, 4, 8, ... until a step succeeds
-        nus = [d["damping"] for d in diags]
+    if nu0 == 1e-6:  # from (almost) Gauss-Newton: failures escalate ν by 2, 4, 8, ... until a step succeeds
         assert _rejected(opt) >= 3
         assert nus[1] == pytest.approx(2 * nus[0]) and nus[3] == pytest.approx(8 * nus[0])
-    elif nu0 == 1e-6:  # from (almost) Gauss-Newton: the overshoot is rejected, ν doubles, and the radius becomes
-        # the length at which a remainder quadratic in the step gives ρ = 3/4: Δ = ‖γv_0‖ / (4(1 - ρ_0))
-        first, back, retaken = diags[0], diags[1], diags[2]
-        c0, j0 = math.atan(2.0), 1.0 / 5.0  # c and J = [1/(1 + x0²), 0] at x = (2, 0); u moves only x1
-        predicted = c0 * first["damping"] / (1.0 + first["damping"])  # |c + Jv| with μ = ν J²
-        rho0 = (c0 - abs(math.atan(2.0 - first["v_norm"]))) / (c0 - predicted)
-        assert first["v_norm"] == pytest.approx(j0 * c0 / (j0**2 * (1.0 + first["damping"])), rel=1e-12)
-        assert back["rejected"] and back["damping_ratio"] == pytest.approx(rho0, rel=1e-9)
-        assert back["damping"] == pytest.approx(2 * first["damping"], rel=1e-12)
-        assert back["radius"] == pytest.approx(first["v_norm"] / (4 * (1 - rho0)), rel=1e-9)
-        # the retaken step is the Levenberg–Marquardt step of that length (one term: Newton's iteration on the
-        # secular equation is exact) and succeeds: one rejection where doubling ν took three
-        assert retaken["v_norm"] == pytest.approx(back["radius"], rel=1e-9)
-        assert retaken["damping"] > 1e3 * first["damping"]
-        assert _rejected(opt) == 1
 
 
 def test_exact_model_divides_nu_by_three_each_step_and_damped_steps_still_reach_feasibility():
@@ -207,8 +190,7 @@ def test_rejected_steps_move_complex_parameters_back(sync_free):
         opt_z.step(lambda: ((z.imag - 1.0).square().sum(), torch.atan(z.real)))
         opt_x.step(lambda: ((x[1] - 1.0).square(), torch.atan(x[:1])))
         torch.testing.assert_close(torch.view_as_real(z.detach())[0], x.detach(), rtol=0, atol=0)
-    # Gauss-Newton from Re z = 2 overshoots: rejected once, then retaken within the radius the failure set
-    assert _rejected(opt_z) == _rejected(opt_x) == 1
+    assert _rejected(opt_z) == _rejected(opt_x) >= 3  # Gauss-Newton from Re z = 2 overshoots: rejected, escalated
     assert abs(math.atan(z.real.item())) < 1e-12
 
 
@@ -230,7 +212,7 @@ def test_sync_free_rejections_match_exact_mode(name):
             path.append(x.detach().clone())
         runs.append((torch.stack(path), float(_rejected(opt)), opt.diagnostics()["damping"]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
-    assert runs[0][1] == runs[1][1] >= (1 if opt._euclidean_normal_step() else 3)  # (the radius saves two)
+    assert runs[0][1] == runs[1][1] >= 3
     assert runs[0][2] == pytest.approx(runs[1][2], rel=1e-12)
 
 
