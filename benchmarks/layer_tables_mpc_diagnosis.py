@@ -77,6 +77,38 @@ def train(p, net, layer, iters, lr=1e-3, batch=16, seed=0, lambda_d=0.0, log=100
     return hist
 
 
+def untrained_batch(p, net):
+    """The first 16 training states and the untrained backbone's raw outputs for them, in float64."""
+    x = p.x0_train[:16].double()
+    with torch.no_grad():
+        return x, net(p.x0_train[:16]).double()
+
+
+def unit_direction(like):
+    """A seeded random direction of unit norm."""
+    torch.manual_seed(0)
+    d = torch.randn_like(like)
+    return d / d.norm()
+
+
+def gradient_against_fd(label, layer, x, yh, directions, steps):
+    """Central differences of the summed MPC cost through ``layer`` at ``yh`` along each named direction (``None``:
+    the normalised backward gradient itself), beside the backward gradient's directional derivative."""
+    v = yh.clone().requires_grad_(True)
+    mpc_cost(layer(x, v)).sum().backward()
+    g = v.grad
+    for name, d in directions.items():
+        d = g / g.norm() if d is None else d
+        fds = [
+            (float(mpc_cost(layer(x, yh + h * d)).sum()) - float(mpc_cost(layer(x, yh - h * d)).sum())) / (2 * h)
+            for h in steps
+        ]
+        print(
+            label, name, f"FD(h={', '.join(f'{h:g}' for h in steps)})", [f"{v:.6g}" for v in fds],
+            "backward", f"{float((g * d).sum()):.6g}", flush=True,
+        )  # fmt: skip
+
+
 if __name__ == "__main__":
     which = sys.argv[1]
     iters = int(sys.argv[2]) if len(sys.argv) > 2 else 0
@@ -89,12 +121,8 @@ if __name__ == "__main__":
         train(p, net, layer, iters, tag=sys.argv[3], **cfg)
     if which == "jumps":
         p, net, _ = make()
-        x = p.x0_train[:16].double()
-        with torch.no_grad():
-            yh = net(p.x0_train[:16]).double()
-        torch.manual_seed(0)
-        d = torch.randn_like(yh)
-        d = d / d.norm()
+        x, yh = untrained_batch(p, net)
+        d = unit_direction(yh)
         for kw in (dict(tol=1e-11), dict(tol=1e-6), dict(method="paper"), dict(method="paper", max_iter=2000)):
             layer = HardNetPP(p.output_constraints(), **kw)
             with torch.no_grad():
@@ -107,9 +135,7 @@ if __name__ == "__main__":
             print("  dZ per sample:", [f"{v:.1e}" for v in dz.tolist()], flush=True)
     if which == "paper_check":
         p, net, _ = make()
-        x = p.x0_train[:16].double()
-        with torch.no_grad():
-            yh = net(p.x0_train[:16]).double()
+        x, yh = untrained_batch(p, net)
         for kw in (
             dict(method="paper"),
             dict(method="paper", early_stop=True, max_iter=3000),
@@ -130,33 +156,14 @@ if __name__ == "__main__":
                 flush=True,
             )
         layer = HardNetPP(p.output_constraints(), method="paper", early_stop=True, max_iter=3000, tol=1e-9)
-        f = lambda v: float(mpc_cost(layer(x, v)).sum())  # noqa: E731
-        v = yh.clone().requires_grad_(True)
-        mpc_cost(layer(x, v)).sum().backward()
-        g = v.grad
-        torch.manual_seed(0)
-        r = torch.randn_like(g)
-        for name, d in (("grad", g / g.norm()), ("rand", r / r.norm())):
-            for h in (1e-4, 1e-3, 1e-2):
-                fd = (f(yh + h * d) - f(yh - h * d)) / (2 * h)
-                print(
-                    "paper implicit",
-                    name,
-                    "h",
-                    h,
-                    "FD",
-                    f"{fd:.6g}",
-                    "backward",
-                    f"{float((g * d).sum()):.6g}",
-                    flush=True,
-                )
+        gradient_against_fd(
+            "paper implicit", layer, x, yh, {"grad": None, "rand": unit_direction(yh)}, (1e-4, 1e-3, 1e-2)
+        )
     if which == "kkt_check":
         from sqpoptim.layers import KKTHardNet
 
         p, net, _ = make()
-        x = p.x0_train[:16].double()
-        with torch.no_grad():
-            yh = net(p.x0_train[:16]).double()
+        x, yh = untrained_batch(p, net)
         layer = KKTHardNet(p.output_constraints())
         t0 = time.process_time()
         with torch.no_grad():
@@ -170,44 +177,22 @@ if __name__ == "__main__":
             float(res.residual.max()),
             flush=True,
         )
-        torch.manual_seed(0)
-        d = torch.randn_like(yh)
-        d = d / d.norm()
+        d = unit_direction(yh)
         with torch.no_grad():
             dy = (layer(x, yh + 1e-6 * d) - layer(x, yh - 1e-6 * d)).norm(dim=-1)
         print("  |dy| per sample:", [f"{v:.1e}" for v in dy.tolist()])
-        f = lambda v: float(mpc_cost(layer(x, v)).sum())  # noqa: E731
         v = yh.clone().requires_grad_(True)
         t0 = time.process_time()
         mpc_cost(layer(x, v)).sum().backward()
         print("fwd+bwd cpu", f"{time.process_time() - t0:.2f}s")
-        g = v.grad
-        r = torch.randn_like(g)
-        for name, d in (("grad", g / g.norm()), ("rand", r / r.norm())):
-            for h in (1e-4, 1e-3, 1e-2):
-                fd = (f(yh + h * d) - f(yh - h * d)) / (2 * h)
-                print(
-                    "kkt implicit",
-                    name,
-                    "h",
-                    h,
-                    "FD",
-                    f"{fd:.6g}",
-                    "backward",
-                    f"{float((g * d).sum()):.6g}",
-                    flush=True,
-                )
+        gradient_against_fd("kkt implicit", layer, x, yh, {"grad": None, "rand": d}, (1e-4, 1e-3, 1e-2))
     if which == "lm_sources":
         from sqpoptim.layers._gauss_newton import gauss_newton
         from sqpoptim.layers._system import StackedSystem
 
         p, net, _ = make()
-        x = p.x0_train[:16].double()
-        with torch.no_grad():
-            yh = net(p.x0_train[:16]).double()
-        torch.manual_seed(0)
-        d = torch.randn_like(yh)
-        d = d / d.norm()
+        x, yh = untrained_batch(p, net)
+        d = unit_direction(yh)
         oc = p.output_constraints()
         for kw in (
             dict(damping=True, free_steps=10),
@@ -232,26 +217,8 @@ if __name__ == "__main__":
             )
     if which == "fd3":
         p, net, _ = make()
-        x = p.x0_train[:16].double()
-        with torch.no_grad():
-            yh = net(p.x0_train[:16]).double()
-        torch.manual_seed(0)
-        r = torch.randn_like(yh)
-        r = r / r.norm()
+        x, yh = untrained_batch(p, net)
+        r = unit_direction(yh)
         for kw in (dict(free_steps=0, tol=1e-11), dict(free_steps=0, tol=1e-11, gradient="unrolled")):
             layer = HardNetPP(p.output_constraints(), **kw)
-            f = lambda v, layer=layer: float(mpc_cost(layer(x, v)).sum())  # noqa: E731
-            v = yh.clone().requires_grad_(True)
-            mpc_cost(layer(x, v)).sum().backward()
-            g = v.grad
-            for name, d in (("grad", g / g.norm()), ("rand", r)):
-                fds = [(f(yh + h * d) - f(yh - h * d)) / (2 * h) for h in (1e-5, 1e-4, 1e-3)]
-                print(
-                    kw,
-                    name,
-                    "FD(h=1e-5,1e-4,1e-3)",
-                    [f"{v:.6g}" for v in fds],
-                    "backward",
-                    f"{float((g * d).sum()):.6g}",
-                    flush=True,
-                )
+            gradient_against_fd(kw, layer, x, yh, {"grad": None, "rand": r}, (1e-5, 1e-4, 1e-3))
