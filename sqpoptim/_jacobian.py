@@ -106,22 +106,8 @@ def joint_gradient_and_jacobian(
     """``(g, J)``: the ``[n]`` gradient of the scalar ``loss`` and the ``[m, n]`` Jacobian of ``c``, as the rows of
     the Jacobian of ``(loss, c)`` by :func:`batched_jacobian` (one vectorised backward when ``chunk_size`` is
     ``None``). The graphs are retained (so that a pass that raises leaves them whole for the separate passes)."""
-    _check_graph(c)
-    if not loss.requires_grad:  # a constant objective: no row of its own
-        return torch.zeros(n, dtype=_real(params[0]).dtype, device=c.device), batched_jacobian(
-            c, params, n, chunk_size=chunk_size
-        )
-    rows = torch.cat([loss.reshape(1).to(c.dtype), c])
-    m1 = rows.shape[0]
-    K = torch.empty((m1, n), dtype=_real(params[0]).dtype, device=c.device)
-    step = m1 if chunk_size is None else max(1, int(chunk_size))
-    eye = torch.eye(m1, dtype=rows.dtype, device=rows.device)
-    for start in range(0, m1, step):
-        block = slice(start, min(start + step, m1))
-        grads = torch.autograd.grad(
-            rows, params, grad_outputs=eye[block], is_grads_batched=True, retain_graph=True, allow_unused=True
-        )
-        _fill_rows(K, block, grads, params)
+    _check_graph(c)  # (a constant objective's row comes out zero)
+    K = batched_jacobian(torch.cat([loss.reshape(1).to(c.dtype), c]), params, n, chunk_size=chunk_size)
     return K[0], K[1:]
 
 
