@@ -24,7 +24,8 @@ Linear algebra. :math:`G_W` is formed in float64 whatever the parameter dtype an
 rank-deficient or ill-conditioned :math:`J` (duplicate constraint points, saturated units) is detected from a
 condition estimate :math:`\hat\kappa \le \kappa(G)` built from the Cholesky factor (smallest pivot and three
 steps of inverse iteration for :math:`\lambda_{\min}`, a power step for :math:`\lambda_{\max}`; a few m×m
-solves) and handled in one of two ways:
+solves) — or, for at most ``EXACT_COND_M`` constraints on the CPU, from the eigenvalues, which is cheaper there
+— and handled in one of two ways:
 
 * ``sync_free=False`` (exact; the default on CPU, where reading a flag costs nothing): a truncated
   eigendecomposition keeps the directions with :math:`\sigma_i > \text{rank\_tol}\cdot\sigma_{\max}` (that is
@@ -51,6 +52,7 @@ from torch import Tensor
 from ._workspace import Workspace
 
 __all__ = [
+    "EXACT_COND_M",
     "GramFactor",
     "damped",
     "default_rank_tol",
@@ -64,6 +66,8 @@ __all__ = [
     "scaled_normal_step",
     "step_info",
 ]
+
+EXACT_COND_M = 32  # up to this many constraints (on the CPU) the condition number is computed, not estimated
 
 # Columns of J processed at once when forming the float64 Gram matrix: bounds the float64 temporary to
 # m * _GRAM_CHUNK_BYTES / 8 elements whatever n is.
@@ -149,6 +153,19 @@ class GramFactor:
         return X.squeeze(-1) if vec else X
 
 
+def _condition(G: Tensor, L: Tensor) -> Tensor:
+    """κ(G) exactly from its eigenvalues for small m on the CPU (``EXACT_COND_M``), where one ``eigvalsh`` costs
+    less than the estimate's dozen small solves (8-41 µs against ~150 µs for m = 3-32, measured); otherwise the
+    sync-free lower bound of :func:`_cond_estimate`. Infinite when G is singular or indefinite, NaN when G holds
+    a non-finite entry."""
+    if G.device.type != "cpu" or G.shape[0] > EXACT_COND_M:
+        return _cond_estimate(G, L)
+    if not bool(G.isfinite().all()):  # (LAPACK's eigenvalue iteration may fail on it; a host read is free here)
+        return torch.full((), float("nan"), dtype=G.dtype)
+    lam = torch.linalg.eigvalsh(G)
+    return torch.where(lam[0] > 0, lam[-1] / lam[0], torch.full_like(lam[0], float("inf")))
+
+
 def _cond_estimate(G: Tensor, L: Tensor, iters: int = 3) -> Tensor:
     """Lower bound on the condition number of G from its Cholesky factor, without host synchronisation.
 
@@ -186,7 +203,7 @@ def factor_gram(
         return GramFactor(G, G.new_zeros((0, 0)), None, None, z.long(), z + 1.0)
     thresh = rank_tol * rank_tol
     L, info = _cholesky(G, workspace, name)
-    cond = _cond_estimate(G, L)
+    cond = _condition(G, L)
     healthy = (info == 0) & (cond.isfinite()) & (cond * thresh < 1.0)
     full = torch.full((), m, dtype=torch.long, device=G.device)
     if not sync_free and not truncate and bool(healthy):  # one host read; free on the CPU
