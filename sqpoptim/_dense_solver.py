@@ -19,6 +19,7 @@ from torch import Tensor
 from ._constraint_solver import ConstraintSolver
 from ._jacobian_operator import DenseJacobian, JacobianOperator
 from ._linalg import GramFactor, _damped_gram, damped, factor_gram, step_info
+from ._workspace import Workspace
 
 __all__ = ["EXACT_RANK_MAX", "DenseSolver", "as_solver"]
 
@@ -38,30 +39,36 @@ class DenseSolver(ConstraintSolver):
         sync_free: bool,
         weight: Tensor | None = None,
         needs_gram: bool = True,
+        workspace: Workspace | None = None,
     ) -> None:
         self.op, self.weight, self.rank_tol, self.sync_free = op, weight, rank_tol, sync_free
+        self.workspace = workspace  # the optimizer's reused m x m buffers (the unweighted solver only)
         self.needs_gram = needs_gram  # the unweighted Gram matrix will be factored (validation reads its diagonal)
         # the exact mode's eigendecomposition costs about nine Cholesky factorisations: only for small m
         self.truncate = op.m <= EXACT_RANK_MAX
         self._gram: Tensor | None = None
         self._factor: GramFactor | None = None
+        self._normal_image: Tensor | None = None  # J v of the last normal step, where known without a product
 
     @property
     def gram(self) -> Tensor:
         r""":math:`G_W` in float64 (formed on first use)."""
         if self._gram is None:
-            self._gram = self.op.gram(self.weight)
+            out = None if self.workspace is None else self.workspace.matrix("gram", self.op.m, self.op.device)
+            self._gram = self.op.gram(self.weight, out=out)
         return self._gram
 
     @property
     def factor(self) -> GramFactor:
         if self._factor is None:
-            self._factor = factor_gram(self.gram, self.rank_tol, sync_free=self.sync_free, truncate=self.truncate)
+            self._factor = factor_gram(
+                self.gram, self.rank_tol, sync_free=self.sync_free, truncate=self.truncate, workspace=self.workspace
+            )
         return self._factor
 
     def row_check(self) -> Tensor:
         if self.weight is None and self.needs_gram:  # formed anyway: its diagonal validates J for free
-            return torch.diagonal(self.gram)
+            return torch.diagonal(self.gram).clone()  # (G may sit in the workspace: nothing outlives the step)
         return self.op.row_check()
 
     def _wjt(self, y: Tensor, weight: Tensor | None) -> Tensor:
@@ -78,8 +85,20 @@ class DenseSolver(ConstraintSolver):
     def normal_step(self, c: Tensor, damping: Tensor | None = None) -> Tensor:
         if self.op.m == 0:
             return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
-        F = damped(self.factor, damping, self.rank_tol, sync_free=self.sync_free, truncate=self.truncate)
-        return self._wjt(F.solve(-c), self.weight)
+        F = damped(
+            self.factor,
+            damping,
+            self.rank_tol,
+            sync_free=self.sync_free,
+            truncate=self.truncate,
+            workspace=self.workspace,
+        )
+        y = F.solve(-c)
+        # An exact solve of (G_W + μI) y = -c gives J v = G_W y = -c - μy without the product J v
+        exact = not self.sync_free and F.exact
+        shift = F.shift if F.shift is not None else 0.0
+        self._normal_image = -c.double() - shift * y if exact else None
+        return self._wjt(y, self.weight)
 
     def scaled_normal_step(
         self, c: Tensor, gamma: float | Tensor, damping: Tensor | None = None
@@ -112,7 +131,11 @@ class DenseSolver(ConstraintSolver):
     ) -> tuple[Tensor, dict[str, Any]]:
         u = -self.project(x)
         delta_n, v = self.scaled_normal_step(c, gamma, damping) if normal is None else normal
-        return delta_n + u, step_info(c, self.factor if self.op.m else None, v, u)
+        info = step_info(c, self.factor if self.op.m else None, v, u)
+        if self.op.m and self._normal_image is not None and self.factor.exact and not isinstance(gamma, Tensor):
+            # the step's image J δ = γ J v (J u = 0: an exact projection), for the damping's model of c + J δ
+            info["Jdelta"] = gamma * self._normal_image
+        return delta_n + u, info
 
     def exact(self, info: dict[str, Any]) -> bool:
         if self.op.m == 0 or self._factor is None or self._factor.chol is None:

@@ -57,9 +57,10 @@ class JacobianOperator:
         """The explicit ``[m, n]`` matrix (forms it if needed)."""
         raise NotImplementedError
 
-    def gram(self, weight: Tensor | None = None) -> Tensor:
-        r""":math:`JWJ^\top` in float64, ``[m, m]`` (``weight`` the diagonal of W, ``[n]``, or ``None``)."""
-        return dense_gram(self.dense(), weight)
+    def gram(self, weight: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+        r""":math:`JWJ^\top` in float64, ``[m, m]`` (``weight`` the diagonal of W, ``[n]``, or ``None``), written
+        into ``out`` when given."""
+        return dense_gram(self.dense(), weight, out=out)
 
     def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:
         r"""The diagonal of :math:`JWJ^\top`, float64 ``[m]``: zero exactly for an all-zero row, non-finite

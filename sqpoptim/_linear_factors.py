@@ -144,15 +144,17 @@ class LayerFactors(JacobianOperator):
                 out[t.bias] += Dy.sum(0)
         return out
 
-    def gram(self, weight: Tensor | None = None) -> Tensor:
-        r""":math:`JWJ^\top` (float64). Unweighted: the Hadamard form, by row blocks and over the upper triangle
-        only; the factors are cast to float64 first, so this is the exact Gram matrix of the J that the
-        products use (PSD, consistent with :meth:`mv` and :meth:`rmv`) up to float64 rounding. Weighted (the
-        scaled projection): :math:`m^2 n`, from explicit column blocks."""
+    def gram(self, weight: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+        r""":math:`JWJ^\top` (float64; into ``out`` when given). Unweighted: the Hadamard form, by row blocks and
+        over the upper triangle only; the factors are cast to float64 first, so this is the exact Gram matrix of
+        the J that the products use (PSD, consistent with :meth:`mv` and :meth:`rmv`) up to float64 rounding.
+        Weighted (the scaled projection): :math:`m^2 n`, from explicit column blocks."""
         m = self.m
-        G = torch.zeros((m, m), dtype=torch.float64, device=self.device)
+        G = torch.empty((m, m), dtype=torch.float64, device=self.device) if out is None else out
         if m == 0:
             return G
+        if weight is not None or not self.groups:
+            G.zero_()
         if weight is not None:
             for cols, block in self._blocks():
                 G.addmm_(block * weight[cols].to(torch.float64), block.T)
@@ -169,14 +171,16 @@ class LayerFactors(JacobianOperator):
         for start in range(0, m, rows):
             I = slice(start, min(start + rows, m))
             cols = slice(start, m)
-            K = torch.zeros((I.stop - start, m - start), dtype=torch.float64, device=self.device)
+            K: Tensor | None = None  # (no zero fill: the first product starts the sum)
             for group in f64:
                 for Aa, Da in group:
                     for Ab, Db in group:
+                        P = torch.mm(Da[I], Db[cols].T)
                         if Aa is not None:
-                            K.addcmul_(torch.mm(Da[I], Db[cols].T), torch.mm(Aa[I], Ab[cols].T))
-                        else:  # bias only
-                            K.addmm_(Da[I], Db[cols].T)
+                            P.mul_(torch.mm(Aa[I], Ab[cols].T))
+                        K = P if K is None else K.add_(P)
+            if K is None:  # no recorded call: J = 0
+                break
             G[I, cols] = K
             G[cols, I][I.stop - start :] = K.T[I.stop - start :]
         return G

@@ -67,6 +67,7 @@ from ._rejection import move_back, record_step
 from ._solver_choice import make_solver
 from ._state import GLOBAL_KEY, DampingState, OptimizerState
 from ._step_inputs import InputReader, warn_if_distributed
+from ._workspace import Workspace
 
 __all__ = ["ConstrainedOptimizer", "InfeasibilityWarning", "RankDeficiencyWarning", "StepContext"]
 
@@ -177,6 +178,7 @@ class ConstrainedOptimizer(Optimizer):
         self._flat = FlatState(self._flat_state_names)
         self._layout_cache: FlatLayout | None = None
         self._monitor = FeasibilityMonitor()
+        self._workspace = Workspace()  # the dense solver's m x m matrices, reused from step to step
         self.process_group = process_group
         self._ranks = reader.ranks
         if process_group is None:
@@ -339,6 +341,7 @@ class ConstrainedOptimizer(Optimizer):
             options=self.krylov_options,
             state={} if self._global.krylov is None else self._global.krylov,
             needs_gram=self._factors_gram(),
+            workspace=self._workspace,
         )
 
     def _check(self, s: _Step) -> None:
@@ -418,9 +421,10 @@ class ConstrainedOptimizer(Optimizer):
         J, m, num_ineq = s.J, s.m, s.num_ineq
         assert J is not None
         self._monitor.rank(info, m)
+        known = info.pop("Jdelta", None)  # J δ where the solver knows it without a product (exact mode)
         Jdelta = None
         if m and not num_ineq and (s.verdict is not None or s.sync_free or info.get("truncated") or not J.exact(info)):
-            Jdelta = J.op.mv(delta)
+            Jdelta = J.op.mv(delta) if known is None else known
         if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
             gamma = self._normal_step_sizes(s.layout)
             info["c_predicted"] = predicted_violation(

@@ -21,6 +21,7 @@ from ._dense_solver import DenseSolver
 from ._jacobian_operator import JacobianOperator
 from ._krylov import KrylovOptions
 from ._krylov_solver import KrylovSolver
+from ._workspace import Workspace
 
 __all__ = ["AUTO_DENSE_BYTES", "AUTO_DENSE_M", "AUTO_FLOAT64_COST", "SOLVER_MODES", "choose", "make_solver"]
 
@@ -56,9 +57,11 @@ def make_solver(
     options: KrylovOptions,
     state: dict[str, Any],
     needs_gram: bool = True,
+    workspace: Workspace | None = None,
 ) -> ConstraintSolver:
     """The solver for this step's operator: ``mode`` is ``"dense"``, ``"krylov"`` or ``"auto"``; ``needs_gram``
-    says whether the method factors the unweighted Gram matrix (then validation reads its diagonal)."""
+    says whether the method factors the unweighted Gram matrix (then validation reads its diagonal); ``workspace``
+    holds the dense solver's m x m matrices between steps (:mod:`sqpoptim._workspace`)."""
     if choose(op, mode, options) == "dense":
-        return DenseSolver(op, rank_tol=rank_tol, sync_free=sync_free, needs_gram=needs_gram)
+        return DenseSolver(op, rank_tol=rank_tol, sync_free=sync_free, needs_gram=needs_gram, workspace=workspace)
     return KrylovSolver(op, options, state)

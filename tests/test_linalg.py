@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from sqpoptim import _linalg
 from sqpoptim._linalg import (
+    EXACT_COND_M,
+    _condition,
     factor_gram,
     gram,
     kkt_reference,
@@ -145,6 +147,23 @@ def test_ill_conditioned_beyond_rank_tol_is_truncated():
     assert F2.chol is not None and int(F2.rank) == 4
     true_cond = float(torch.linalg.cond(gram(J2)))  # ≈ (1e4)^2
     assert true_cond / 10 < float(F2.cond) <= true_cond * (1 + 1e-8)  # a tight lower bound
+
+
+@pytest.mark.parametrize("m", [1, 4, EXACT_COND_M, EXACT_COND_M + 1, 60])
+def test_the_condition_number_is_exact_for_small_m_and_a_lower_bound_beyond(m):
+    J, *_ = random_problem(m, 2 * m + 5, seed=m, cond=1e3)
+    G = gram(J)
+    true_cond = float(torch.linalg.cond(G))  # from the singular values of G
+    cond = float(factor_gram(G, 1e-7).cond)
+    if m <= EXACT_COND_M:
+        assert cond == pytest.approx(true_cond, rel=1e-9)
+    else:  # the estimate from the Cholesky factor: below, and within a factor of ten
+        assert true_cond / 10 < cond <= true_cond * (1 + 1e-8)
+    singular = gram(torch.cat([J, J[:1]]))  # a duplicate row
+    F = factor_gram(singular, 1e-7)  # seen as rank-deficient: truncated to the m independent rows
+    assert F.chol is None and int(F.rank) == m
+    nan = torch.full((m, m), float("nan"), dtype=f64)
+    assert torch.isnan(_condition(nan, torch.linalg.cholesky_ex(nan)[0]))
 
 
 def test_gram_in_chunks_matches_direct(monkeypatch):
