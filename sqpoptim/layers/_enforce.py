@@ -75,7 +75,7 @@ Notes and deviations
   (176 → 1,760 → 442 → ...) but the line-searched ones do not reach the tolerance sooner: :math:`\|c\|` falls
   by only 10-15 % per step for the first three even at the model's optimal :math:`t` (176 → 149 → 131 → 115 →
   68 → ...), both take 8 steps to :math:`\varepsilon_T`, and the extra evaluations at :math:`\tilde y + t d`
-  cost 0-27 % more time per training step. Where the full step is poor throughout, the line search pays:
+  cost 20-25 % more CPU per projection. Where the full step is poor throughout, the line search pays:
   :math:`c = \sin 3y + 3.5 y - x` from :math:`|\hat y| \sim 3` converges in 9 steps against 38, and with
   a singular :math:`B` on the way the paper's steps can diverge while :math:`\|c\|` never increases
   with the line search (a sample that finds no decrease stops there, unconverged). ``gradient="unrolled"``
