@@ -72,7 +72,7 @@ Notes and deviations
   backward evaluates :math:`B` in float64.
 * ``method`` defaults to the paper's iteration, by measurement (2026-12, CPU). On C3's form (200 outputs,
   150 quadratic rows, batch 200 from the untrained backbone, max :math:`|c|` 176) the full steps overshoot
-  (176 → 1,760 → 442 → ...) but the line-searched ones do not reach the tolerance sooner: :math:`\|c\|` falls
+  (176 → 1,760 → 442 → ...) but the line-searched ones do not reach the tolerance sooner: max :math:`|c|` falls
   by only 12-15 % per step for the first three even at the model's optimal :math:`t` (176 → 149 → 131 → 115 →
   68 → ...), both take 8 steps to :math:`\varepsilon_T`, and the extra evaluations at :math:`\tilde y + t d`
   cost 20-25 % more CPU per projection. Where the full step is poor throughout, the line search pays:
