@@ -9,7 +9,11 @@ Jacobian (:mod:`._system`), each sample takes
     d_k = -J_{r,k}^\top (J_{r,k} J_{r,k}^\top + \nu_k I)^{-1} r_k
         \;\big(= -(J_{r,k}^\top J_{r,k} + \nu_k I)^{-1} J_{r,k}^\top r_k\big), \qquad y_{k+1} = y_k + d_k,
 
-* ``damping=False`` (ENFORCE): :math:`\nu_k = 0`, the NP step; every step is taken, as in AdaNP.
+* ``damping=False`` (ENFORCE): :math:`\nu_k = 0`, the NP step; every step is taken, as in AdaNP, unless
+  ``line_search=True``: then a step that does not decrease :math:`\|r\|` enough is shortened to
+  :math:`y_k + t_k d_k` by the per-sample line search of :mod:`._np_line_search` (with Broyden or chord
+  Jacobians only the steps from an exact Jacobian; the others keep the refresh rule below). A sample that
+  passes no trial of the search is left where it is and no longer stepped.
 * ``damping=True`` (Levenberg–Marquardt on :math:`V = \tfrac12\|r\|^2`): :math:`\nu_k = \mu_k \|r_k\|`
   (Fan & Yuan's choice, so the damping vanishes at a solution and the local rate is quadratic), the step is
   kept only if the ratio of actual to predicted decrease
@@ -53,6 +57,7 @@ from torch import Tensor
 
 from ._base import ProjectionResult
 from ._linalg import gram_solve
+from ._np_line_search import line_search as np_line_search
 from ._system import StackedSystem, broyden_update, put, take
 
 __all__ = ["gauss_newton", "least_norm_step"]
@@ -91,6 +96,28 @@ def _max_abs(r: Tensor) -> Tensor:
     return r.detach().abs().amax(dim=-1) if r.shape[-1] else r.new_zeros(r.shape[0])
 
 
+def _searched(system, idx, sel, y, d, c, J, c_t, J_t):
+    """The line search on the samples ``sel`` (``None``: all) of the sub-batch ``idx``; returns the sub-batch's
+    ``(y_t, d, c_t, J_t, stalled)`` with the searched samples at :math:`y + t d`."""
+    y_b, d_b = take(y, sel), take(d, sel)
+    where_b = take(idx, sel) if idx is not None else sel
+    with_jac = J_t is not None
+
+    def trial(t, rows):
+        at = y_b[rows] + t[:, None] * d_b[rows]
+        where = rows if where_b is None else where_b[rows]
+        return system.jacobian(at, where) if with_jac else (system.values(at, where),)
+
+    full = (take(c_t, sel), take(J_t, sel)) if with_jac else (take(c_t, sel),)
+    start = (take(c, sel), take(J, sel)) if with_jac else (take(c, sel),)
+    t, out, stalled = np_line_search(trial, start[0], full, start)
+    d_b = t[:, None] * d_b
+    y_t, d = put(y + d, sel, y_b + d_b), put(d, sel, d_b)
+    c_t = put(c_t, sel, out[0])
+    J_t = put(J_t, sel, out[1]) if with_jac else None
+    return y_t, d, c_t, J_t, put(torch.zeros_like(y[:, 0], dtype=torch.bool), sel, stalled)
+
+
 def gauss_newton(
     system: StackedSystem,
     y0: Tensor,
@@ -101,6 +128,7 @@ def gauss_newton(
     jacobian: str = "exact",
     measure: str = "max",
     free_steps: int = 0,
+    line_search: bool = False,
 ) -> tuple[ProjectionResult, Tensor, Tensor | None]:
     """Run the iteration of the module docstring from ``y0``.
 
@@ -108,12 +136,15 @@ def gauss_newton(
     every sample (else ``None``; the implicit backward then evaluates it).
     """
     broyden = jacobian in ("broyden", "chord")  # a reused Jacobian, updated (Broyden) or not (chord)
+    if line_search and (damping or system.lower is not None):
+        raise ValueError("the NP line search takes undamped steps on equality constraints")
     y = y0
     c, J = system.c0, system.J0  # [B, k], [B, k, n] at y0
     r, active = system.residual(c)
     batch, dtype = y.shape[0], y.dtype
     fresh = torch.ones(batch, dtype=torch.bool, device=y.device)  # J exact at y
     regularized = torch.zeros_like(fresh)
+    stalled = torch.zeros_like(fresh)  # the line search found no decrease: left where they are
     mu = torch.zeros(batch, dtype=dtype, device=y.device)
     if damping:
         diag = (J * active[..., None]).square().sum(-1).sum(-1) / active.sum(-1).clamp_min(1)  # [B]
@@ -131,7 +162,9 @@ def gauss_newton(
         stop = bool(done.all()) if measure == "max" else float(r.detach().abs().mean()) <= tol
         if stop:
             break
-        idx = (~done).nonzero().squeeze(1)
+        idx = (~(done | stalled)).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
         idx = None if idx.numel() == batch else idx
         y_s, c_s, J_s, r_s, a_s = (take(t, idx) for t in (y, c, J, r, active))
         mu_s, fresh_s = take(mu, idx), take(fresh, idx)
@@ -149,6 +182,12 @@ def gauss_newton(
             c_t, J_t = system.jacobian(y_t, idx)  # the pair costs one call
         else:
             c_t, J_t = system.values(y_t, idx), None
+        if line_search:
+            sel = fresh_s.nonzero().squeeze(1) if broyden else None
+            if sel is None or sel.numel():
+                sel = None if sel is not None and sel.numel() == fresh_s.numel() else sel
+                y_t, d, c_t, J_t, stuck = _searched(system, idx, sel, y_s, d, c_s, J_s, c_t, J_t)
+                stalled = put(stalled, idx, stuck)
         r_t, a_t = system.residual(c_t, idx)
         rnorm_t = r_t.detach().norm(dim=-1)
         finite = torch.isfinite(rnorm_t)

@@ -48,7 +48,11 @@ Only the residual has to be accurate, not the step, so the iteration is split:
   :math:`\varepsilon_T = 10^{-4}` — float32 evaluates :math:`c` to :math:`\lesssim 10^{-5}` there, so the
   mean is met in float64 terms up to that error — and the output is the float32 iterate. Samples that reached
   their float32 floor first are refined in phase 2 as above.
-* Every step is taken (AdaNP takes every NP step); ``iterations`` counts phase-1 and phase-2 steps.
+* Every step is taken (AdaNP takes every NP step); ``iterations`` counts phase-1 and phase-2 steps. With
+  ``line_search=True`` a phase-1 step that does not decrease the float32 :math:`\|c\|` is shortened by the line
+  search of :mod:`._np_line_search` (its trials evaluated in float32 like the step; a sample that finds no
+  decrease there has reached what float32 can do and moves to phase 2). Phase 2 is not searched: it starts
+  where the float32 Newton steps already contract.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from torch import Tensor
 from ._base import ProjectionResult, finite_or_raise
 from ._constraints import OutputConstraints
 from ._linalg import cholesky_apply, gram_factor, gram_solve
+from ._np_line_search import line_search
 from ._system import put, take
 
 __all__ = ["mixed_np"]
@@ -101,10 +106,30 @@ def _floor(J: Tensor, y: Tensor) -> Tensor:
     return eps * torch.linalg.vector_norm(J, dim=-1).amax(dim=-1) * torch.linalg.vector_norm(y, dim=-1)
 
 
+def _searched(ev: _Evaluator, sub: Tensor | None, y_from: Tensor, y_to: Tensor, c: Tensor, J: Tensor, c_to, J_to):
+    """The line search of :mod:`._np_line_search` on float32 NP steps ``y_from -> y_to`` (float64 iterates,
+    ``sub`` their rows in the batch): ``(y, c, J, stalled)`` at :math:`y + t d`."""
+    d = y_to - y_from
+
+    def trial(t, rows):
+        return ev.jacobian32((y_from[rows] + t.double()[:, None] * d[rows]).float(), rows if sub is None else sub[rows])
+
+    t, (c_t, J_t), stalled = line_search(trial, c, (c_to, J_to), (c, J))
+    return y_from + t.double()[:, None] * d, c_t, J_t, stalled
+
+
 def mixed_np(
-    constraints: OutputConstraints, x: Tensor | None, y0: Tensor, *, tol: float, max_iter: int, measure: str
+    constraints: OutputConstraints,
+    x: Tensor | None,
+    y0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    measure: str,
+    line_search: bool = False,
 ) -> tuple[ProjectionResult, Tensor, Tensor | None]:
-    """Run the two phases of the module docstring from ``y0`` (float64, ``[B, n]``).
+    """Run the two phases of the module docstring from ``y0`` (float64, ``[B, n]``); ``line_search``: phase 1's
+    steps are globalised by :mod:`._np_line_search` (module docstring).
 
     Returns ``(result, c, J)``: ``result.y`` in float64, :math:`c` at it (float64 where phase 2 evaluated
     it, the float32 values otherwise) and the float32 Jacobian at ``result.y`` when the iteration ended in
@@ -137,7 +162,8 @@ def mixed_np(
         idx = None if idx.numel() == batch else idx
         J_s, c_s, e_s = take(J, idx), take(c32, idx), take(err, idx)
         L_s, flagged = _factor(J_s)
-        y64_s = take(y, idx) - torch.einsum("bmn,bm->bn", J_s, cholesky_apply(L_s, c_s)).double()
+        y_from = take(y, idx)
+        y64_s = y_from - torch.einsum("bmn,bm->bn", J_s, cholesky_apply(L_s, c_s)).double()
         y_s = y64_s.float()
         J_step, L, stepped = put(J_step, idx, J_s), put(L, idx, L_s), put(stepped, idx, torch.ones_like(e_s).bool())
         regularized = put(regularized, idx, take(regularized, idx) | flagged)
@@ -156,11 +182,17 @@ def mixed_np(
             whole = ev_idx.numel() == jump.numel()  # the common case: no copies of J
             sub = idx if whole else (ev_idx if idx is None else idx[ev_idx])
             c_n, J_n = ev.jacobian32(y_s if whole else y_s[ev_idx], sub)
+            if line_search:
+                y0_e, y1_e, c_e, J_e = (t if whole else t[ev_idx] for t in (y_from, y64_s, c_s, J_s))
+                y_n, c_n, J_n, stuck = _searched(ev, sub, y0_e, y1_e, c_e, J_e, c_n, J_n)
+                y, y32 = put(y, sub, y_n), put(y32, sub, y_n.float())
             e_n = _max_abs(c_n).double()
             err_prev = put(err_prev, sub, take(err, sub))
             c32, J = put(c32, sub, c_n), put(J, sub, J_n)
             c, err = put(c, sub, c_n.double()), put(err, sub, e_n)
             done_n = (e_n <= (floor if whole else floor[ev_idx])) | ~torch.isfinite(e_n)
+            if line_search:
+                done_n = done_n | stuck  # no float32 decrease left: phase 2 takes over
             switch = put(switch, sub, done_n)
         jumped = jump.nonzero().squeeze(1)
         if jumped.numel():

@@ -129,10 +129,11 @@ def test_broyden_falls_back_to_the_exact_step_far_from_the_set():
     assert bool(res.converged.all()) and jacobians > 1  # some samples needed a fresh Jacobian
 
 
-def test_gradcheck_implicit_at_a_feasible_input():
+@pytest.mark.parametrize("method", ["paper", "line_search"])
+def test_gradcheck_implicit_at_a_feasible_input(method):
     # On the constraint set the projector is the exact derivative of AdaNP's limit (also with Broyden steps).
     h, _, x, y_star, _ = quadratic_instance(B=2, n=4, m=2)
-    layer = EnforceProjection(h, eval_tol=1e-13).eval()
+    layer = EnforceProjection(h, eval_tol=1e-13, method=method).eval()
     assert torch.autograd.gradcheck(layer, (x.clone().requires_grad_(), y_star.clone().requires_grad_()), atol=1e-6)
 
 
@@ -162,8 +163,13 @@ def test_infeasible_constraints_are_reported():
     h = lambda x, y: y[:, :1] ** 2 + 1.0  # noqa: E731  (no real solution)
     y_hat = torch.randn(3, 2, dtype=F64)
     with pytest.warns(ProjectionWarning, match="missed the tolerance"):
-        res = EnforceProjection(h, max_depth=20).eval().project(None, y_hat)
+        res = EnforceProjection(h, max_depth=20).eval().project(None, y_hat)  # the paper's steps: the default
     assert not bool(res.converged.any()) and res.iterations == 20
+    # The line search descends to the minimum of |h| (1, at y_1 = 0) and stops there, flagged unconverged.
+    with pytest.warns(ProjectionWarning, match="missed the tolerance"):
+        res = EnforceProjection(h, max_depth=20, method="line_search").eval().project(None, y_hat)
+    assert not bool(res.converged.any()) and res.iterations < 20
+    torch.testing.assert_close(res.residual, torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
     with pytest.raises(RuntimeError, match="infeasible"):
         EnforceProjection(h, max_depth=5, nonconvergence="raise").eval()(None, y_hat)
 
@@ -199,6 +205,10 @@ def test_functional_form_and_bad_arguments():
         EnforceProjection(h, jacobian="secant")
     with pytest.raises(ValueError, match="unrolled"):
         EnforceProjection(h, gradient="unrolled", jacobian="broyden")
+    with pytest.raises(ValueError, match="method"):
+        EnforceProjection(h, method="armijo")
+    with pytest.raises(ValueError, match="unrolled"):
+        EnforceProjection(h, gradient="unrolled", method="line_search")
     with pytest.raises(ValueError, match="max_depth"):
         EnforceProjection(h, max_depth=0)
     with pytest.raises(ValueError, match="tolerances"):

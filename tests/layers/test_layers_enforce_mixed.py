@@ -14,11 +14,12 @@ def _instance(B=12, n=40, m=25, noise=0.1, seed=0):
     return h, OutputConstraints(h=h, h_jac=h_jac), x, y_star, y_hat
 
 
-@pytest.mark.parametrize("noise", [0.1, 0.5])
-def test_reaches_float64_tolerance_and_the_float64_projection(noise):
+@pytest.mark.parametrize("method", ["paper", "line_search"])
+@pytest.mark.parametrize("noise", [0.1, 0.5, 2.0])
+def test_reaches_float64_tolerance_and_the_float64_projection(noise, method):
     h, cons, x, _, y_hat = _instance(noise=noise)
-    mixed = EnforceProjection(cons, eval_tol=1e-10, mixed_precision=True).eval().project(x, y_hat)
-    plain = EnforceProjection(cons, eval_tol=1e-10).eval().project(x, y_hat)
+    mixed = EnforceProjection(cons, eval_tol=1e-10, mixed_precision=True, method=method).eval().project(x, y_hat)
+    plain = EnforceProjection(cons, eval_tol=1e-10, method=method).eval().project(x, y_hat)
     assert mixed.y.dtype == F64 and bool(mixed.converged.all())
     assert float(h(x, mixed.y).abs().max()) <= 1e-10  # evaluated independently, in float64
     torch.testing.assert_close(mixed.residual, h(x, mixed.y).abs().amax(-1), rtol=0, atol=1e-14)
@@ -114,3 +115,27 @@ def test_refuses_settings_it_cannot_honour(kwargs):
     _, cons, *_ = _instance()
     with pytest.raises(ValueError, match="mixed_precision"):
         EnforceProjection(cons, mixed_precision=True, **kwargs)
+
+
+def test_line_search_in_float32_steps_from_a_far_start():
+    # h = (R y)^2 - x^2 from R y ~ 0.1 (root R^T x): the float32 NP steps are shortened as the float64 ones are.
+    gen = torch.Generator().manual_seed(0)
+    n = 6
+    R = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen))[0]
+    x = 1 + torch.rand(5, n, dtype=F64, generator=gen)
+
+    def h_jac(x, y):
+        z = y @ R.T.to(y)
+        return z * z - x.to(y) ** 2, 2 * z[:, :, None] * R.to(y)
+
+    cons = OutputConstraints(h=lambda x, y: h_jac(x, y)[0], h_jac=h_jac)
+    y_hat = (0.05 + 0.1 * torch.rand(5, n, dtype=F64, generator=gen)) @ R
+    runs = {
+        method: EnforceProjection(cons, eval_tol=1e-10, mixed_precision=True, method=method).eval().project(x, y_hat)
+        for method in ("paper", "line_search")
+    }
+    for res in runs.values():
+        assert bool(res.converged.all()) and float(cons.h(x, res.y).abs().max()) <= 1e-10
+        torch.testing.assert_close(res.y, x @ R, rtol=0, atol=1e-9)
+    # Measured on the same input: the float64 iterations take 6 and 9 steps (test_layers_enforce_line_search).
+    assert runs["line_search"].iterations < runs["paper"].iterations
