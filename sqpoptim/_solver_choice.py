@@ -28,7 +28,7 @@ __all__ = ["AUTO_DENSE_BYTES", "AUTO_DENSE_M", "AUTO_FLOAT64_COST", "SOLVER_MODE
 SOLVER_MODES = ("auto", "dense", "krylov")
 AUTO_DENSE_M = 512  # up to this many constraints the dense solver is always taken (exact steps, the published method)
 AUTO_FLOAT64_COST = 2.0  # float64 GEMM and Cholesky run at about half the float32 rate (measured: 39 vs 78 GFLOP/s)
-AUTO_DENSE_BYTES = 3 << 30  # float64 m x m matrices (G, its factor, a temporary) the dense solver may hold
+AUTO_DENSE_BYTES = 3 << 30  # float64 m x m matrices (G, G + μI and their factors) the dense solver may hold
 
 
 def choose(op: JacobianOperator, mode: str, options: KrylovOptions) -> str:
@@ -38,7 +38,7 @@ def choose(op: JacobianOperator, mode: str, options: KrylovOptions) -> str:
     m = op.m
     if m == 0:
         return "dense"
-    if 3 * 8 * m * m > AUTO_DENSE_BYTES:
+    if 4 * 8 * m * m > AUTO_DENSE_BYTES:
         return "krylov"
     if op.device.type == "cuda" or m <= AUTO_DENSE_M:
         return "dense"

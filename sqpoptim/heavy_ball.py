@@ -103,7 +103,9 @@ class ProjectedHeavyBallSQP(ConstrainedOptimizer):
             from the last step's multipliers; :mod:`sqpoptim._krylov`). ``"auto"`` takes the dense solver up to
             512 constraints, and above while its Gram matrix and factorisation cost no more than a matrix-free step
             at its iteration cap and fit in memory (:mod:`sqpoptim._constraint_solver`);
-            ``diagnostics()["solver"]`` says which was used. A step with inequality constraints always takes the
+            ``diagnostics()["solver"]`` says which was used. On the CPU the dense solver keeps its float64 m × m
+            matrices (G, G + μI and their factors: 32·m² bytes, 32 MB at m = 1,000) between steps
+            (:mod:`sqpoptim._workspace`). A step with inequality constraints always takes the
             dense solver (its QP is solved in its dual on the Gram matrix); ``"krylov"`` with inequalities is
             refused.
         krylov: options of the matrix-free solver (:class:`sqpoptim._krylov.KrylovOptions`: ``max_iter``,
