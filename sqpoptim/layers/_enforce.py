@@ -29,8 +29,8 @@ Lastrucci & Schweidtmann, "ENFORCE: Nonlinear Constrained Learning with Adaptive
     \|c(x, \tilde y + t d)\| \le (1 - \alpha t)\|c\| & \text{otherwise} \end{cases}
 
 (:math:`\alpha = 10^{-4}`; the model is exact for :math:`c` quadratic in :math:`y`, so there its step needs one
-evaluation and no Jacobian beyond the one at the accepted point; :mod:`._np_line_search`). The paper's AdaNP
-adapts the number of full NP steps and takes each whatever it does to :math:`\|c\|`.
+evaluation and no Jacobian beyond the one at the accepted point; :mod:`sqpoptim.layers._np_line_search`). The
+paper's AdaNP adapts the number of full NP steps and takes each whatever it does to :math:`\|c\|`.
 
 Notes and deviations
 --------------------

@@ -11,7 +11,7 @@ Jacobian (:mod:`._system`), each sample takes
 
 * ``damping=False`` (ENFORCE): :math:`\nu_k = 0`, the NP step; every step is taken, as in AdaNP, unless
   ``line_search=True``: then a step that does not decrease :math:`\|r\|` enough is shortened to
-  :math:`y_k + t_k d_k` by the per-sample line search of :mod:`._np_line_search` (with Broyden or chord
+  :math:`y_k + t_k d_k` by the per-sample line search of :mod:`sqpoptim.layers._np_line_search` (with Broyden or chord
   Jacobians only the steps from an exact Jacobian; the others keep the refresh rule below). A sample that
   passes no trial of the search is left where it is and no longer stepped.
 * ``damping=True`` (Levenberg–Marquardt on :math:`V = \tfrac12\|r\|^2`): :math:`\nu_k = \mu_k \|r_k\|`

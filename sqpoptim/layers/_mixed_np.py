@@ -50,8 +50,8 @@ Only the residual has to be accurate, not the step, so the iteration is split:
   their float32 floor first are refined in phase 2 as above.
 * Every step is taken (AdaNP takes every NP step); ``iterations`` counts phase-1 and phase-2 steps. With
   ``line_search=True`` a phase-1 step that does not decrease the float32 :math:`\|c\|` is shortened by the line
-  search of :mod:`._np_line_search` (its trials evaluated in float32 like the step; a sample that finds no
-  decrease there has reached what float32 can do and moves to phase 2). Phase 2 is not searched: it starts
+  search of :mod:`sqpoptim.layers._np_line_search` (its trials evaluated in float32 like the step; a sample that
+  finds no decrease there has reached what float32 can do and moves to phase 2). Phase 2 is not searched: it starts
   where the float32 Newton steps already contract.
 """
 
@@ -107,8 +107,8 @@ def _floor(J: Tensor, y: Tensor) -> Tensor:
 
 
 def _searched(ev: _Evaluator, sub: Tensor | None, y_from: Tensor, y_to: Tensor, c: Tensor, J: Tensor, c_to, J_to):
-    """The line search of :mod:`._np_line_search` on float32 NP steps ``y_from -> y_to`` (float64 iterates,
-    ``sub`` their rows in the batch): ``(y, c, J, stalled)`` at :math:`y + t d`."""
+    """The line search of :mod:`sqpoptim.layers._np_line_search` on float32 NP steps ``y_from -> y_to`` (float64
+    iterates, ``sub`` their rows in the batch): ``(y, c, J, stalled)`` at :math:`y + t d`."""
     d = y_to - y_from
 
     def trial(t, rows):
@@ -129,7 +129,7 @@ def mixed_np(
     line_search: bool = False,
 ) -> tuple[ProjectionResult, Tensor, Tensor | None]:
     """Run the two phases of the module docstring from ``y0`` (float64, ``[B, n]``); ``line_search``: phase 1's
-    steps are globalised by :mod:`._np_line_search` (module docstring).
+    steps are globalised by :mod:`sqpoptim.layers._np_line_search` (module docstring).
 
     Returns ``(result, c, J)``: ``result.y`` in float64, :math:`c` at it (float64 where phase 2 evaluated
     it, the float32 values otherwise) and the float32 Jacobian at ``result.y`` when the iteration ended in
