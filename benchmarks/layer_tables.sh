@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The layer papers' headline tables with the fast layers (implicit gradients, globalised iterations), at the
-# budgets RESULTS.md reports (2 shared CPU cores, about 70 minutes of runs in all): KKT-Hardnet on ENFORCE's C1
+# budgets RESULTS.md reports (2 shared CPU cores, about 70 minutes of runs for seeds 0-2, 20 more for seeds 3-4 (two at a time)): KKT-Hardnet on ENFORCE's C1
 # (where the unrolled paper iteration diverged to NaN), HardNet++ Table I (learned MPC) and ENFORCE Table 3 (C3).
 # Seed k initialises the network with k and draws the mini-batches from k (`--model-seed k --seeds k`).
 # Sequential and resumable (the runner keeps finished runs and resumes interrupted ones); results under
@@ -20,18 +20,18 @@ run() {  # run <seeds> <problem> <size> <iterations> <methods> <batch> <eval-eve
 # HardNet++ Table I: the paper's data (800/100/100 initial states), batch 16, 1,000 iterations = 20 epochs (the
 # paper states no budget; one step costs 0.25 s wall here under load), the layer's defaults (Levenberg-Marquardt
 # to 1e-6, implicit gradient; the paper unrolls 500 damped iterations), beside the MLP and the soft penalty.
-# Three seeds (the paper reports one model).
-run "0 1 2" mpc paper 1000 hardnet-pp,adam-unc,soft mini 250
+# Five seeds (the paper reports one model).
+run "0 1 2 3 4" mpc paper 1000 hardnet-pp,adam-unc,soft mini 250
 # The same HardNet++ row with the layer's iteration as a continuous function of the raw output (free_steps=0: the
 # free steps' best-point pick makes the default's output jump) and the gradient unrolled through it (the exact
 # derivative; the implicit one, the tangent projector at the output, holds only where the raw output is on the
 # constraint set, and the backbone's raw output here is ~30 away from it): ~0.35 s CPU per step.
-run "0 1 2" mpc paper 1000 hardnet-pp:gradient=unrolled:free_steps=0 mini 250
+run "0 1 2 3 4" mpc paper 1000 hardnet-pp:gradient=unrolled:free_steps=0 mini 250
 # ENFORCE Table 3 (C3: 200 variables, 150 quadratic equalities): the paper's program at size small (2,000
 # training / 100 test instances), batch 200, 100 iterations (0.24 % of the paper's 1,000 epochs of 8,334
 # instances = 42,000 iterations: one ENFORCE step from an untrained backbone costs 3.5 s on this CPU,
-# BENCHMARKS.md 3c), beside the MLP and the soft penalty. Three seeds (the paper: five).
-run "0 1 2" nonconvex_quadratic small 100 enforce,adam-unc,soft mini 50
+# BENCHMARKS.md 3c), beside the MLP and the soft penalty. Five seeds (the paper: five).
+run "0 1 2 3 4" nonconvex_quadratic small 100 enforce,adam-unc,soft mini 50
 # KKT-Hardnet on C1 (ENFORCE's function fitting, full batch; the paper iteration's unrolled gradient went NaN at
 # epoch 116): no NaN. Seeds 0-2 at 1,000 epochs (2 % of the paper's 50,000); all five seeds at 200 epochs, past
 # epoch 116, in a folder of their own (one epoch costs 0.1-0.35 s here, growing as the network trains).
