@@ -91,6 +91,15 @@ def unit_direction(like):
     return d / d.norm()
 
 
+def timed_projection(label, layer, x, yh):
+    """One projection of ``yh`` without a graph: print its CPU time, iterations and largest residual."""
+    t0 = time.process_time()
+    with torch.no_grad():
+        res = layer.project(x, yh)
+    cpu = time.process_time() - t0
+    print(label, "forward cpu", f"{cpu:.2f}s", "iters", res.iterations, "max r", float(res.residual.max()), flush=True)
+
+
 def gradient_against_fd(label, layer, x, yh, directions, steps):
     """Central differences of the summed MPC cost through ``layer`` at ``yh`` along each named direction (``None``:
     the normalised backward gradient itself), beside the backward gradient's directional derivative."""
@@ -141,20 +150,7 @@ if __name__ == "__main__":
             dict(method="paper", early_stop=True, max_iter=3000),
             dict(method="paper", early_stop=True, max_iter=3000, tol=1e-9),
         ):
-            layer = HardNetPP(p.output_constraints(), **kw)
-            t0 = time.process_time()
-            with torch.no_grad():
-                res = layer.project(x, yh)
-            print(
-                kw,
-                "forward cpu",
-                f"{time.process_time() - t0:.2f}s",
-                "iters",
-                res.iterations,
-                "max r",
-                float(res.residual.max()),
-                flush=True,
-            )
+            timed_projection(str(kw), HardNetPP(p.output_constraints(), **kw), x, yh)
         layer = HardNetPP(p.output_constraints(), method="paper", early_stop=True, max_iter=3000, tol=1e-9)
         gradient_against_fd(
             "paper implicit", layer, x, yh, {"grad": None, "rand": unit_direction(yh)}, (1e-4, 1e-3, 1e-2)
@@ -165,18 +161,7 @@ if __name__ == "__main__":
         p, net, _ = make()
         x, yh = untrained_batch(p, net)
         layer = KKTHardNet(p.output_constraints())
-        t0 = time.process_time()
-        with torch.no_grad():
-            res = layer.project(x, yh)
-        print(
-            "kkt forward cpu",
-            f"{time.process_time() - t0:.2f}s",
-            "iters",
-            res.iterations,
-            "max r",
-            float(res.residual.max()),
-            flush=True,
-        )
+        timed_projection("kkt", layer, x, yh)
         d = unit_direction(yh)
         with torch.no_grad():
             dy = (layer(x, yh + 1e-6 * d) - layer(x, yh - 1e-6 * d)).norm(dim=-1)

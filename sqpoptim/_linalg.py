@@ -251,11 +251,12 @@ def damped(
         return factor
     m = factor.gram.shape[0]
     out = None if workspace is None else workspace.matrix("damped_gram", m, factor.gram.device)
-    Gd = _damped_gram(factor.gram, nu, out=out)
+    mu = _shift(factor.gram, nu)
+    Gd = _shifted(factor.gram, mu, out=out)
     if not sync_free and factor.chol is not None and factor.refine == 0 and int(factor.rank) == m:
         L, info = _cholesky(Gd, workspace, "damped_chol")  # (one host read below: exact mode)
         if int(info) == 0:
-            return GramFactor(Gd, L, None, None, factor.rank, factor.cond, shift=_shift(factor.gram, nu))
+            return GramFactor(Gd, L, None, None, factor.rank, factor.cond, shift=mu)
     return factor_gram(Gd, rank_tol, sync_free=sync_free, truncate=truncate, workspace=workspace, name="damped_chol")
 
 
@@ -264,10 +265,15 @@ def _shift(G: Tensor, nu: Tensor) -> Tensor:
     return nu.to(G.dtype) * torch.diagonal(G).mean()
 
 
-def _damped_gram(G: Tensor, nu: Tensor, out: Tensor | None = None) -> Tensor:
-    r""":math:`G + \mu I` (into ``out`` when given), μ of :func:`_shift`."""
+def _damped_gram(G: Tensor, nu: Tensor) -> Tensor:
+    r""":math:`G + \mu I`, μ of :func:`_shift`."""
+    return _shifted(G, _shift(G, nu))
+
+
+def _shifted(G: Tensor, mu: Tensor, out: Tensor | None = None) -> Tensor:
+    r""":math:`G + \mu I` (into ``out`` when given): one copy, no m x m identity."""
     out = G.clone() if out is None else out.copy_(G)
-    out.diagonal().add_(_shift(G, nu))  # (one copy; no m x m identity)
+    out.diagonal().add_(mu)
     return out
 
 
