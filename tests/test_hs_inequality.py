@@ -197,14 +197,22 @@ def _scipy(problem: HSProblem, method: str, start: np.ndarray):
 @pytest.mark.filterwarnings("ignore")  # scipy's own warnings on these small problems
 @pytest.mark.parametrize("problem", PROBLEMS, ids=[p.name for p in PROBLEMS])
 def test_transcription_agrees_with_scipy(problem):
-    """x* (as printed, to about 7 digits) is feasible and gives f*; SLSQP started next to x* converges to f*."""
+    """x* (as printed, to about 7 digits) is feasible and gives f*; SLSQP started next to x* converges to f*.
+
+    SLSQP starts at x* + 1e-3 and, where it stops short there, at x* - 1e-3: scipy 1.17's SLSQP ends hs036 from
+    above with "positive directional derivative for linesearch" 2e-5 outside the constraints (x* is a vertex of
+    the box and the linear constraint), and converges from below (8e-8). Its exit status is no criterion: with
+    ftol = 1e-12 it reports the same line-search failure on most problems after reaching f* to 1e-9."""
     x_star = torch.tensor(problem.x_star, dtype=f64)
     scale = max(1.0, abs(problem.f_star))
     assert problem.violation(x_star) <= 1e-4
     assert abs(problem.f(x_star).item() - problem.f_star) <= 1e-4 * scale
-    start = np.array(problem.x_star) + 1e-3
-    f_slsqp, v_slsqp = _scipy(problem, "SLSQP", start)
-    assert abs(f_slsqp - problem.f_star) <= 1e-6 * scale and v_slsqp <= 1e-5
+
+    def solved(offset: float) -> bool:
+        f_slsqp, v_slsqp = _scipy(problem, "SLSQP", np.array(problem.x_star) + offset)
+        return abs(f_slsqp - problem.f_star) <= 1e-6 * scale and v_slsqp <= 1e-5
+
+    assert solved(1e-3) or solved(-1e-3)
 
 
 # A second opinion from another method: ~6 s of CPU for the 39 problems (its quasi-Newton constraint Hessians call
