@@ -148,6 +148,10 @@ class LayerFactors(JacobianOperator):
         r""":math:`JWJ^\top` (float64; into ``out`` when given). Unweighted: the Hadamard form, by row blocks and
         over the upper triangle only; the factors are cast to float64 first, so this is the exact Gram matrix of
         the J that the products use (PSD, consistent with :meth:`mv` and :meth:`rmv`) up to float64 rounding.
+        A module with one output unit (the last layer of a scalar network) contributes :math:`EE^\top` of its
+        explicit block :math:`E = \sum_t \delta_t \circ [A_t, \mathbf 1]` instead (one product, no Hadamard
+        factor). Each row block of G is written in place: the first term's product goes straight into G, the
+        others are added to it (``addmm_``, ``addcmul_``).
         Weighted (the scaled projection): :math:`m^2 n`, from explicit column blocks."""
         m = self.m
         G = torch.empty((m, m), dtype=torch.float64, device=self.device) if out is None else out
@@ -159,31 +163,62 @@ class LayerFactors(JacobianOperator):
             for cols, block in self._blocks():
                 G.addmm_(block * weight[cols].to(torch.float64), block.T)
             return G
-
-        def inputs(t: _Term) -> Tensor:  # [A, 1] when the bias is trained: A Aᵀ + 1 in the same product
-            A = t.A.double()
-            return torch.cat([A, A.new_ones(m, 1)], 1) if t.bias is not None else A
-
-        f64 = [[(inputs(t) if t.weight is not None else None, t.D.double()) for t in group] for group in self.groups]
+        explicit, hadamard = self._gram_operands()
         # row blocks over the upper triangle: about half the products of the full matrix for 8+ blocks
         rows = max(128, -(-m // _GRAM_ROW_BLOCKS), 1)
         rows = max(1, min(rows, _GRAM_CHUNK_BYTES // (16 * m)))
         for start in range(0, m, rows):
             I = slice(start, min(start + rows, m))
             cols = slice(start, m)
-            K: Tensor | None = None  # (no zero fill: the first product starts the sum)
-            for group in f64:
+            K = G[I, cols]  # (no zero fill: the first term writes it)
+            first = True
+            for E in explicit:
+                if first:
+                    torch.mm(E[I], E[cols].T, out=K)
+                else:
+                    K.addmm_(E[I], E[cols].T)
+                first = False
+            for group in hadamard:
                 for Aa, Da in group:
                     for Ab, Db in group:
                         P = torch.mm(Da[I], Db[cols].T)
-                        if Aa is not None:
-                            P.mul_(torch.mm(Aa[I], Ab[cols].T))
-                        K = P if K is None else K.add_(P)
-            if K is None:  # no recorded call: J = 0
-                break
-            G[I, cols] = K
-            G[cols, I][I.stop - start :] = K.T[I.stop - start :]
+                        if Aa is None and first:
+                            K.copy_(P)
+                        elif Aa is None:
+                            K.add_(P)
+                        elif first:
+                            torch.mul(P, torch.mm(Aa[I], Ab[cols].T), out=K)
+                        else:
+                            K.addcmul_(P, torch.mm(Aa[I], Ab[cols].T))
+                        first = False
+            G[I.stop :, I] = G[I, I.stop :].T
         return G
+
+    def _gram_operands(self) -> tuple[list[Tensor], list[list[tuple[Tensor | None, Tensor]]]]:
+        """The float64 operands of the unweighted Gram matrix: explicit blocks ``[m, d_in + 1]`` of the modules
+        with one output unit, and ``([A, 1], D)`` per call of the others (``[A, 1]`` is ``A`` without a trained
+        bias, ``None`` without a trained weight)."""
+        m = self.m
+        explicit: list[Tensor] = []
+        hadamard: list[list[tuple[Tensor | None, Tensor]]] = []
+
+        def inputs(t: _Term) -> Tensor:  # [A, 1] when the bias is trained: A Aᵀ + 1 in the same product
+            d_in = t.A.shape[1]
+            A = torch.empty((m, d_in + (t.bias is not None)), dtype=torch.float64, device=self.device)
+            A[:, :d_in] = t.A
+            if t.bias is not None:
+                A[:, d_in] = 1.0
+            return A
+
+        for group in self.groups:
+            if group[0].weight is not None and group[0].D.shape[1] == 1:
+                E = inputs(group[0]).mul_(group[0].D)  # (d a in float64: exact)
+                for t in group[1:]:
+                    E.addcmul_(inputs(t), t.D.double())
+                explicit.append(E)
+            else:
+                hadamard.append([(inputs(t) if t.weight is not None else None, t.D.double()) for t in group])
+        return explicit, hadamard
 
     def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:
         """diag(JWJᵀ) as float64 (the Jacobi preconditioner, the damping's scale), with the factors' dtype's

@@ -81,6 +81,24 @@ def test_the_gram_matrix_in_row_blocks_equals_the_whole(monkeypatch):
     torch.testing.assert_close(F.gram(w), (J * w) @ J.T, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_float32_factors_give_the_float64_gram_matrix_of_their_jacobian(outputs):
+    """Several row blocks (m = 300, blocks of 128) over float32 factors: G equals J Jᵀ of the float64 J whose
+    entries δ a are exact products of the float32 factors, to float64 rounding. One output unit takes the
+    explicit block of the last layer (and a second call of it), two take the Hadamard form throughout."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, outputs))
+    pts = torch.rand(300, 3, generator=GEN)
+    layout, _, F = _factors(model, lambda: (model(pts) - 0.5 * model(pts.flip(1))).sum(1))
+    assert isinstance(F, LayerFactors) and F.dtype == torch.float32 and len(F.groups[-1]) == 2
+    J64 = torch.zeros(300, layout.n, dtype=f64)
+    for cols, block in F._blocks(dtype=f64):  # float32 products formed in float64: exact
+        J64[:, cols] = block
+    G = F.gram(out=torch.full((300, 300), float("nan"), dtype=f64))  # every entry written, none read first
+    ref = J64 @ J64.T
+    torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-13 * float(ref.abs().max()))
+
+
 def _reason(model, make_c, params=None):
     out = _factors(model, make_c, params)[2]
     assert isinstance(out, str), "the factors must be refused"
