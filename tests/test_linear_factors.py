@@ -99,6 +99,22 @@ def test_float32_factors_give_the_float64_gram_matrix_of_their_jacobian(outputs)
     torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-13 * float(ref.abs().max()))
 
 
+def test_the_gram_matrix_from_a_reused_workspace_equals_a_fresh_one():
+    """The float64 operands sit in the workspace's buffers between steps: a second Jacobian of the same shapes
+    (another network, another m) reuses them and reads nothing stale."""
+    from sqpoptim._workspace import Workspace
+
+    ws = Workspace()
+    held = []
+    for seed, pts in ((0, PTS), (1, PTS.flip(0)), (2, PTS[:5])):
+        model = _mlp(seed=seed)
+        _, _, F = _factors(model, lambda model=model, pts=pts: (model(pts) - model(pts.flip(1))).squeeze(1))
+        G = F.gram(workspace=ws)
+        torch.testing.assert_close(G, F.gram(), rtol=1e-14, atol=1e-15)
+        held.append({k: b.data_ptr() for k, b in ws._buffers.items()})
+    assert held[0] and held[0] == held[1] and held[1] != held[2]
+
+
 def _reason(model, make_c, params=None):
     out = _factors(model, make_c, params)[2]
     assert isinstance(out, str), "the factors must be refused"
