@@ -154,8 +154,8 @@ class LayerFactors(JacobianOperator):
         A module with one output unit (the last layer of a scalar network) contributes :math:`EE^\top` of its
         explicit block :math:`E = \sum_t \delta_t \circ [A_t, \mathbf 1]` instead (one product, no Hadamard
         factor). Each row block of G is written in place: the first term's product goes straight into G, the
-        others are added to it (``addmm_``, ``addcmul_``). The float64 copies of the factors go into
-        ``workspace`` when given (:mod:`sqpoptim._workspace`).
+        others are added to it (``addmm_``, ``addcmul_``). The float64 copies of the factors and the two
+        Hadamard factors of a row block go into ``workspace`` when given (:mod:`sqpoptim._workspace`).
         Weighted (the scaled projection): :math:`m^2 n`, from explicit column blocks."""
         m = self.m
         G = torch.empty((m, m), dtype=torch.float64, device=self.device) if out is None else out
@@ -171,6 +171,12 @@ class LayerFactors(JacobianOperator):
         # row blocks over the upper triangle: about half the products of the full matrix for 8+ blocks
         rows = max(128, -(-m // _GRAM_ROW_BLOCKS), 1)
         rows = max(1, min(rows, _GRAM_CHUNK_BYTES // (16 * m)))
+        # the Hadamard factors of a row block, [rows, m - start] views of two [rows, m] buffers
+        bufs = [None if workspace is None else workspace.buffer(f"gram.{k}", (rows, m), self.device) for k in "PQ"]
+
+        def product(X: Tensor, Y: Tensor, buf: Tensor | None) -> Tensor:
+            return torch.mm(X, Y.T) if buf is None else torch.mm(X, Y.T, out=buf[: X.shape[0], : Y.shape[0]])
+
         for start in range(0, m, rows):
             I = slice(start, min(start + rows, m))
             cols = slice(start, m)
@@ -185,15 +191,15 @@ class LayerFactors(JacobianOperator):
             for group in hadamard:
                 for Aa, Da in group:
                     for Ab, Db in group:
-                        P = torch.mm(Da[I], Db[cols].T)
+                        P = product(Da[I], Db[cols], bufs[0])
                         if Aa is None and first:
                             K.copy_(P)
                         elif Aa is None:
                             K.add_(P)
                         elif first:
-                            torch.mul(P, torch.mm(Aa[I], Ab[cols].T), out=K)
+                            torch.mul(P, product(Aa[I], Ab[cols], bufs[1]), out=K)
                         else:
-                            K.addcmul_(P, torch.mm(Aa[I], Ab[cols].T))
+                            K.addcmul_(P, product(Aa[I], Ab[cols], bufs[1]))
                         first = False
             G[I.stop :, I] = G[I, I.stop :].T
         return G

@@ -99,11 +99,16 @@ def test_float32_factors_give_the_float64_gram_matrix_of_their_jacobian(outputs)
     torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-13 * float(ref.abs().max()))
 
 
-def test_the_gram_matrix_from_a_reused_workspace_equals_a_fresh_one():
-    """The float64 operands sit in the workspace's buffers between steps: a second Jacobian of the same shapes
-    (another network, another m) reuses them and reads nothing stale."""
+@pytest.mark.parametrize("blocks", ["one", "two rows"])
+def test_the_gram_matrix_from_a_reused_workspace_equals_a_fresh_one(monkeypatch, blocks):
+    """The float64 operands and the row blocks' Hadamard factors sit in the workspace's buffers between steps: a
+    second Jacobian of the same shapes (another network) reuses them and reads nothing stale; another m gets new
+    ones."""
+    import sqpoptim._linear_factors as lf
     from sqpoptim._workspace import Workspace
 
+    if blocks == "two rows":
+        monkeypatch.setattr(lf, "_GRAM_CHUNK_BYTES", 16 * 7 * 2)
     ws = Workspace()
     held = []
     for seed, pts in ((0, PTS), (1, PTS.flip(0)), (2, PTS[:5])):
