@@ -301,7 +301,8 @@ class LayerFactors(JacobianOperator):
         flops = 0.0
         for group in self.groups:
             d = group[0].A.shape[1] + group[0].D.shape[1]
-            flops += len(group) ** 2 * self.m * self.m * d  # two products of m x m x d, upper triangle only
+            pairs = 1 if group[0].weight is not None and group[0].D.shape[1] == 1 else len(group) ** 2
+            flops += pairs * self.m * self.m * d  # products of m x m x d, upper triangle only (one: E Eᵀ)
         return flops
 
     def product_flops(self) -> float:
