@@ -6,8 +6,8 @@ touch, because the C allocator serves blocks this large by ``mmap`` and unmaps t
 (8 MB a matrix) that was a tenth of the step: ``torch.zeros`` of :math:`G` 4 ms and the out-of-place ``tril``
 inside ``torch.linalg.cholesky_ex`` 6 ms, against 0.1 ms and 0.4 ms in memory touched before (BENCHMARKS.md).
 The float64 copies of the layer factors that the Gram matrix is formed from (``[m, d]``, 1.8 MB each at
-m = 1,000, d = 225; about 3,000 page faults a step for the seven of the scaling benchmark's network) are kept
-the same way (:meth:`Workspace.buffer`).
+m = 1,000, d = 225; about 3,000 page faults a step for the seven of the scaling benchmark's network) and the two
+Hadamard factors of its row blocks (``[rows, m]``) are kept the same way (:meth:`Workspace.buffer`).
 
 The optimizer keeps one :class:`Workspace`, and its step's dense solver writes these matrices into it. Nothing
 computed from them outlives the step: the factors are rebuilt from the next step's Jacobian. On CUDA the caching
