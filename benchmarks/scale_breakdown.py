@@ -4,7 +4,9 @@ The phases of ``ConstrainedOptimizer.step`` are re-run one by one with the libra
 process CPU time (median over steps): the closure's forwards (objective and the m constraint points, with the
 ``nn.Linear`` calls recorded), the Jacobian operator (the layer factors' backward pass), the objective's
 gradient, the Gram matrix and its factorisation (dense) or the row norms (matrix-free), and the direction (the
-projections, the normal step and the moments; for the matrix-free solver all its MINRES iterations).
+projections, the normal step and the moments; for the matrix-free solver all its MINRES iterations). As in the
+optimizer, the dense solver keeps its matrices in a workspace reused from step to step, and the normal step is
+damped with the default ν0 (a second factorisation, of G + μI, in the direction).
 
     python benchmarks/scale_breakdown.py --constraints 100,1000,10000 --threads 1
 """
@@ -18,11 +20,13 @@ import time
 import torch
 from scale_grid import WIDTHS, mlp  # (run as a script: benchmarks/ is on the path)
 
+from sqpoptim._damping import DEFAULT_NU0
 from sqpoptim._gradient import flat_gradient
 from sqpoptim._jacobian_path import JacobianPath
 from sqpoptim._krylov import KrylovOptions
 from sqpoptim._layout import build_layout
 from sqpoptim._solver_choice import make_solver
+from sqpoptim._workspace import Workspace
 from sqpoptim.adam import adam_sqp_direction
 
 
@@ -36,6 +40,8 @@ def breakdown(m: int, n: float, solver: str, steps: int) -> dict[str, float]:
     path = JacobianPath("auto", None)
     exp_avg, exp_avg_sq = torch.zeros(layout.n), torch.zeros(layout.n)
     krylov_state: dict = {}
+    workspace = Workspace()  # the optimizer's reused m x m buffers
+    nu = torch.tensor(DEFAULT_NU0, dtype=torch.float64)  # the default damping's first ν
     times: dict[str, list[float]] = {}
 
     def tick(name: str, t0: float) -> float:
@@ -53,14 +59,16 @@ def breakdown(m: int, n: float, solver: str, steps: int) -> dict[str, float]:
             t = tick("J operator", t)
             g = flat_gradient(loss, layout, retain_graph=keep)
             t = tick("gradient", t)
-        S = make_solver(op, solver, rank_tol=1e-6, sync_free=False, options=KrylovOptions(), state=krylov_state)
+        S = make_solver(
+            op, solver, rank_tol=1e-6, sync_free=False, options=KrylovOptions(), state=krylov_state, workspace=workspace
+        )
         S.row_check()
         if S.kind == "dense":
             S.factor  # noqa: B018 - the factorisation, timed here
         t = tick("Gram + factor" if S.kind == "dense" else "row norms", t)
         delta, _ = adam_sqp_direction(
             g, c.detach(), S, exp_avg, exp_avg_sq, float(k), lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-7,
-            normal_lr=1.0, rank_tol=1e-6,
+            normal_lr=1.0, rank_tol=1e-6, damping=nu,
         )  # fmt: skip
         S.commit()
         with torch.no_grad():

@@ -55,7 +55,7 @@ class DenseSolver(ConstraintSolver):
         r""":math:`G_W` in float64 (formed on first use)."""
         if self._gram is None:
             out = None if self.workspace is None else self.workspace.matrix("gram", self.op.m, self.op.device)
-            self._gram = self.op.gram(self.weight, out=out)
+            self._gram = self.op.gram(self.weight, out=out, workspace=self.workspace)
         return self._gram
 
     @property

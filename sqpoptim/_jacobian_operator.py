@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._layout import as_real, flat_size
 from ._linalg import gram as dense_gram
+from ._workspace import Workspace
 
 __all__ = ["AutogradJacobian", "DenseJacobian", "JacobianOperator"]
 
@@ -57,9 +58,11 @@ class JacobianOperator:
         """The explicit ``[m, n]`` matrix (forms it if needed)."""
         raise NotImplementedError
 
-    def gram(self, weight: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+    def gram(
+        self, weight: Tensor | None = None, *, out: Tensor | None = None, workspace: Workspace | None = None
+    ) -> Tensor:
         r""":math:`JWJ^\top` in float64, ``[m, m]`` (``weight`` the diagonal of W, ``[n]``, or ``None``), written
-        into ``out`` when given."""
+        into ``out`` when given; ``workspace`` may hold the float64 temporaries between steps."""
         return dense_gram(self.dense(), weight, out=out)
 
     def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:

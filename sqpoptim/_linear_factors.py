@@ -50,6 +50,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from ._jacobian_operator import JacobianOperator
 from ._layout import FlatLayout
+from ._workspace import Workspace
 
 __all__ = ["VERIFY_EVERY", "LayerFactors", "LinearCallRecorder", "layer_factors"]
 
@@ -144,10 +145,17 @@ class LayerFactors(JacobianOperator):
                 out[t.bias] += Dy.sum(0)
         return out
 
-    def gram(self, weight: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+    def gram(
+        self, weight: Tensor | None = None, *, out: Tensor | None = None, workspace: Workspace | None = None
+    ) -> Tensor:
         r""":math:`JWJ^\top` (float64; into ``out`` when given). Unweighted: the Hadamard form, by row blocks and
         over the upper triangle only; the factors are cast to float64 first, so this is the exact Gram matrix of
         the J that the products use (PSD, consistent with :meth:`mv` and :meth:`rmv`) up to float64 rounding.
+        A module with one output unit (the last layer of a scalar network) contributes :math:`EE^\top` of its
+        explicit block :math:`E = \sum_t \delta_t \circ [A_t, \mathbf 1]` instead (one product, no Hadamard
+        factor). Each row block of G is written in place: the first term's product goes straight into G, the
+        others are added to it (``addmm_``, ``addcmul_``). The float64 copies of the factors and the two
+        Hadamard factors of a row block go into ``workspace`` when given (:mod:`sqpoptim._workspace`).
         Weighted (the scaled projection): :math:`m^2 n`, from explicit column blocks."""
         m = self.m
         G = torch.empty((m, m), dtype=torch.float64, device=self.device) if out is None else out
@@ -159,31 +167,82 @@ class LayerFactors(JacobianOperator):
             for cols, block in self._blocks():
                 G.addmm_(block * weight[cols].to(torch.float64), block.T)
             return G
-
-        def inputs(t: _Term) -> Tensor:  # [A, 1] when the bias is trained: A Aᵀ + 1 in the same product
-            A = t.A.double()
-            return torch.cat([A, A.new_ones(m, 1)], 1) if t.bias is not None else A
-
-        f64 = [[(inputs(t) if t.weight is not None else None, t.D.double()) for t in group] for group in self.groups]
+        explicit, hadamard = self._gram_operands(workspace)
         # row blocks over the upper triangle: about half the products of the full matrix for 8+ blocks
         rows = max(128, -(-m // _GRAM_ROW_BLOCKS), 1)
         rows = max(1, min(rows, _GRAM_CHUNK_BYTES // (16 * m)))
+        # the Hadamard factors of a row block, [rows, m - start] views of two [rows, m] buffers
+        bufs = [None if workspace is None else workspace.buffer(f"gram.{k}", (rows, m), self.device) for k in "PQ"]
+
+        def product(X: Tensor, Y: Tensor, buf: Tensor | None) -> Tensor:
+            return torch.mm(X, Y.T) if buf is None else torch.mm(X, Y.T, out=buf[: X.shape[0], : Y.shape[0]])
+
         for start in range(0, m, rows):
             I = slice(start, min(start + rows, m))
             cols = slice(start, m)
-            K: Tensor | None = None  # (no zero fill: the first product starts the sum)
-            for group in f64:
+            K = G[I, cols]  # (no zero fill: the first term writes it)
+            first = True
+            for E in explicit:
+                if first:
+                    torch.mm(E[I], E[cols].T, out=K)
+                else:
+                    K.addmm_(E[I], E[cols].T)
+                first = False
+            for group in hadamard:
                 for Aa, Da in group:
                     for Ab, Db in group:
-                        P = torch.mm(Da[I], Db[cols].T)
-                        if Aa is not None:
-                            P.mul_(torch.mm(Aa[I], Ab[cols].T))
-                        K = P if K is None else K.add_(P)
-            if K is None:  # no recorded call: J = 0
-                break
-            G[I, cols] = K
-            G[cols, I][I.stop - start :] = K.T[I.stop - start :]
+                        P = product(Da[I], Db[cols], bufs[0])
+                        if Aa is None and first:
+                            K.copy_(P)
+                        elif Aa is None:
+                            K.add_(P)
+                        elif first:
+                            torch.mul(P, product(Aa[I], Ab[cols], bufs[1]), out=K)
+                        else:
+                            K.addcmul_(P, product(Aa[I], Ab[cols], bufs[1]))
+                        first = False
+            G[I.stop :, I] = G[I, I.stop :].T
         return G
+
+    def _gram_operands(
+        self, workspace: Workspace | None
+    ) -> tuple[list[Tensor], list[list[tuple[Tensor | None, Tensor]]]]:
+        """The float64 operands of the unweighted Gram matrix: explicit blocks ``[m, d_in + 1]`` of the modules
+        with one output unit, and ``([A, 1], D)`` per call of the others (``[A, 1]`` is ``A`` without a trained
+        bias, ``None`` without a trained weight); in the workspace's buffers when there is one."""
+        m = self.m
+        explicit: list[Tensor] = []
+        hadamard: list[list[tuple[Tensor | None, Tensor]]] = []
+
+        def f64(name: str, shape: tuple[int, int]) -> Tensor:
+            buf = None if workspace is None else workspace.buffer("gram." + name, shape, self.device)
+            return torch.empty(shape, dtype=torch.float64, device=self.device) if buf is None else buf
+
+        def inputs(t: _Term, name: str) -> Tensor:  # [A, 1] when the bias is trained: A Aᵀ + 1 in the same product
+            d_in = t.A.shape[1]
+            A = f64(name, (m, d_in + (t.bias is not None)))
+            A[:, :d_in] = t.A
+            if t.bias is not None:
+                A[:, d_in] = 1.0
+            return A
+
+        def signals(t: _Term, name: str) -> Tensor:
+            return f64(name, (m, t.D.shape[1])).copy_(t.D)
+
+        for i, group in enumerate(self.groups):
+            if group[0].weight is not None and group[0].D.shape[1] == 1:
+                E = inputs(group[0], f"E{i}").mul_(group[0].D)  # (d a in float64: exact)
+                for j, t in enumerate(group[1:], 1):
+                    E.addcmul_(inputs(t, f"A{i}.{j}"), t.D.to(torch.float64))
+                explicit.append(E)
+            else:
+                hadamard.append(
+                    [
+                        (inputs(t, f"A{i}.{j}") if t.weight is not None else None, signals(t, f"D{i}.{j}"))
+                        for j, t in enumerate(group)
+                    ]
+                )
+        return explicit, hadamard
 
     def row_sq_norms(self, weight: Tensor | None = None) -> Tensor:
         """diag(JWJᵀ) as float64 (the Jacobi preconditioner, the damping's scale), with the factors' dtype's
@@ -242,7 +301,8 @@ class LayerFactors(JacobianOperator):
         flops = 0.0
         for group in self.groups:
             d = group[0].A.shape[1] + group[0].D.shape[1]
-            flops += len(group) ** 2 * self.m * self.m * d  # two products of m x m x d, upper triangle only
+            pairs = 1 if group[0].weight is not None and group[0].D.shape[1] == 1 else len(group) ** 2
+            flops += pairs * self.m * self.m * d  # products of m x m x d, upper triangle only (one: E Eᵀ)
         return flops
 
     def product_flops(self) -> float:

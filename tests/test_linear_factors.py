@@ -81,6 +81,45 @@ def test_the_gram_matrix_in_row_blocks_equals_the_whole(monkeypatch):
     torch.testing.assert_close(F.gram(w), (J * w) @ J.T, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_float32_factors_give_the_float64_gram_matrix_of_their_jacobian(outputs):
+    """Several row blocks (m = 300, blocks of 128) over float32 factors: G equals J Jᵀ of the float64 J whose
+    entries δ a are exact products of the float32 factors, to float64 rounding. One output unit takes the
+    explicit block of the last layer (and a second call of it), two take the Hadamard form throughout."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, outputs))
+    pts = torch.rand(300, 3, generator=GEN)
+    layout, _, F = _factors(model, lambda: (model(pts) - 0.5 * model(pts.flip(1))).sum(1))
+    assert isinstance(F, LayerFactors) and F.dtype == torch.float32 and len(F.groups[-1]) == 2
+    J64 = torch.zeros(300, layout.n, dtype=f64)
+    for cols, block in F._blocks(dtype=f64):  # float32 products formed in float64: exact
+        J64[:, cols] = block
+    G = F.gram(out=torch.full((300, 300), float("nan"), dtype=f64))  # every entry written, none read first
+    ref = J64 @ J64.T
+    torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-13 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("blocks", ["one", "two rows"])
+def test_the_gram_matrix_from_a_reused_workspace_equals_a_fresh_one(monkeypatch, blocks):
+    """The float64 operands and the row blocks' Hadamard factors sit in the workspace's buffers between steps: a
+    second Jacobian of the same shapes (another network) reuses them and reads nothing stale; another m gets new
+    ones."""
+    import sqpoptim._linear_factors as lf
+    from sqpoptim._workspace import Workspace
+
+    if blocks == "two rows":
+        monkeypatch.setattr(lf, "_GRAM_CHUNK_BYTES", 16 * 7 * 2)
+    ws = Workspace()
+    held = []
+    for seed, pts in ((0, PTS), (1, PTS.flip(0)), (2, PTS[:5])):
+        model = _mlp(seed=seed)
+        _, _, F = _factors(model, lambda model=model, pts=pts: (model(pts) - model(pts.flip(1))).squeeze(1))
+        G = F.gram(workspace=ws)
+        torch.testing.assert_close(G, F.gram(), rtol=1e-14, atol=1e-15)
+        held.append({k: b.data_ptr() for k, b in ws._buffers.items()})
+    assert held[0] and held[0] == held[1] and held[1] != held[2]
+
+
 def _reason(model, make_c, params=None):
     out = _factors(model, make_c, params)[2]
     assert isinstance(out, str), "the factors must be refused"
