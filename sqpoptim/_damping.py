@@ -34,8 +34,8 @@ are refused with parameters and state unchanged (:mod:`sqpoptim._finite`).
 This is on by default (ν0 = ``DEFAULT_NU0`` = 1e-6) in every SQP optimizer's fixed-step rule and in Adam(con);
 ``normal_damping=None`` gives the papers' undamped step.
 
-Everything here is a device computation (no host synchronisation); only the exact mode reads the rejection
-flag on the host, to return early.
+Everything here is a device computation (no host synchronisation) in sync-free mode; the exact mode reads the
+few scalars of the judgement once and decides on the host.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,12 +71,13 @@ _MAX_ESCALATION = 2.0**20
 @dataclass
 class Verdict:
     """The judgement of the last step: ν for this step, the next escalation factor, the ratio ρ (NaN when not
-    judged) and whether the last step is rejected (0-d device tensors)."""
+    judged) as 0-d device tensors, and whether the last step is rejected (a 0-d device tensor, or a Python bool
+    when judged on the host)."""
 
     nu: Tensor
     escalation: Tensor
     rho: Tensor
-    reject: Tensor
+    reject: Tensor | bool
 
 
 def initial_state(nu0: float, device: torch.device) -> DampingState:
@@ -83,8 +85,12 @@ def initial_state(nu0: float, device: torch.device) -> DampingState:
     return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0))
 
 
-def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
-    """Judge the last step from the new residual ``c`` (and ``loss``, for finiteness); see the module docstring."""
+def judge(state: DampingState, loss: Tensor, c: Tensor, n: int, *, host: bool = False) -> Verdict:
+    """Judge the last step from the new residual ``c`` (and ``loss``, for finiteness); see the module docstring.
+
+    ``host=True`` (exact mode): the few scalars are read once and the rule runs on Python floats — on the CPU
+    some forty 0-d tensor operations cost more than the rest of a small step's bookkeeping. Both ways evaluate
+    the same :func:`_rule`; ``reject`` is then a Python bool."""
     nu, escalation, model = state.nu, state.escalation, state.model
     x_prev = state.x_accepted
     if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
@@ -93,29 +99,92 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int) -> Verdict:
         model = None
     if model is None:
         no = torch.zeros((), dtype=torch.bool, device=nu.device)
-        return Verdict(nu, escalation, torch.full_like(nu, math.nan), no)
-    before, predicted, normal_dominates = model[0], model[1], model[2] > 0
+        return Verdict(nu, escalation, torch.full_like(nu, math.nan), False if host else no)
     actual = torch.linalg.vector_norm(c.double())
+    if not host:
+        before, predicted, dominates = model.unbind()
+        new_nu, new_escalation, rho, reject = _rule(
+            nu, escalation, before, predicted, dominates > 0, actual, loss.isfinite(), _DEVICE
+        )
+        return Verdict(new_nu, new_escalation, rho, reject)
+    values = torch.cat([model, torch.stack([nu, escalation, actual, loss.double()])]).tolist()  # the one read
+    before, predicted, dominates, nu_f, escalation_f, actual_f, loss_f = values
+    new_nu, new_escalation, rho, reject = _rule(
+        nu_f, escalation_f, before, predicted, dominates > 0, actual_f, math.isfinite(loss_f), _HOST
+    )
+    new_nu_t, new_escalation_t, rho_t = torch.tensor(
+        [new_nu, new_escalation, rho], dtype=torch.float64, device=nu.device
+    ).unbind()
+    return Verdict(new_nu_t, new_escalation_t, rho_t, reject)
+
+
+class _DeviceOps:
+    """The operations :func:`_rule` needs, on 0-d tensors (no host synchronisation)."""
+
+    isfinite = staticmethod(torch.isfinite)
+
+    @staticmethod
+    def where(cond: Tensor, a: Tensor | float, b: Tensor | float) -> Tensor:
+        if not isinstance(a, Tensor) and not isinstance(b, Tensor):  # float64, not the default dtype
+            a = torch.full_like(cond, a, dtype=torch.float64)
+        return torch.where(cond, a, b)
+
+    @staticmethod
+    def not_(a: Tensor) -> Tensor:
+        return ~a
+
+    @staticmethod
+    def clamp(x: Tensor, low: float | None = None, high: float | None = None) -> Tensor:
+        return x.clamp(low, high)
+
+
+class _HostOps:
+    """The same operations on Python floats and bools."""
+
+    isfinite = staticmethod(math.isfinite)
+
+    @staticmethod
+    def where(cond: bool, a: float, b: float) -> float:
+        return a if cond else b
+
+    @staticmethod
+    def not_(a: bool) -> bool:
+        return not a
+
+    @staticmethod
+    def clamp(x: float, low: float | None = None, high: float | None = None) -> float:
+        if low is not None and x < low:  # (NaN passes through, as in Tensor.clamp)
+            x = low
+        if high is not None and x > high:
+            x = high
+        return x
+
+
+_DEVICE, _HOST = _DeviceOps(), _HostOps()
+
+
+def _rule(
+    nu: Any, escalation: Any, before: Any, predicted: Any, dominates: Any, actual: Any, loss_finite: Any, ops: Any
+) -> tuple[Any, Any, Any, Any]:
+    """``(ν, escalation, ρ, reject)`` after the step whose model predicted ‖c_k + J_kδ_k‖ = ``predicted`` from
+    ‖c_k‖ = ``before`` and whose closure now gives ‖c_{k+1}‖ = ``actual``: the module docstring's rule, written
+    once for 0-d tensors and for Python floats (``ops``)."""
     pred = before - predicted
-    rho = (before - actual) / torch.where(pred > 0, pred, 1.0)
-    finite = actual.isfinite() & loss.isfinite()  # non-finite values are refused as without damping
-    judged = (pred > 0) & normal_dominates & finite
+    positive = pred > 0
+    rho = (before - actual) / ops.where(positive, pred, 1.0)
+    finite = ops.isfinite(actual) & loss_finite  # non-finite values are refused as without damping
+    judged = positive & dominates & finite
     failure = judged & (rho < 0)
     success = judged & (rho >= 0)
-    nielsen = (1.0 - (2.0 * rho - 1.0) ** 3).clamp_min(1.0 / 3.0)
-    relax = finite & (pred > 0) & ~normal_dominates
-    factor = torch.where(
+    t = 2.0 * rho - 1.0
+    nielsen = ops.clamp(1.0 - t * t * t, low=1.0 / 3.0)  # (a product, not a power: a float power may raise)
+    relax = finite & positive & ops.not_(dominates)
+    factor = ops.where(failure, escalation, ops.where(success, nielsen, ops.where(relax, _NU_RELAX, 1.0)))
+    return (
+        ops.clamp(nu * factor, NU_MIN, NU_MAX),
+        ops.where(failure, ops.clamp(2.0 * escalation, high=_MAX_ESCALATION), ops.where(success, 2.0, escalation)),
+        ops.where(judged, rho, math.nan),
         failure,
-        escalation,
-        torch.where(success, nielsen, torch.where(relax, torch.full_like(nu, _NU_RELAX), torch.ones_like(nu))),
-    )
-    return Verdict(
-        nu=(nu * factor).clamp(NU_MIN, NU_MAX),
-        escalation=torch.where(
-            failure, (2.0 * escalation).clamp_max(_MAX_ESCALATION), torch.where(success, 2.0, escalation)
-        ),
-        rho=torch.where(judged, rho, torch.full_like(rho, math.nan)),
-        reject=failure,
     )
 
 

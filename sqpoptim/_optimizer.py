@@ -308,7 +308,9 @@ class ConstrainedOptimizer(Optimizer):
         if s.nu0 is None or not s.m:
             return False
         s.damping = self._global.damping or _damping.initial_state(s.nu0, s.layout.device)
-        s.verdict = _damping.judge(s.damping, s.inputs.loss.detach(), s.inputs.c.detach(), s.layout.n)
+        s.verdict = _damping.judge(
+            s.damping, s.inputs.loss.detach(), s.inputs.c.detach(), s.layout.n, host=not s.sync_free
+        )
         if s.sync_free or not bool(s.verdict.reject):  # one host read (exact mode only)
             return False
         self._global.damping, s.returned, diagnostics = move_back(
@@ -370,6 +372,8 @@ class ConstrainedOptimizer(Optimizer):
         # the statistics (moments, step count) are fed only by a fresh gradient: not again after a rejection,
         # when this step retakes the rejected one from the same point with a larger damping
         retry = None if s.damping is None else s.damping.retry
+        if retry is not None and s.ok is None and not bool(retry):  # exact mode (one host read): nothing to mask
+            retry = None
         s.stats = s.ok if retry is None else (~retry if s.ok is None else s.ok & ~retry)
 
     def _context(self, s: _Step) -> StepContext:

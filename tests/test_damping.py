@@ -298,3 +298,32 @@ def test_the_damping_model_predicts_the_linearised_residual_of_the_step_taken(na
         assert float(opt.diagnostics()["c_predicted"]) == pytest.approx(float(expected), rel=1e-6, abs=1e-9)
         checked += 1
     assert checked >= 3
+
+
+def test_the_judgement_on_the_host_is_the_judgement_on_the_device():
+    """Exact mode judges a step on Python floats, sync-free mode on 0-d tensors; both run one rule. Every branch
+    (success, failure with escalation, relaxation, no predicted decrease, non-finite values, the clamps of ν
+    and of the escalation) gives the same ν, escalation, ρ and verdict, bit for bit."""
+    nus, escalations = [1e-6, 0.3, 9e3], [2.0, 2.0**20]
+    befores, predicteds = [2.0, 1e-300], [0.5, 2.0, 3.0]
+    actuals = [0.1, 1.9, 2.5, 0.0, math.inf, math.nan]
+    cases = itertools.product(nus, escalations, befores, predicteds, [0.0, 1.0], actuals, [1.0, math.inf])
+    seen = set()
+    for nu, esc, before, predicted, dominates, actual, loss in cases:
+        state = _damping.DampingState(
+            nu=torch.tensor(nu, dtype=f64),
+            escalation=torch.tensor(esc, dtype=f64),
+            model=torch.tensor([before, predicted, dominates], dtype=f64),
+        )
+        c = torch.tensor([actual, 0.0], dtype=f64)  # ‖c‖ = |actual|
+        loss_t = torch.tensor(loss, dtype=f64)
+        device = _damping.judge(state, loss_t, c, 2)
+        host = _damping.judge(state, loss_t, c, 2, host=True)
+        assert isinstance(host.reject, bool) and host.reject == bool(device.reject)
+        for a, b in ((host.nu, device.nu), (host.escalation, device.escalation), (host.rho, device.rho)):
+            assert a.dtype == b.dtype == f64
+            assert torch.equal(a, b) or (a.isnan() and b.isnan()), (nu, esc, before, predicted, dominates, actual)
+        seen.add((host.reject, math.isnan(float(host.rho)), round(float(host.nu) / nu, 6)))
+    # every branch was taken: a rejection, an accepted judged step, relaxation (0.9) and no judgement (1)
+    assert any(reject for reject, _, _ in seen) and (False, False, round(1 / 3, 6)) in seen
+    assert (False, True, 0.9) in seen and (False, True, 1.0) in seen
