@@ -10,6 +10,7 @@ flags are copied to pinned host memory without waiting and reported by a ``Float
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -82,22 +83,45 @@ class FiniteGuard:
         inequality with c_i < 0). ``rows`` (float64 ``[m]``) stands for J: zero exactly at its all-zero rows and
         non-finite exactly at rows with a non-finite entry — the diagonal of JJᵀ, read off the Gram matrix when the
         solver forms it (no other pass over J); ``None`` when m = 0."""
+        if not sync_free:
+            return self._check_on_host(loss, c, g, rows, satisfied)
         flags = [~loss.isfinite(), ~c.isfinite().all(), ~g.isfinite().all()]
         no = torch.zeros_like(flags[0])
         flags.append(~rows.isfinite().all() if rows is not None else no)
-        m = c.shape[0]
-        zero_rows = (rows == 0) & (c != 0) if rows is not None and m else None
+        zero_rows = (rows == 0) & (c != 0) if rows is not None and c.shape[0] else None
         if zero_rows is not None and satisfied is not None:
             zero_rows = zero_rows & ~satisfied
-        if sync_free:
-            flags.append(zero_rows.any() if zero_rows is not None else no)
-            return torch.stack(flags)
-        bad = torch.stack(flags)
-        host = torch.cat([bad, zero_rows if zero_rows is not None else bad[:0]]).tolist()  # the one host read
-        if any(host[:4]):
-            raise FloatingPointError(nonfinite_message(host[:4], deferred=False))
-        if any(host[4:]):
-            raise ZeroJacobianRows([i for i, z in enumerate(host[4:]) if z])
+        flags.append(zero_rows.any() if zero_rows is not None else no)
+        return torch.stack(flags)
+
+    @staticmethod
+    def _check_on_host(loss: Tensor, c: Tensor, g: Tensor, rows: Tensor | None, satisfied: Tensor | None) -> None:
+        """Exact mode in one host read of the small inputs: loss, c, the rows' check values, whether each row
+        is satisfied, and the sum of g, which is finite when g is (a sum that overflows only sends the check to
+        the entrywise test)."""
+        m = c.shape[0]
+        parts = [loss.reshape(1).double(), g.sum(dtype=torch.float64).reshape(1), c.double()]
+        if rows is not None:
+            parts.append(rows.double())
+            if satisfied is not None:
+                parts.append(satisfied.double())
+        host = torch.cat(parts).tolist()  # the one host read
+        loss_v, g_sum, c_v, rows_v = host[0], host[1], host[2 : 2 + m], host[2 + m : 2 + 2 * m]
+        finite = math.isfinite(loss_v) and all(map(math.isfinite, c_v)) and all(map(math.isfinite, rows_v))
+        if not (finite and math.isfinite(g_sum)):
+            flags = [
+                not math.isfinite(loss_v),
+                not all(map(math.isfinite, c_v)),
+                not bool(g.isfinite().all()),
+                not all(map(math.isfinite, rows_v)),
+            ]
+            if any(flags):
+                raise FloatingPointError(nonfinite_message(flags, deferred=False))
+        if rows is not None and m:
+            skip = host[2 + 2 * m :] if satisfied is not None else [0.0] * m
+            zero = [i for i, (r, ci, sat) in enumerate(zip(rows_v, c_v, skip)) if r == 0 and ci != 0 and not sat]
+            if zero:
+                raise ZeroJacobianRows(zero)
         return None
 
     def commit(self, state: OptimizerState, bad: Tensor, formed: Tensor, rejected: Tensor | None) -> None:

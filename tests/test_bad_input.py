@@ -270,3 +270,42 @@ def test_skipped_steps_recorded_in_a_checkpoint_are_not_reported_again_after_loa
         opt2.step(lambda: good(model))
     opt2.check_finite()
     assert opt2.global_state.nonfinite_steps.item() == 1
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_the_input_check_names_what_is_wrong_and_passes_a_finite_gradient_whose_sum_overflows(sync_free):
+    """Exact mode screens g by its float64 sum in the one host read; a finite g whose sum overflows goes to the
+    entrywise test and passes, while a non-finite entry is named, in both modes alike."""
+    from sqpoptim._finite import FiniteGuard, ZeroJacobianRows
+
+    loss, c, rows = (
+        torch.tensor(1.0, dtype=f64),
+        torch.tensor([0.5, -0.2], dtype=f64),
+        torch.tensor([2.0, 3.0], dtype=f64),
+    )
+    big = torch.full((4,), 1.5e308, dtype=f64)
+    guard = FiniteGuard()
+
+    def flags(g, c=c, rows=rows, loss=loss):
+        if sync_free:
+            return guard.check(loss, c, g, rows, sync_free=True).tolist()
+        guard.check(loss, c, g, rows, sync_free=False)
+        return [False] * 5
+
+    assert flags(big) == [False] * 5  # sum = inf, every entry finite
+    bad_g = big.clone()
+    bad_g[2] = math.inf
+    bad_c = torch.tensor([0.5, math.nan], dtype=f64)
+    zero_row = torch.tensor([2.0, 0.0], dtype=f64)
+    if sync_free:
+        assert flags(bad_g) == [False, False, True, False, False]
+        assert flags(big, c=bad_c) == [False, True, False, False, False]
+        assert flags(big, rows=zero_row) == [False, False, False, False, True]
+    else:
+        with pytest.raises(FloatingPointError, match="gradient"):
+            flags(bad_g)
+        with pytest.raises(FloatingPointError, match="constraint values"):
+            flags(big, c=bad_c)
+        with pytest.raises(ZeroJacobianRows) as err:
+            flags(big, rows=zero_row)
+        assert err.value.rows == [1]
