@@ -85,12 +85,14 @@ def initial_state(nu0: float, device: torch.device) -> DampingState:
     return DampingState(nu=nu, escalation=torch.full_like(nu, 2.0))
 
 
-def judge(state: DampingState, loss: Tensor, c: Tensor, n: int, *, host: bool = False) -> Verdict:
+def judge(
+    state: DampingState, loss: Tensor, c: Tensor, n: int, *, host: bool = False, c_norm: Tensor | None = None
+) -> Verdict:
     """Judge the last step from the new residual ``c`` (and ``loss``, for finiteness); see the module docstring.
 
     ``host=True`` (exact mode): the few scalars are read once and the rule runs on Python floats — on the CPU
     some forty 0-d tensor operations cost more than the rest of a small step's bookkeeping. Both ways evaluate
-    the same :func:`_rule`; ``reject`` is then a Python bool."""
+    the same :func:`_rule`; ``reject`` is then a Python bool. ``c_norm``: ‖c‖ in float64 where the caller has it."""
     nu, escalation, model = state.nu, state.escalation, state.model
     x_prev = state.x_accepted
     if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
@@ -100,7 +102,7 @@ def judge(state: DampingState, loss: Tensor, c: Tensor, n: int, *, host: bool = 
     if model is None:
         no = torch.zeros((), dtype=torch.bool, device=nu.device)
         return Verdict(nu, escalation, torch.full_like(nu, math.nan), False if host else no)
-    actual = torch.linalg.vector_norm(c.double())
+    actual = torch.linalg.vector_norm(c.double()) if c_norm is None else c_norm
     if not host:
         before, predicted, dominates = model.unbind()
         new_nu, new_escalation, rho, reject = _rule(
@@ -232,6 +234,7 @@ def record(
     x: Tensor,
     ok: Tensor | None,
     reject: Tensor | None,
+    c_norm: Tensor | None = None,
 ) -> DampingState:
     """The state after this step: ν, the point x_k it was taken from with its ``loss`` and ``c``, and its model
     (‖c_k‖, ‖c_k + J_kδ_k‖, whether the normal displacement ``normal_norm`` = ‖γv_k‖ exceeded ``u_norm`` =
@@ -239,11 +242,11 @@ def record(
 
     Exact mode (``ok`` and ``reject`` are ``None``): the step was accepted. Sync-free mode: ``ok`` says the step
     was applied, ``reject`` that it moved back to ``state.x_accepted``; neither means it was refused, which
-    leaves ν unchanged."""
+    leaves ν unchanged. ``c_norm``: ‖c‖ in float64 where the caller has it."""
     c64 = c.double()
     model = torch.stack(
         [
-            torch.linalg.vector_norm(c64),
+            torch.linalg.vector_norm(c64) if c_norm is None else c_norm,
             torch.linalg.vector_norm(c64 + Jdelta.double()),
             (normal_norm.double() > u_norm.double()).double(),
         ]

@@ -62,12 +62,12 @@ def violation(c: Tensor, num_ineq: int) -> Tensor:
     return torch.cat([c[:m_eq], c[m_eq:].clamp_min(0.0)])
 
 
-def predicted_violation(c: Tensor, Jdelta: Tensor | None, gamma_max: float) -> Tensor:
+def predicted_violation(c: Tensor, Jdelta: Tensor | None, gamma_max: float, c_norm: Tensor | None = None) -> Tensor:
     r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|` (0-d float64). ``Jdelta`` ``None`` means an undamped step of a
     full-rank J, whose normal part scaled by γ gives :math:`J\delta = -\gamma c` exactly: then
-    :math:`|1 - \gamma_{\max}|`."""
+    :math:`|1 - \gamma_{\max}|`. ``c_norm``: ‖c‖ in float64 where the caller has it."""
     c64 = c.double()
-    c_norm = torch.linalg.vector_norm(c64)
+    c_norm = torch.linalg.vector_norm(c64) if c_norm is None else c_norm
     if Jdelta is None:
         return torch.full_like(c_norm, abs(1.0 - gamma_max))
     left = torch.linalg.vector_norm(c64 + Jdelta.double())
@@ -107,11 +107,12 @@ class FeasibilityMonitor:
         self.infeasibility_warned = False
         self.rank_warned = False
 
-    def stalled(self, c: Tensor, predicted: Tensor) -> bool:
+    def stalled(self, c: Tensor, predicted: Tensor, c_norm: float | None = None) -> bool:
         """Record this step's ‖c‖ and predicted violation; whether the window now shows a stall worth testing for
         stationarity. Not where ‖c‖ has fallen by three orders of magnitude from its largest value: there the
-        damped normal step leaves what lies along J's near-null directions, which is no infeasibility."""
-        c_norm = float(torch.linalg.vector_norm(c.double()))
+        damped normal step leaves what lies along J's near-null directions, which is no infeasibility.
+        ``c_norm``: ‖c‖ where the caller has it."""
+        c_norm = float(torch.linalg.vector_norm(c.double())) if c_norm is None else c_norm
         self.window.append((c_norm, float(predicted)))
         self.peak = max(self.peak, c_norm)
         if self.infeasibility_warned or len(self.window) < self.window.maxlen:

@@ -123,6 +123,7 @@ class _Step:
     nu0: float | None = None
     damping: DampingState | None = None
     verdict: _damping.Verdict | None = None
+    c_norm: Tensor | None = None  # ‖c‖ in float64, formed once
     g: Tensor | None = None
     loss: Tensor = None  # type: ignore[assignment]  # phase 3 on
     c: Tensor = None  # type: ignore[assignment]
@@ -299,6 +300,7 @@ class ConstrainedOptimizer(Optimizer):
         s.inputs, s.c_out, s.raw, s.recorder, s.g = read.inputs, read.c_out, read.raw, read.recorder, read.g
         s.returned = (s.inputs.loss.detach(), s.c_out)
         s.m, s.num_ineq = s.inputs.c.shape[0], s.inputs.num_ineq
+        s.c_norm = torch.linalg.vector_norm(s.inputs.c.detach().double()) if s.m else None  # (used four times)
         s.solver_mode = solver_for(self.solver_mode, s.num_ineq)
         s.nu0 = damping_for(self.normal_damping, s.num_ineq)
 
@@ -309,7 +311,7 @@ class ConstrainedOptimizer(Optimizer):
             return False
         s.damping = self._global.damping or _damping.initial_state(s.nu0, s.layout.device)
         s.verdict = _damping.judge(
-            s.damping, s.inputs.loss.detach(), s.inputs.c.detach(), s.layout.n, host=not s.sync_free
+            s.damping, s.inputs.loss.detach(), s.inputs.c.detach(), s.layout.n, host=not s.sync_free, c_norm=s.c_norm
         )
         if s.sync_free or not bool(s.verdict.reject):  # one host read (exact mode only)
             return False
@@ -432,7 +434,7 @@ class ConstrainedOptimizer(Optimizer):
         if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
             gamma = self._normal_step_sizes(s.layout)
             info["c_predicted"] = predicted_violation(
-                s.c, Jdelta, float(gamma.max()) if isinstance(gamma, Tensor) else gamma
+                s.c, Jdelta, float(gamma.max()) if isinstance(gamma, Tensor) else gamma, s.c_norm
             )
         if s.verdict is not None:
             assert s.damping is not None and Jdelta is not None
@@ -450,6 +452,7 @@ class ConstrainedOptimizer(Optimizer):
                 info=info,
                 applied=None if s.ok is None else s.applied,
                 reject=s.reject,
+                c_norm=s.c_norm,
             )
         info["step_norm"] = torch.linalg.vector_norm(delta)
         multipliers = info.pop("multipliers", None)
@@ -480,7 +483,8 @@ class ConstrainedOptimizer(Optimizer):
         on a stall, test the violation's stationarity (:mod:`sqpoptim._feasibility`)."""
         assert s.J is not None
         v = violation(s.c, s.num_ineq)
-        if self._monitor.stalled(v, predicted):
+        c_norm = float(s.c_norm) if s.c_norm is not None and not s.num_ineq else None  # ‖violation‖ = ‖c‖
+        if self._monitor.stalled(v, predicted, c_norm):
             op = s.J.op
             self._monitor.judge_stall(stationarity_cosine(v.to(s.layout.dtype), op.mv, op.rmv))
 

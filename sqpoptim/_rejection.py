@@ -78,13 +78,15 @@ def record_step(
     info: dict[str, Any],
     applied: Tensor | None,
     reject: Tensor | None,
+    c_norm: Tensor | None = None,
 ) -> tuple[DampingState, Tensor, tuple[Tensor, Tensor]]:
     """The damping state after this step, the displacement to apply and the values ``step`` returns.
 
     Sync-free mode (``reject`` a device flag): a rejected last step turns this step's displacement into the move
     back to the accepted point (and the returned values into that point's); ``applied`` says whether this step's
     displacement is applied at all. Exact mode (both ``None``): the step is accepted. ``info`` gains the
-    damping's diagnostics (``rejected``, ``damping``, ``damping_ratio``, ``rejected_steps``)."""
+    damping's diagnostics (``rejected``, ``damping``, ``damping_ratio``, ``rejected_steps``); ``c_norm`` is ‖c‖
+    (float64) where the caller has it."""
     x = layout.gather()
     x_prev = damping.x_accepted
     if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
@@ -105,6 +107,7 @@ def record_step(
         x=x,
         ok=applied,
         reject=reject,
+        c_norm=c_norm,
     )
     info.update(
         rejected=False if reject is None else reject,

@@ -2,6 +2,7 @@ r"""Projected stochastic Adam SQP (Algorithm 3 of Wang, Piermarini, Zhu, Curtis 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -286,6 +287,14 @@ def _scaled_direction(
 ) -> tuple[Tensor, Tensor]:
     """``(D_k^{-1} p_k, D_k)``: Adam's direction from the updated moments, learning rate and bias correction
     included, and the metric diagonal."""
+    scalars = not any(isinstance(h, Tensor) for h in (lr, beta1, beta2))
+    if scalars and (not isinstance(step, Tensor) or (step.dim() == 0 and step.device.type == "cpu")):
+        k = float(step)  # the bias correction in Python floats: on the CPU a read costs less than five 0-d ops
+        if defossez:
+            denom = (exp_avg_sq + eps).sqrt_()
+            return (lr * (1.0 - beta1) * math.sqrt((1.0 - beta2**k) / (1.0 - beta2)) * exp_avg) / denom, denom
+        denom = (exp_avg_sq / (1.0 - beta2**k) + eps).sqrt_()
+        return ((lr / (1.0 - beta1**k)) * exp_avg) / denom, denom
     k = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device)
     if defossez:
         alpha_k = lr * (1.0 - beta1) * torch.sqrt((1.0 - beta2**k) / (1.0 - beta2)).to(exp_avg.dtype)
@@ -352,6 +361,10 @@ def _feed_moments(
     w1 = 1.0 if defossez else 1.0 - beta1
     w2 = 1.0 if defossez else 1.0 - beta2
     b1, b2 = beta1, beta2
+    if ok is None and not isinstance(w1, Tensor) and not isinstance(w2, Tensor):
+        exp_avg.mul_(b1).add_(gbar, alpha=w1)
+        exp_avg_sq.mul_(b2).addcmul_(gbar, gbar, value=w2)
+        return
     if ok is not None:
         gbar = torch.where(ok, gbar, torch.zeros_like(gbar))
         b1, b2 = (masked(ok, b, 1.0, gbar) for b in (beta1, beta2))
