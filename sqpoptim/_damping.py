@@ -235,6 +235,7 @@ def record(
     ok: Tensor | None,
     reject: Tensor | None,
     c_norm: Tensor | None = None,
+    residual_norm: Tensor | None = None,
 ) -> DampingState:
     """The state after this step: ν, the point x_k it was taken from with its ``loss`` and ``c``, and its model
     (‖c_k‖, ‖c_k + J_kδ_k‖, whether the normal displacement ``normal_norm`` = ‖γv_k‖ exceeded ``u_norm`` =
@@ -242,12 +243,13 @@ def record(
 
     Exact mode (``ok`` and ``reject`` are ``None``): the step was accepted. Sync-free mode: ``ok`` says the step
     was applied, ``reject`` that it moved back to ``state.x_accepted``; neither means it was refused, which
-    leaves ν unchanged. ``c_norm``: ‖c‖ in float64 where the caller has it."""
+    leaves ν unchanged. ``c_norm`` and ``residual_norm``: ‖c‖ and ‖c + Jδ‖ in float64 where the caller has
+    them."""
     c64 = c.double()
     model = torch.stack(
         [
             torch.linalg.vector_norm(c64) if c_norm is None else c_norm,
-            torch.linalg.vector_norm(c64 + Jdelta.double()),
+            torch.linalg.vector_norm(c64 + Jdelta.double()) if residual_norm is None else residual_norm,
             (normal_norm.double() > u_norm.double()).double(),
         ]
     )

@@ -62,15 +62,17 @@ def violation(c: Tensor, num_ineq: int) -> Tensor:
     return torch.cat([c[:m_eq], c[m_eq:].clamp_min(0.0)])
 
 
-def predicted_violation(c: Tensor, Jdelta: Tensor | None, gamma_max: float, c_norm: Tensor | None = None) -> Tensor:
+def predicted_violation(
+    c: Tensor, Jdelta: Tensor | None, gamma_max: float, c_norm: Tensor | None = None, left: Tensor | None = None
+) -> Tensor:
     r""":math:`\|c_k + J_k\delta_k\| / \|c_k\|` (0-d float64). ``Jdelta`` ``None`` means an undamped step of a
     full-rank J, whose normal part scaled by γ gives :math:`J\delta = -\gamma c` exactly: then
-    :math:`|1 - \gamma_{\max}|`. ``c_norm``: ‖c‖ in float64 where the caller has it."""
+    :math:`|1 - \gamma_{\max}|`. ``c_norm`` and ``left``: ‖c‖ and ‖c + Jδ‖ in float64 where the caller has them."""
     c64 = c.double()
     c_norm = torch.linalg.vector_norm(c64) if c_norm is None else c_norm
     if Jdelta is None:
         return torch.full_like(c_norm, abs(1.0 - gamma_max))
-    left = torch.linalg.vector_norm(c64 + Jdelta.double())
+    left = torch.linalg.vector_norm(c64 + Jdelta.double()) if left is None else left
     return torch.where(c_norm > 0, left / torch.where(c_norm > 0, c_norm, 1.0), torch.zeros_like(left))
 
 

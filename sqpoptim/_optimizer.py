@@ -431,10 +431,12 @@ class ConstrainedOptimizer(Optimizer):
         Jdelta = None
         if m and not num_ineq and (s.verdict is not None or s.sync_free or info.get("truncated") or not J.exact(info)):
             Jdelta = J.op.mv(delta) if known is None else known
+        # ‖c + Jδ‖, shared by the predicted violation and the damping model
+        left = None if Jdelta is None else torch.linalg.vector_norm(s.c.double() + Jdelta.double())
         if m and "c_predicted" not in info:  # the inequality path reports its own (of the QP step, before any α)
             gamma = self._normal_step_sizes(s.layout)
             info["c_predicted"] = predicted_violation(
-                s.c, Jdelta, float(gamma.max()) if isinstance(gamma, Tensor) else gamma, s.c_norm
+                s.c, Jdelta, float(gamma.max()) if isinstance(gamma, Tensor) else gamma, s.c_norm, left
             )
         if s.verdict is not None:
             assert s.damping is not None and Jdelta is not None
@@ -453,6 +455,7 @@ class ConstrainedOptimizer(Optimizer):
                 applied=None if s.ok is None else s.applied,
                 reject=s.reject,
                 c_norm=s.c_norm,
+                residual_norm=left if s.reject is None else None,  # (a sync-free move back has another J δ)
             )
         info["step_norm"] = torch.linalg.vector_norm(delta)
         multipliers = info.pop("multipliers", None)

@@ -79,14 +79,15 @@ def record_step(
     applied: Tensor | None,
     reject: Tensor | None,
     c_norm: Tensor | None = None,
+    residual_norm: Tensor | None = None,
 ) -> tuple[DampingState, Tensor, tuple[Tensor, Tensor]]:
     """The damping state after this step, the displacement to apply and the values ``step`` returns.
 
     Sync-free mode (``reject`` a device flag): a rejected last step turns this step's displacement into the move
     back to the accepted point (and the returned values into that point's); ``applied`` says whether this step's
     displacement is applied at all. Exact mode (both ``None``): the step is accepted. ``info`` gains the
-    damping's diagnostics (``rejected``, ``damping``, ``damping_ratio``, ``rejected_steps``); ``c_norm`` is ‖c‖
-    (float64) where the caller has it."""
+    damping's diagnostics (``rejected``, ``damping``, ``damping_ratio``, ``rejected_steps``); ``c_norm`` and
+    ``residual_norm`` are ‖c‖ and ‖c + J δ‖ (float64) where the caller has them."""
     x = layout.gather()
     x_prev = damping.x_accepted
     if reject is not None and x_prev is not None and x_prev.numel() == x.numel():
@@ -108,6 +109,7 @@ def record_step(
         ok=applied,
         reject=reject,
         c_norm=c_norm,
+        residual_norm=residual_norm,
     )
     info.update(
         rejected=False if reject is None else reject,
