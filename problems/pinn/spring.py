@@ -128,7 +128,9 @@ class Spring(Problem):
         self.t_residual = as_tensor(data["t_residual"])[:, None]  # [30, 1]
         self.t_test = as_tensor(data["t_test"])[:, None]  # [1000, 1]
         self.u_test = as_tensor(data["u_test"])[:, None]  # [1000, 1]
-        self.t_constraint = self.t_residual[list(CONSTRAINT_INDICES)]  # [3, 1]
+        # an index tensor: a batched backward has a batching rule for index_select's backward, not for indexing
+        self.constraint_index = torch.tensor(CONSTRAINT_INDICES, device=self.device)
+        self.t_constraint = self.t_residual.index_select(0, self.constraint_index)  # [3, 1]
 
     # --- model -------------------------------------------------------------------------------------------
     def make_model(self, seed: int) -> nn.Module:
@@ -165,7 +167,7 @@ class Spring(Problem):
         k = len(CONSTRAINT_INDICES)
         if batch is None:
             r = self.residual(model, self.t_residual)  # [30]
-            r_obj, c = r, r[list(CONSTRAINT_INDICES)]
+            r_obj, c = r, r.index_select(0, self.constraint_index)
         else:
             t_res = self.t_residual[batch_indices(batch, "residual", NUM_RESIDUAL, self.name, self.device)]
             r = self.residual(model, torch.cat([t_res, self.t_constraint]))  # [B + 3]
