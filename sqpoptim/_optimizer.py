@@ -56,7 +56,7 @@ from ._feasibility import (
     violation,
     zero_rows_error,
 )
-from ._finite import FiniteGuard, ZeroJacobianRows
+from ._finite import FiniteGuard, ZeroJacobianRows, all_finite
 from ._gradient import flat_gradient
 from ._hyperparameters import check_step_options, in_group
 from ._inequality import InequalityWarmStart
@@ -402,7 +402,7 @@ class ConstrainedOptimizer(Optimizer):
             delta = torch.where(s.applied, delta, torch.zeros_like(delta))
             counted = formed if s.stats is None else s.stats & formed
         else:
-            if not bool(delta.isfinite().all()):  # from finite inputs and a finite projected gradient: overflow
+            if not all_finite(delta):  # from finite inputs and a finite projected gradient: overflow
                 raise FloatingPointError(
                     "the step could not be formed: non-finite displacement from finite inputs (an overflowing "
                     "linear system); the step was refused and the parameters are unchanged"

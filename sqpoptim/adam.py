@@ -288,8 +288,9 @@ def _scaled_direction(
     """``(D_k^{-1} p_k, D_k)``: Adam's direction from the updated moments, learning rate and bias correction
     included, and the metric diagonal."""
     scalars = not any(isinstance(h, Tensor) for h in (lr, beta1, beta2))
-    if scalars and (not isinstance(step, Tensor) or (step.dim() == 0 and step.device.type == "cpu")):
-        k = float(step)  # the bias correction in Python floats: on the CPU a read costs less than five 0-d ops
+    host = scalars and (not isinstance(step, Tensor) or (step.dim() == 0 and step.device.type == "cpu"))
+    k = float(step) if host else 0.0  # the bias correction in Python floats: on the CPU a read costs less than
+    if k >= 1.0:  # five 0-d ops (k = 0, a step that is not counted, keeps the tensors' inf, which is masked)
         if defossez:
             denom = (exp_avg_sq + eps).sqrt_()
             return (lr * (1.0 - beta1) * math.sqrt((1.0 - beta2**k) / (1.0 - beta2)) * exp_avg) / denom, denom
