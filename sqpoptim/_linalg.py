@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._finite import all_finite
 from ._workspace import Workspace
 
 __all__ = [
@@ -169,10 +170,10 @@ def _condition(G: Tensor, L: Tensor) -> Tensor:
 
 def _host_condition(G: Tensor) -> float:
     """κ(G) of :func:`_condition` on the CPU as a Python float, from one read of the extreme eigenvalues."""
-    if not bool(G.isfinite().all()):
+    if not all_finite(G):
         return math.nan
-    lam = torch.linalg.eigvalsh(G)
-    low, high = lam[0].item(), lam[-1].item()
+    lam = torch.linalg.eigvalsh(G).tolist()
+    low, high = lam[0], lam[-1]
     return high / low if low > 0 else math.inf
 
 

@@ -191,3 +191,29 @@ def test_empty_constraint_set():
     x = torch.randn(6, dtype=f64)
     assert torch.equal(project(J, x, F), x)
     assert torch.equal(normal_step(J, torch.zeros(0, dtype=f64), F), torch.zeros(6, dtype=f64))
+
+
+@pytest.mark.parametrize("m", [3, 150])
+def test_the_workspace_gives_the_factors_of_fresh_matrices_and_keeps_its_buffers(m):
+    """The optimizer's reused m x m buffers (from ``MIN_M`` rows on the CPU) hold exactly the matrices and factors
+    a fresh allocation gives, step after step; below ``MIN_M`` nothing is kept."""
+    from sqpoptim._dense_solver import DenseSolver
+    from sqpoptim._jacobian_operator import DenseJacobian
+    from sqpoptim._workspace import MIN_M, Workspace
+
+    ws = Workspace()
+    nu = torch.tensor(1e-3, dtype=torch.float64)
+    pointers = set()
+    for seed in range(3):
+        J, _, c, _ = random_problem(m, 2 * m + 7, seed, cond=1e3)
+        x = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        steps = []
+        for workspace in (None, ws):
+            S = DenseSolver(DenseJacobian(J), rank_tol=1e-7, sync_free=False, workspace=workspace)
+            delta, info = S.step(x, c, 0.5, nu)
+            steps.append((delta, S.gram.clone(), S.factor.chol.clone(), info["Jdelta"]))
+            if workspace is not None:
+                pointers.add(S.factor.chol.data_ptr())
+        for a, b in zip(*steps):
+            assert torch.equal(a, b)
+    assert (ws.nbytes > 0) == (m >= MIN_M) and (len(pointers) == 1) == (m >= MIN_M)
