@@ -35,9 +35,9 @@ class Workspace:
         self._buffers: dict[str, Tensor] = {}
 
     def matrix(self, name: str, m: int, device: torch.device, *, column_major: bool = False) -> Tensor | None:
-        """The buffer ``name`` (``None`` off the CPU and below ``MIN_M``). ``column_major``: Fortran order, the layout LAPACK writes a
-        factor in, so that ``torch.linalg.cholesky_ex(..., out=...)`` factors in place without a copy (a name
-        keeps the layout it was first asked with)."""
+        """The buffer ``name`` (``None`` off the CPU and below ``MIN_M``). ``column_major``: Fortran order, the
+        layout LAPACK writes a factor in, so that ``torch.linalg.cholesky_ex(..., out=...)`` factors in place
+        without a copy (a name keeps the layout it was first asked with)."""
         if device.type != "cpu" or m < MIN_M:
             return None
         buf = self._buffers.get(name)
