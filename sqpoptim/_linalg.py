@@ -98,6 +98,9 @@ def gram(J: Tensor, weight: Tensor | None = None, *, out: Tensor | None = None) 
     if J.dtype == torch.float64 and weight is None:
         return J @ J.T if out is None else torch.mm(J, J.T, out=out)
     chunk = max(1, _GRAM_CHUNK_BYTES // (8 * max(m, 1)))
+    if weight is None and n <= chunk:  # one cast, one product
+        J64 = J.to(torch.float64)
+        return J64 @ J64.T if out is None else torch.mm(J64, J64.T, out=out)
     out = J.new_zeros((m, m), dtype=torch.float64) if out is None else out.zero_()
     for start in range(0, n, chunk):
         Jc = J[:, start : start + chunk].to(torch.float64)  # [m, k]
