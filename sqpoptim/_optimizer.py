@@ -466,7 +466,8 @@ class ConstrainedOptimizer(Optimizer):
                     last = torch.full_like(multipliers, float("nan"))
                 multipliers = torch.where(s.applied, multipliers, last)
             self._report.multipliers = multipliers
-        if m and not num_ineq:
+        # the solver reported max|c| of the same values unless the step returns others (a sync-free move back)
+        if m and not num_ineq and not ("c_inf" in info and s.returned[1] is s.c_out):
             info["c_inf"] = s.returned[1].abs().max()
         info["g_norm"] = torch.linalg.vector_norm(s.g)
         if m:
