@@ -41,3 +41,23 @@ def test_in_place_gram_factor_flags_a_rank_deficient_jacobian():
     assert flagged.tolist() == [False, True, False]
     assert torch.equal(flagged, gram_factor(J @ J.mT)[1])
     assert bool(torch.isfinite(L).all())
+
+
+def test_least_norm_step_in_a_work_buffer_is_the_least_norm_solution():
+    from sqpoptim.layers._gauss_newton import least_norm_step
+
+    gen = torch.Generator().manual_seed(1)
+    J = torch.randn(6, 50, 70, dtype=F64, generator=gen)
+    r = torch.randn(6, 50, dtype=F64, generator=gen)
+    work = torch.full((8, 50, 50), float("nan"), dtype=F64)  # larger than the batch: its leading rows are used
+    d, flagged = least_norm_step(J, r, None, 0.0, work)
+    d_ref = -(torch.linalg.pinv(J) @ r[..., None]).squeeze(-1)  # the least-norm solution of J d = -r
+    torch.testing.assert_close(d, d_ref, rtol=0, atol=1e-10)
+    assert not bool(flagged.any())
+    torch.testing.assert_close(d, least_norm_step(J, r, None, 0.0)[0], rtol=0, atol=1e-12)
+    # Under autograd the buffer is not used (in-place factorisations have no derivative): gradients still flow.
+    Jg = J.clone().requires_grad_()
+    d_g, _ = least_norm_step(Jg, r, None, 0.0, work)
+    (g,) = torch.autograd.grad(d_g.sum(), Jg)
+    assert bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0
+    torch.testing.assert_close(d_g.detach(), d_ref, rtol=0, atol=1e-10)
