@@ -72,15 +72,10 @@ class KrylovSolver(ConstraintSolver):
 
     def normal_step(self, c: Tensor, damping: Tensor | None = None, *, weight: Tensor | None = None) -> Tensor:
         r""":math:`-WJ^\top(G_W + \mu I)^{-1}c`, stopped at :math:`\|r\| \le \epsilon\|c\|` (Test II; ``rtol``
-        when set), or the Cauchy point where the iterate falls short of its decrease of the damped model
-        (:func:`sqpoptim._krylov.cauchy_safeguard`).
-
-        Started from zero, not from the last step's multipliers: after a step that reduced c they solve for the
-        old c (measured on the scaling benchmark's m = 10,000 cell: a residual 2 to 5,600 times ‖c‖, so the
-        start was discarded after a wasted product pair), and after a rejected step — the same c — they are the
-        rejected step's, which the retaken step then extended instead of replacing (its length grew
-        0.86 → 1.2 → 1.6 → 1.8 → 9.7 over four rejections, against 0.86 → 0.86 → 0.87 → 1.0 → 3.4 from zero).
-        From zero, the first iteration's products give the Cauchy point for free."""
+        when set), warm-started from the last normal step's multipliers (where they leave a smaller residual than
+        zero), or the Cauchy point where the iterate falls short of a tenth of the Cauchy point's decrease of the
+        damped model (:func:`sqpoptim._krylov.cauchy_safeguard`). From zero, the solve's first iteration gives
+        the Cauchy point; from a warm start it costs one more :math:`J^\top` and :math:`J` product."""
         if self.op.m == 0:
             return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
         w = self.weight if weight is None else weight
@@ -93,10 +88,11 @@ class KrylovSolver(ConstraintSolver):
         inv = self._inv_diag() if weight is None else _inv_diag(self.op, w, opt.jacobi)
         if inv is not None and shift:
             inv = 1.0 / (1.0 / inv + shift)
+        slot = "normal" if weight is None else "normal_scaled"
         res = minres(
             self.op,
             b,
-            None,
+            self._warm(slot),
             weight=w,
             shift=shift,
             inv_diag=inv,
@@ -104,11 +100,11 @@ class KrylovSolver(ConstraintSolver):
             max_iter=opt.max_iter,
             keep_first=True,
         )
-        _, v, replaced = cauchy_safeguard(self.op, b, res, shift, weight=w)
-        self.stats["krylov_iterations"] += res.iterations
-        self.stats["krylov_converged"] = self.stats["krylov_converged"] and res.converged and not replaced
+        res.lam, res.z, replaced = cauchy_safeguard(self.op, b, res, shift, weight=w)
+        res.converged = res.converged and not replaced
+        self._record(slot, res)
         self.stats["krylov_cauchy"] = self.stats.get("krylov_cauchy", False) or replaced
-        return v
+        return res.z
 
     def _fused(self, gamma: float | Tensor, damping: Tensor | None) -> bool:
         return damping is None and not isinstance(gamma, Tensor)

@@ -152,10 +152,14 @@ def test_a_truncated_damped_normal_step_falls_back_to_the_cauchy_point_where_it_
     v_exact = exact.normal_step(c, nu)
     v_ref = -J.T @ torch.linalg.solve(J @ J.T + mu * torch.eye(12, dtype=f64), c)
     assert _rel(v_exact, v_ref) < 1e-8 and not exact.stats["krylov_cauchy"]
-    for iters in (1, 2, 4, 6, 10):  # and every capped step reaches a tenth of the Cauchy decrease
-        w = KrylovSolver(op, KrylovOptions(max_iter=iters), {}).normal_step(c, nu)
-        q0, qc = _damped_model(J, c, mu, 0 * w), _damped_model(J, c, mu, t * d)
-        assert q0 - _damped_model(J, c, mu, w) >= 0.1 * (q0 - qc) * (1 - 1e-9)
+    # every capped step reaches a tenth of the Cauchy decrease, from zero and warm-started from the truncated
+    # solve's multipliers (a retaken step from the same point: the Cauchy point by one more product pair)
+    assert float((-c - (J @ J.T + mu * torch.eye(12, dtype=f64)) @ raw.lam).norm()) < float(c.norm())
+    for iters in (1, 2, 3, 4, 6, 10):
+        for state in ({}, {"multipliers": {"normal": raw.lam}}):
+            w = KrylovSolver(op, KrylovOptions(max_iter=iters), state).normal_step(c, nu)
+            q0, qc = _damped_model(J, c, mu, 0 * w), _damped_model(J, c, mu, t * d)
+            assert q0 - _damped_model(J, c, mu, w) >= 0.1 * (q0 - qc) * (1 - 1e-9)
 
 
 def _linear_closure(x, J, c0):
