@@ -44,7 +44,9 @@ positive-definite diagonal metric, so the paper's :math:`\max(\tfrac12 s^\top Hs
 (``krylov_converged=False``) and its last iterate used; ``rtol`` replaces both tests by the classical
 :math:`\|r\| \le \text{rtol}\,\|b\|` (solving "to tolerance", the oracle comparisons of the tests). Projections
 that do not enter the step (the projected gradient fed to a method's moments) stop at
-:math:`\|r\| \le \text{projection\_rtol}\,\|Jx\|`.
+:math:`\|r\| \le \text{projection\_rtol}\,\|Jx\|`. The damped normal step, a solve of its own, stops at Test II and must
+reach a tenth of its Cauchy point's decrease of the Levenberg–Marquardt model, or is that point
+(:func:`cauchy_safeguard`).
 
 Precision: the m-vectors (λ, r, the search directions) are float64; the products run in the parameters' dtype.
 Every iteration reads a few scalars on the host (the recurrences and the termination tests).
