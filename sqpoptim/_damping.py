@@ -27,8 +27,14 @@ step crosses a kink) it overshoots by orders of magnitude. With ``normal_damping
 normal step only when it was the larger part (:math:`\|\gamma v_k\| > \|u_k\|`). Otherwise nothing is rejected
 (damping the normal step cannot shrink an error made by the tangential step, and rejecting it would repeat it
 forever) and ν relaxes by 10 % per step, so that a damped — hence small — normal step is judged again later
-instead of leaving ν where a failure left it. A step whose model predicted no decrease, and the step after a
-rejection (taken from the same point), are not judged. Non-finite values are not a failure of this kind: they
+instead of leaving ν where a failure left it. The step after a rejection (taken from the same point, its model
+set to predict no decrease) is not judged. Nor is any other step whose model predicted no decrease — unless its
+normal part was the larger and ‖c‖ grew: that is a failure (ρ reported as −∞). The exact damped step always
+predicts a decrease (:math:`\|c + Jv\| < \|c\|`), and so does the matrix-free one, whose truncated solve falls
+back to the Cauchy point where it does not (:func:`sqpoptim._krylov.cauchy_safeguard`); so that case is left to an
+inexact tangential part (:math:`Ju \ne 0`) or a normal step size γ ≥ 2. Before the safeguard, a truncated
+MINRES step predicted growth (‖c + Jδ‖ = 1.06‖c‖ on the scaling benchmark's m = 10,000 cell), was not judged,
+and raised max|c| 33-fold. Non-finite values are not a failure of this kind: they
 are refused with parameters and state unchanged (:mod:`sqpoptim._finite`).
 
 This is on by default (ν0 = ``DEFAULT_NU0`` = 1e-6) in every SQP optimizer's fixed-step rule and in Adam(con);
@@ -176,7 +182,8 @@ def _rule(
     rho = (before - actual) / ops.where(positive, pred, 1.0)
     finite = ops.isfinite(actual) & loss_finite  # non-finite values are refused as without damping
     judged = positive & dominates & finite
-    failure = judged & (rho < 0)
+    grew = ops.not_(positive) & dominates & finite & (actual > before)  # predicted no decrease, and it grew
+    failure = judged & (rho < 0) | grew
     success = judged & (rho >= 0)
     t = 2.0 * rho - 1.0
     nielsen = ops.clamp(1.0 - t * t * t, low=1.0 / 3.0)  # (a product, not a power: a float power may raise)
@@ -185,7 +192,7 @@ def _rule(
     return (
         ops.clamp(nu * factor, NU_MIN, NU_MAX),
         ops.where(failure, ops.clamp(2.0 * escalation, high=_MAX_ESCALATION), ops.where(success, 2.0, escalation)),
-        ops.where(judged, rho, math.nan),
+        ops.where(judged, rho, ops.where(grew, -math.inf, math.nan)),
         failure,
     )
 

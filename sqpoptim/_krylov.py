@@ -44,7 +44,9 @@ positive-definite diagonal metric, so the paper's :math:`\max(\tfrac12 s^\top Hs
 (``krylov_converged=False``) and its last iterate used; ``rtol`` replaces both tests by the classical
 :math:`\|r\| \le \text{rtol}\,\|b\|` (solving "to tolerance", the oracle comparisons of the tests). Projections
 that do not enter the step (the projected gradient fed to a method's moments) stop at
-:math:`\|r\| \le \text{projection\_rtol}\,\|Jx\|`.
+:math:`\|r\| \le \text{projection\_rtol}\,\|Jx\|`. The damped normal step, a solve of its own, stops at Test II and must
+reach a tenth of its Cauchy point's decrease of the Levenberg–Marquardt model, or is that point
+(:func:`cauchy_safeguard`).
 
 Precision: the m-vectors (λ, r, the search directions) are float64; the products run in the parameters' dtype.
 Every iteration reads a few scalars on the host (the recurrences and the termination tests).
@@ -61,7 +63,17 @@ from torch import Tensor
 
 from ._jacobian_operator import JacobianOperator
 
-__all__ = ["KrylovOptions", "KrylovResult", "inexact_step", "krylov_project", "minres"]
+__all__ = [
+    "CAUCHY_FRACTION",
+    "KrylovOptions",
+    "KrylovResult",
+    "cauchy_safeguard",
+    "inexact_step",
+    "krylov_project",
+    "minres",
+]
+
+CAUCHY_FRACTION = 0.1  # share of the Cauchy point's model decrease a damped normal step must reach
 
 
 @dataclass(frozen=True)
@@ -105,13 +117,16 @@ class KrylovOptions:
 @dataclass
 class KrylovResult:
     """λ, :math:`z = WJ^\\top\\lambda` (parameters' dtype), the recurrence residual r (float64), iterations,
-    and whether a stopping rule (rather than the cap) ended the iteration."""
+    and whether a stopping rule (rather than the cap) ended the iteration. ``first``: the images
+    :math:`(WJ^\\top b,\\ JWJ^\\top b)` of the right-hand side that an unpreconditioned solve from zero forms in
+    its first iteration, where asked for (``keep_first``) and formed."""
 
     lam: Tensor
     z: Tensor
     r: Tensor
     iterations: int
     converged: bool
+    first: tuple[Tensor, Tensor] | None = None
 
 
 def minres(
@@ -124,13 +139,16 @@ def minres(
     inv_diag: Tensor | None,
     stop: Callable[[Tensor, Tensor, Tensor], bool],
     max_iter: int,
+    keep_first: bool = False,
 ) -> KrylovResult:
     r"""Preconditioned MINRES (Paige and Saunders, SIAM J. Numer. Anal. 12(4), 1975) on
     :math:`(JWJ^\top + \mu I)\lambda = b` (float64 ``b``), keeping :math:`z = WJ^\top\lambda` and the residual
     :math:`r = b - (JWJ^\top + \mu I)\lambda` alongside (both by the recurrences of the search directions, so an
     iteration costs one :math:`J^\top` and one :math:`J` product). ``stop(lam, z, r)`` is asked at the start and
     after every iteration. ``inv_diag`` (a positive ``[m]``) is the Jacobi preconditioner :math:`M^{-1}`; MINRES
-    then minimises :math:`\|r\|_{M^{-1}}` over the Krylov space."""
+    then minimises :math:`\|r\|_{M^{-1}}` over the Krylov space. ``keep_first``: keep the first iteration's images
+    of b (``KrylovResult.first``, for the Cauchy point of :func:`cauchy_safeguard`; formed only by an
+    unpreconditioned solve started from zero)."""
     dtype = op.dtype
 
     def wjt(y: Tensor) -> Tensor:
@@ -140,7 +158,8 @@ def minres(
     def precond(y: Tensor) -> Tensor:
         return y if inv_diag is None else y * inv_diag
 
-    if lam0 is None or not bool(lam0.any()):
+    cold = lam0 is None or not bool(lam0.any())
+    if cold:
         lam = torch.zeros_like(b)
         z = torch.zeros(op.n, dtype=dtype, device=b.device)
         r = b.clone()
@@ -150,6 +169,9 @@ def minres(
         r = b - op.mv(z).double() - shift * lam
         if float(torch.linalg.vector_norm(r)) >= float(torch.linalg.vector_norm(b)):  # a warm start worse than 0
             lam, z, r = torch.zeros_like(b), torch.zeros_like(z), b.clone()
+            cold = True
+    keep_first = keep_first and cold and inv_diag is None
+    first = None
     if stop(lam, z, r):
         return KrylovResult(lam, z, r, 0, True)
     y = precond(r)
@@ -168,6 +190,8 @@ def minres(
         v = y / beta
         vt = wjt(v)
         gv = op.mv(vt).double() + shift * v  # (G + mu I) v
+        if it == 1 and keep_first:  # v = b / ||b||: the images of b
+            first = (vt * beta, (gv - shift * v) * beta)
         y = gv if it == 1 else gv - (beta / oldb) * r1
         alfa = float(torch.dot(v, y))
         y = y - (alfa / beta) * r2
@@ -194,10 +218,62 @@ def minres(
         z = z + phi * wt
         r = r - phi * gw
         if stop(lam, z, r):
-            return KrylovResult(lam, z, r, it, True)
+            return KrylovResult(lam, z, r, it, True, first)
         if beta == 0.0:  # the Krylov space is exhausted: lam is the (least-squares) solution on it
-            return KrylovResult(lam, z, r, it, False)
-    return KrylovResult(lam, z, r, max_iter, False)
+            return KrylovResult(lam, z, r, it, False, first)
+    return KrylovResult(lam, z, r, max_iter, False, first)
+
+
+def cauchy_safeguard(
+    op: JacobianOperator,
+    b: Tensor,
+    res: KrylovResult,
+    shift: float,
+    *,
+    weight: Tensor | None,
+    fraction: float = CAUCHY_FRACTION,
+) -> tuple[Tensor, Tensor, bool]:
+    r"""The normal step :math:`v = WJ^\top\lambda` of a solve of :math:`(JWJ^\top + \mu I)\lambda = b` (``res``,
+    :math:`b = -c`), or the Cauchy point where it falls short of a fraction of the Cauchy decrease; returns
+    ``(λ, v, replaced)``.
+
+    The damped normal step is the minimiser of the Levenberg–Marquardt model
+    :math:`q(v) = \tfrac12\|c + Jv\|^2 + \tfrac12\mu\|v\|^2_{W^{-1}}`, and MINRES on the shifted system
+    minimises another function over the Krylov space, :math:`\|b - (G_W + \mu I)\lambda\|`; a truncated
+    iterate can raise q — and even the linearised violation :math:`\|c + Jv\| = \|r + \mu\lambda\|`, which
+    the exact step never does. Following the normal-component condition of Byrd, Curtis and Nocedal ("An inexact
+    SQP method for equality constrained optimization", SIAM J. Optim. 19(1), 2008) and Curtis, Nocedal and
+    Wächter ("A matrix-free algorithm for equality constrained optimization problems with rank-deficient
+    Jacobians", SIAM J. Optim. 20(3), 2009), the step must reduce q by at least ``fraction`` of what the Cauchy
+    point reduces it, the minimiser of q along the steepest descent direction :math:`WJ^\top b`:
+
+    .. math::
+
+        v_C = t\,WJ^\top b,\qquad t = \frac{b^\top G_W b}{\|G_W b\|^2 + \mu\, b^\top G_W b},\qquad
+        q(0) - q(v) \ge \text{fraction}\,(q(0) - q(v_C));
+
+    otherwise the step is :math:`v_C`. Every step so taken has :math:`q(v) < q(0)`, hence
+    :math:`\|c + Jv\| < \|c\|` (unless :math:`J^\top c = 0`, where it is 0): the linear model predicts a
+    decrease, as for the exact step, so the damping's ratio test judges it. With :math:`G_W\lambda = b - r -
+    \mu\lambda`, q of the iterate costs m-vector products only; :math:`WJ^\top b` and :math:`G_W b` are the
+    solve's first iteration (``res.first``) or, where it did not form them (a warm or preconditioned start), one
+    more :math:`J^\top` and :math:`J` product."""
+    lam, r = res.lam, res.r
+    Glam = b - r - shift * lam  # G_W λ
+    q0 = 0.5 * float(torch.dot(b, b))
+    q = 0.5 * float(torch.linalg.vector_norm(b - Glam)) ** 2 + 0.5 * shift * float(torch.dot(lam, Glam))
+    if res.first is not None:
+        wjtb, gb = res.first
+    else:
+        wjtb = op.rmv(b.to(op.dtype))
+        wjtb = wjtb if weight is None else wjtb * weight
+        gb = op.mv(wjtb).double()
+    bgb = float(torch.dot(b, gb))  # b^T G_W b = ||W^{1/2} J^T b||^2 >= 0
+    t = bgb / (float(torch.dot(gb, gb)) + shift * bgb) if bgb > 0.0 else 0.0
+    qc = 0.5 * float(torch.linalg.vector_norm(b - t * gb)) ** 2 + 0.5 * shift * t * t * bgb
+    if q0 - q >= fraction * (q0 - qc):
+        return lam, res.z, False
+    return t * b, t * wjtb, True
 
 
 def _inv_diag(op: JacobianOperator, weight: Tensor | None, enabled: bool) -> Tensor | None:

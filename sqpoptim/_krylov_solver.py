@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._constraint_solver import ConstraintSolver
 from ._jacobian_operator import JacobianOperator
-from ._krylov import KrylovOptions, _inv_diag, inexact_step, krylov_project, minres
+from ._krylov import KrylovOptions, _inv_diag, cauchy_safeguard, inexact_step, krylov_project, minres
 from ._linalg import step_info
 
 __all__ = ["KrylovSolver"]
@@ -72,7 +72,10 @@ class KrylovSolver(ConstraintSolver):
 
     def normal_step(self, c: Tensor, damping: Tensor | None = None, *, weight: Tensor | None = None) -> Tensor:
         r""":math:`-WJ^\top(G_W + \mu I)^{-1}c`, stopped at :math:`\|r\| \le \epsilon\|c\|` (Test II; ``rtol``
-        when set)."""
+        when set), warm-started from the last normal step's multipliers (where they leave a smaller residual than
+        zero), or the Cauchy point where the iterate falls short of a tenth of the Cauchy point's decrease of the
+        damped model (:func:`sqpoptim._krylov.cauchy_safeguard`). From zero, the solve's first iteration gives
+        the Cauchy point; from a warm start it costs one more :math:`J^\top` and :math:`J` product."""
         if self.op.m == 0:
             return torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
         w = self.weight if weight is None else weight
@@ -95,8 +98,12 @@ class KrylovSolver(ConstraintSolver):
             inv_diag=inv,
             stop=lambda lam, z, r: float(torch.linalg.vector_norm(r)) <= target,
             max_iter=opt.max_iter,
+            keep_first=True,
         )
+        res.lam, res.z, replaced = cauchy_safeguard(self.op, b, res, shift, weight=w)
+        res.converged = res.converged and not replaced
         self._record(slot, res)
+        self.stats["krylov_cauchy"] = self.stats.get("krylov_cauchy", False) or replaced
         return res.z
 
     def _fused(self, gamma: float | Tensor, damping: Tensor | None) -> bool:

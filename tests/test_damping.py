@@ -327,3 +327,29 @@ def test_the_judgement_on_the_host_is_the_judgement_on_the_device():
     # every branch was taken: a rejection, an accepted judged step, relaxation (0.9) and no judgement (1)
     assert any(reject for reject, _, _ in seen) and (False, False, round(1 / 3, 6)) in seen
     assert (False, True, 0.9) in seen and (False, True, 1.0) in seen
+
+
+def test_a_step_that_predicted_growth_fails_where_its_normal_part_dominated_and_the_violation_grew():
+    """ρ has no sign to read when the model predicted no decrease (‖c_k + J_kδ_k‖ ≥ ‖c_k‖). Such a step is a
+    failure when its normal part was the larger and ‖c‖ grew (an inexact step: the exact damped one always
+    predicts a decrease), on the host as on the device; otherwise it is not judged and ν stays."""
+    nu, esc = 1e-3, 4.0
+    cases = [  # (before, predicted, dominates, actual) -> (rejected, ν factor, ρ)
+        ((2.0, 2.1, 1.0, 2.5), (True, esc, -math.inf)),
+        ((2.0, 2.1, 1.0, 1.9), (False, 1.0, math.nan)),  # predicted growth, but it fell: taken, ν unchanged
+        ((2.0, 2.1, 0.0, 2.5), (False, 1.0, math.nan)),  # the tangential part dominated: not the damping's
+        ((2.0, 2.0, 0.0, 2.5), (False, 1.0, math.nan)),  # the model after a rejection
+        ((2.0, 1.0, 1.0, 2.5), (True, esc, -0.5)),  # a judged failure, as before
+    ]
+    for (before, predicted, dominates, actual), (reject, factor, rho) in cases:
+        state = _damping.DampingState(
+            nu=torch.tensor(nu, dtype=f64),
+            escalation=torch.tensor(esc, dtype=f64),
+            model=torch.tensor([before, predicted, dominates], dtype=f64),
+        )
+        c = torch.tensor([actual, 0.0], dtype=f64)
+        for host in (False, True):
+            v = _damping.judge(state, torch.tensor(1.0, dtype=f64), c, 2, host=host)
+            assert bool(v.reject) == reject and float(v.nu) == pytest.approx(nu * factor, rel=1e-15)
+            assert (math.isnan(float(v.rho)) and math.isnan(rho)) or float(v.rho) == rho
+            assert float(v.escalation) == (2 * esc if reject else esc)
