@@ -553,7 +553,8 @@ class ConstrainedOptimizer(Optimizer):
         ``"layers"``, ``"batched"``, ``"loop"``, ``"autograd"``, ``"given"``), ``solver`` (``"dense"`` or
         ``"krylov"``; the matrix-free solver adds ``krylov_iterations``, ``krylov_converged``, ``krylov_test`` —
         1 or 2 for the termination test that stopped the step's solve, 0 for ``rtol``, -1 when capped —,
-        ``krylov_residual`` (‖γc + Js‖/‖b‖) and the merit penalty ``penalty``; its one-solve step leaves
+        ``krylov_residual`` (‖γc + Js‖/‖b‖), ``krylov_cauchy`` (the damped normal step was replaced by its Cauchy
+        point, :func:`sqpoptim._krylov.cauchy_safeguard`) and the merit penalty ``penalty``; its one-solve step leaves
         ``v_norm`` and ``u_norm`` NaN), with ``normal_damping`` also ``damping`` (ν), ``damping_ratio`` (ρ),
         ``rejected`` and ``rejected_steps`` (the count so far), plus method-specific entries. As Python numbers
         (waits for the device), or with ``sync=False`` as the device
