@@ -98,7 +98,7 @@ def judge(
 
     ``host=True`` (exact mode): the few scalars are read once and the rule runs on Python floats — on the CPU
     some forty 0-d tensor operations cost more than the rest of a small step's bookkeeping. Both ways evaluate
-    the same :func:`_rule`; ``reject`` is then a Python bool. ``c_norm``: ‖c‖ in float64 where the caller has it."""
+    the same rule (``_rule``); ``reject`` is then a Python bool. ``c_norm``: ‖c‖ in float64 where the caller has it."""
     nu, escalation, model = state.nu, state.escalation, state.model
     x_prev = state.x_accepted
     if x_prev is not None and x_prev.numel() != n:  # the trainable parameters changed: start afresh
@@ -127,7 +127,7 @@ def judge(
 
 
 class _DeviceOps:
-    """The operations :func:`_rule` needs, on 0-d tensors (no host synchronisation)."""
+    """The operations ``_rule`` needs, on 0-d tensors (no host synchronisation)."""
 
     isfinite = staticmethod(torch.isfinite)
 
