@@ -8,6 +8,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so that a pass or a failure reproduces (CI gates every
+# landing on this suite); HYPOTHESIS_PROFILE=explore draws new ones each run, which is how the bound on v ⟂ u
+# in test_linalg.test_identities was found to miss u's rounding error.
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
