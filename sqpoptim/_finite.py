@@ -117,7 +117,7 @@ class FiniteGuard:
             ]
             if any(flags):
                 raise FloatingPointError(nonfinite_message(flags, deferred=False))
-        if rows is not None and m:
+        if rows is not None and m and 0.0 in rows_v:  # (the scan for a zero is C; the loop below only then)
             skip = host[2 + 2 * m :] if satisfied is not None else [0.0] * m
             zero = [i for i, (r, ci, sat) in enumerate(zip(rows_v, c_v, skip)) if r == 0 and ci != 0 and not sat]
             if zero:

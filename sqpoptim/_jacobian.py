@@ -90,22 +90,19 @@ def batched_jacobian(c: Tensor, params: Sequence[Tensor], n: int, *, chunk_size:
     _check_graph(c)
     step = m if chunk_size is None else max(1, int(chunk_size))
     eye = torch.eye(m, dtype=c.dtype, device=c.device)
-    if step >= m:  # one pass: J is the blocks side by side, one concatenation instead of a copy per block
-        grads = torch.autograd.grad(
-            c, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
-        )
-        if all(gp is not None and not gp.is_sparse for gp in grads):
-            return torch.cat([_real(gp).reshape(m, -1) for gp in grads], dim=1)
-        J = torch.empty((m, n), dtype=real_dtype, device=c.device)
-        _fill_rows(J, slice(0, m), grads, params)
-        return J
-    J = torch.empty((m, n), dtype=real_dtype, device=c.device)
+    J = None
     for start in range(0, m, step):
         rows = slice(start, min(start + step, m))
         grads = torch.autograd.grad(
             c, params, grad_outputs=eye[rows], is_grads_batched=True, retain_graph=True, allow_unused=True
         )
+        if step >= m and all(gp is not None and not gp.is_sparse for gp in grads):
+            # one pass: J is the blocks side by side, one concatenation instead of a copy per block
+            return torch.cat([_real(gp).reshape(m, -1) for gp in grads], dim=1)
+        if J is None:
+            J = torch.empty((m, n), dtype=real_dtype, device=c.device)
         _fill_rows(J, rows, grads, params)
+    assert J is not None
     return J
 
 

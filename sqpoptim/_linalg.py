@@ -165,15 +165,12 @@ def _condition(G: Tensor, L: Tensor) -> Tensor:
     a non-finite entry."""
     if G.device.type != "cpu" or G.shape[0] > EXACT_COND_M:
         return _cond_estimate(G, L)
-    if not bool(G.isfinite().all()):  # (LAPACK's eigenvalue iteration may fail on it; a host read is free here)
-        return torch.full((), float("nan"), dtype=G.dtype)
-    lam = torch.linalg.eigvalsh(G)
-    return torch.where(lam[0] > 0, lam[-1] / lam[0], torch.full_like(lam[0], float("inf")))
+    return torch.full((), _host_condition(G), dtype=G.dtype)
 
 
 def _host_condition(G: Tensor) -> float:
     """κ(G) of :func:`_condition` on the CPU as a Python float, from one read of the extreme eigenvalues."""
-    if not all_finite(G):
+    if not all_finite(G):  # (LAPACK's eigenvalue iteration may fail on it)
         return math.nan
     lam = torch.linalg.eigvalsh(G).tolist()
     low, high = lam[0], lam[-1]
@@ -217,12 +214,13 @@ def factor_gram(
         return GramFactor(G, G.new_zeros((0, 0)), None, None, z.long(), z + 1.0)
     thresh = rank_tol * rank_tol
     L, info = _cholesky(G, workspace, name)
-    if not sync_free and G.device.type == "cpu" and m <= EXACT_COND_M:  # decided on the host: reads are free
+    host = not sync_free and G.device.type == "cpu" and m <= EXACT_COND_M
+    if host:  # decided on the host: reads are free
         kappa = _host_condition(G)
         if int(info) == 0 and math.isfinite(kappa) and kappa * thresh < 1.0:
             rank = torch.full((), m, dtype=torch.long)
             return GramFactor(G, L, None, None, rank, torch.full((), kappa, dtype=G.dtype))
-    cond = _condition(G, L)
+    cond = torch.full((), kappa, dtype=G.dtype) if host else _condition(G, L)
     healthy = (info == 0) & (cond.isfinite()) & (cond * thresh < 1.0)
     full = torch.full((), m, dtype=torch.long, device=G.device)
     if not sync_free and not truncate and bool(healthy):  # one host read; free on the CPU

@@ -289,21 +289,22 @@ def _scaled_direction(
     included, and the metric diagonal."""
     scalars = not any(isinstance(h, Tensor) for h in (lr, beta1, beta2))
     host = scalars and (not isinstance(step, Tensor) or (step.dim() == 0 and step.device.type == "cpu"))
-    k = float(step) if host else 0.0  # the bias correction in Python floats: on the CPU a read costs less than
-    if k >= 1.0:  # five 0-d ops (k = 0, a step that is not counted, keeps the tensors' inf, which is masked)
-        if defossez:
-            denom = (exp_avg_sq + eps).sqrt_()
-            return (lr * (1.0 - beta1) * math.sqrt((1.0 - beta2**k) / (1.0 - beta2)) * exp_avg) / denom, denom
-        denom = (exp_avg_sq / (1.0 - beta2**k) + eps).sqrt_()
-        return ((lr / (1.0 - beta1**k)) * exp_avg) / denom, denom
-    k = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device)
+    # the bias correction in Python floats where k can be read for free (a read costs less than five 0-d ops on
+    # the CPU); k = 0, a step that is not counted, keeps the tensors' inf, which is masked
+    k: float | Tensor = float(step) if host else 0.0
+    if k < 1.0:
+        k = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device)
+    if isinstance(k, float):
+        sqrt, cast = math.sqrt, float
+    else:
+        sqrt, cast = torch.sqrt, lambda t: t.to(exp_avg.dtype)
     if defossez:
-        alpha_k = lr * (1.0 - beta1) * torch.sqrt((1.0 - beta2**k) / (1.0 - beta2)).to(exp_avg.dtype)
+        alpha_k = lr * (1.0 - beta1) * cast(sqrt((1.0 - beta2**k) / (1.0 - beta2)))
         denom = (exp_avg_sq + eps).sqrt_()  # D_k
         p = alpha_k * exp_avg
     else:
-        bc1 = (1.0 - beta1**k).to(exp_avg.dtype)
-        bc2 = (1.0 - beta2**k).to(exp_avg.dtype)
+        bc1 = cast(1.0 - beta1**k)
+        bc2 = cast(1.0 - beta2**k)
         denom = (exp_avg_sq / bc2 + eps).sqrt_()
         p = (lr / bc1) * exp_avg
     return p / denom, denom
