@@ -14,6 +14,9 @@ Damping policies:
   pkg    - the package's rule (sqpoptim/_damping.py, exact mode): nu0 = 1e-6, Nielsen on rho >= 0,
            reject + escalate x2, x4, ... on rho < 0 (a rejection consumes a step; the retry is not judged),
            nu in [1e-6, 1e4].
+  length - pkg, but a rejection also raises nu to at least the value at which the bound
+           ||v|| <= ||c|| / (2 sqrt(mu)) caps the retaken step at ||v_rejected|| / (4 (1 - rho))
+           (the length at which an error quadratic in the step gives rho = 3/4); not the package's rule.
   oracle - greedy: every step the best of NU_GRID by the new ||c|| (staying put allowed).
 
 Usage (RESULTS.md, "The metric of the normal step"):
@@ -47,9 +50,11 @@ def mlp(width: int) -> nn.Module:
     )  # fmt: skip
 
 
-def problem(m: int, seed_model: int, seed_gen: int, dtype: torch.dtype):
+def problem(m: int, seed_model: int, seed_gen: int, dtype: torch.dtype, first_scale: float = 1.0):
     torch.manual_seed(seed_model)
     model = mlp(224)  # float32 init, as in the benchmark
+    with torch.no_grad():  # a rougher network: the first layer's weights scaled (1: the benchmark's init)
+        model[0].weight.mul_(first_scale)
     gen = torch.Generator().manual_seed(seed_gen)
     torch.rand(1024, 8, generator=gen), torch.rand(1024, 1, generator=gen)  # the benchmark's batch: advances gen
     Xc, Yc = torch.rand(m, 8, generator=gen), torch.rand(m, generator=gen)
@@ -181,8 +186,8 @@ def add(theta, v):
     return [[p + d for p, d in zip(pl, vl)] for pl, vl in zip(theta, v)]
 
 
-def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None, nu_floor=None):
-    theta, Xc, Yc = problem(m, seed_model, seed_gen, dtype)
+def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None, nu_floor=None, first_scale=1.0):
+    theta, Xc, Yc = problem(m, seed_model, seed_gen, dtype, first_scale)
     traj, cnorm, nus, vnorms = [], [], [], []
     rejections = 0
     first_v = None
@@ -213,10 +218,12 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
             cc = residual(theta, Xc, Yc)
             traj.append(float(cc.abs().max()))
             cnorm.append(float(cc.double().norm()))
-    else:  # the package's exact-mode rule, one closure call per step; traj[k] = what call k+1 returns
+    else:  # the package's exact-mode rule ("length": its variant), one closure call per step; traj[k] = what
+        # call k+1 returns
         nu_min = NU_MIN if nu_floor is None else nu_floor
         nu, esc = max(NU0, nu_min) if nu_floor is None else nu_floor, 2.0
         model = None  # (||c_k||, ||c_k + J v_k||) of the last step, None when not judged
+        model_scales = (1.0, 1.0)  # (||v_k||, mean diag(J W J^T)) of the last step
         x_acc, c_acc = theta, None
         for call in range(steps + 1):
             F, c = factors(theta, Xc)
@@ -229,7 +236,12 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
                     if rho < 0:  # rejected: back to x_k, nu escalated, this call ends
                         rejections += 1
                         theta = x_acc
-                        nu = min(max(nu * esc, nu_min), NU_MAX)
+                        nu_length = 0.0
+                        if policy == "length":  # the retaken step at most L / (4 (1 - rho)) long
+                            v_rejected, mean_diag = model_scales
+                            cap = v_rejected / (4.0 * (1.0 - rho))
+                            nu_length = before**2 / (4.0 * cap**2) / mean_diag
+                        nu = min(max(nu * esc, nu_length, nu_min), NU_MAX)
                         esc = min(2 * esc, 2.0**20)
                         model = None  # the retry is not judged
                         traj.append(float(c_acc.abs().max()))
@@ -252,10 +264,12 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
             if first_v is None:
                 first_v = vn  # (first step taken; with nu0 it is accepted unless rejected at call 1)
             model = (cn, float(torch.linalg.vector_norm(c.double() + Jv)))
+            model_scales = (vn, float(torch.diagonal(G).mean()))
             x_acc, c_acc = theta, c
             theta = add(theta, v)
     return dict(
         m=m, metric=metric_name, policy=policy, nu_floor=nu_floor, seed_model=seed_model, seed_gen=seed_gen,
+        first_scale=first_scale,
         dtype=str(dtype).replace("torch.", ""), c0=traj[0], c10=traj[10] if len(traj) > 10 else None,
         c12=traj[-1], traj=traj, cnorm=cnorm, rejections=rejections, first_v=first_v, vnorms=vnorms, nus=nus,
         theta_norm=math.sqrt(norm2([t for layer in theta for t in layer])), cpu_s=time.process_time() - t0,
@@ -339,6 +353,7 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--nu-floor", type=float, default=None, help="pkg policy: nu0 = floor = this (default 1e-6)")
     ap.add_argument("--nu-grid", type=float, nargs="+", default=None, help="the oracle's nu grid (default NU_GRID)")
+    ap.add_argument("--first-scale", type=float, default=1.0, help="scale of the first layer's weights (1: as built)")
     ap.add_argument("--spectrum", action="store_true", help="print the layer Gram spectra and stop")
     ap.add_argument("--table", nargs="+", help="print the Markdown table of these JSON-lines files and stop")
     a = ap.parse_args()
@@ -352,7 +367,7 @@ def main():
     for m in a.m:
         for name in a.metrics:
             for pol in a.policies:
-                r = run(m, name, pol, a.steps, a.seed_model, a.seed_gen, dtype, a.nu_grid, a.nu_floor)
+                r = run(m, name, pol, a.steps, a.seed_model, a.seed_gen, dtype, a.nu_grid, a.nu_floor, a.first_scale)
                 print(json.dumps(r), flush=True)
                 tr = " ".join(f"{x:.2g}" for x in r["traj"])
                 print(

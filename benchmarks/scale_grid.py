@@ -9,7 +9,8 @@ float64 dense reference) and ``damped`` (``normal_damping=0.1``) on request — 
 process, so that its peak resident memory (``ru_maxrss``) is its own. In the process the optimizer's step and
 a ``torch.optim.Adam`` step on a copy of the model are interleaved; the ratio is median(process CPU time of a
 step) / median(Adam's), with wall times beside. ``c10`` is max|c| after 10 steps from the random network (the
-closure's value at step 11).
+closure's value at step 11). ``--first-scale s`` multiplies the first layer's initial weights by s (a rougher
+random network, as the first-layer frequency of SIREN or of Fourier-feature networks; 1: PyTorch's default).
 
     python benchmarks/scale_grid.py --threads 1 > grid.jsonl          # the whole grid, one process per cell
     python benchmarks/scale_grid.py --cell 1000,1e5,auto --steps 12   # one cell, printed as a JSON line
@@ -49,12 +50,14 @@ def mlp(width: int) -> nn.Module:
     )  # fmt: skip
 
 
-def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: float) -> dict:
+def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: float, first_scale: float = 1.0) -> dict:
     import sqpoptim
 
     dtype = torch.float64 if variant.endswith("64") else torch.float32
     torch.manual_seed(0)
     model = mlp(WIDTHS[n]).to(dtype)
+    with torch.no_grad():
+        model[0].weight.mul_(first_scale)
     twin = mlp(WIDTHS[n]).to(dtype)
     twin.load_state_dict(model.state_dict())
     gen = torch.Generator().manual_seed(1)
@@ -106,6 +109,8 @@ def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: floa
         solver=last.get("solver"),
         krylov_iterations=statistics.median(d.get("krylov_iterations", 0) for d in diags),
         krylov_converged=sum(bool(d.get("krylov_converged", True)) for d in diags) / len(diags),
+        first_scale=first_scale,
+        rejected=sum(bool(d.get("rejected", False)) for d in diags[:11]),
     )
 
 
@@ -136,6 +141,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="seconds per cell after which it stops")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--first-scale", type=float, default=1.0, help="scale of the first layer's initial weights")
     parser.add_argument("--table", help="print the Markdown table of a JSON-lines file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +151,8 @@ def main() -> None:
         return
     if args.cell:
         m, n, variant = args.cell.split(",")
-        print(json.dumps(run_cell(int(m), float(n), variant, args.steps, args.budget, args.lr)), flush=True)
+        row = run_cell(int(m), float(n), variant, args.steps, args.budget, args.lr, args.first_scale)
+        print(json.dumps(row), flush=True)
         return
     print(f"# {platform.processor() or 'cpu'} · torch {torch.__version__} · {args.threads} thread(s)", file=sys.stderr)
     for n in (float(v) for v in args.params.split(",")):
@@ -155,6 +162,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--cell", f"{m},{n:g},{variant}", "--steps", str(args.steps)]
                 cmd += ["--budget", str(args.budget), "--lr", str(args.lr), "--threads", str(args.threads)]
+                cmd += ["--first-scale", str(args.first_scale)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     print(json.dumps(dict(m=m, n=n, variant=variant, error=done.stderr.strip().splitlines()[-1:])))

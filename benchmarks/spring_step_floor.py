@@ -5,6 +5,9 @@ In one process, interleaved, one intra-op thread, process CPU time; medians (and
 of ``--repeats`` iterations:
 
 * ``adam-unc``, ``sqp-adam``: the runner's iterations (``benchmarks/problem_step_time.py``'s);
+* ``torch-adam``: ``torch.optim.Adam`` on the objective alone (its closure: zero_grad, loss, backward);
+* ``adam-unc:c-shared``: Adam(unc) whose closure reads c off the objective's residual pass, as SQP-Adam's does
+  (the runner's Adam(unc) evaluates c in a separate no-grad pass, for its log);
 * ``closure+grad``: spring's closure and one scalar backward of its loss (what Adam(unc) differentiates);
 * ``closure+joint``: the closure and the joint backward of SQP-Adam (one batched backward over the rows (f, c));
 * ``fused``: the joint backward plus the least SQP-Adam step: G = JJᵀ in float64, one Cholesky factorisation,
@@ -26,6 +29,7 @@ import time
 import torch
 from problem_step_time import iteration_timer  # (run as a script: benchmarks/ is on the path)
 
+import sqpoptim
 from problems import get_problem
 
 
@@ -74,6 +78,27 @@ def fused_step(problem, lr: float):
     return iteration
 
 
+def baseline_timers(problem, lr: float) -> dict:
+    """torch.optim.Adam on the objective, and Adam(unc) with c read off the objective's pass."""
+    torch.manual_seed(0)
+    model = problem.make_model(0)
+    adam = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def closure():
+        adam.zero_grad()
+        loss = problem.objective(model, None)
+        loss.backward()
+        return loss
+
+    torch.manual_seed(0)
+    model_unc = problem.make_model(0)
+    unc = sqpoptim.AdamUnc(model_unc.parameters(), lr=lr)
+    return {
+        "torch-adam": lambda: adam.step(closure),
+        "adam-unc:c-shared": lambda: unc.step(lambda: problem.objective_and_constraints(model_unc, None)),
+    }
+
+
 def closure_timers(problem, lr: float) -> dict:
     torch.manual_seed(0)
     model = problem.make_model(0)
@@ -103,6 +128,7 @@ def main() -> None:
     problem = get_problem("spring", size="paper", device="cpu", dtype=torch.float32)
     lr = problem.defaults.lrs[0]
     timers = {name: iteration_timer(problem, name, lr, "full") for name in ("adam-unc", "sqp-adam")}
+    timers.update(baseline_timers(problem, lr))
     timers.update(closure_timers(problem, lr))
     timers["fused"] = fused_step(problem, lr)
     for _ in range(30):  # warm-up
