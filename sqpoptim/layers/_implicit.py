@@ -48,16 +48,21 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import vjp
 
-from ._linalg import gram_solve
+from ._linalg import cholesky_apply, gram_cholesky_, gram_solve
 from ._system import StackedSystem
 
 __all__ = ["LimitBackward", "limit_vjp"]
 
 
-def limit_vjp(J: Tensor, active: Tensor, grad_y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    r"""``(v, ŷ̄)`` of the module docstring: ``J`` ``[B, k, n]``, ``active`` ``[B, k]``, ``grad_y`` ``[B, n]``."""
-    a = active.to(J.dtype)
-    Jg = torch.einsum("bkn,bn->bk", J, grad_y)  # [B, k]
+def limit_vjp(J: Tensor, active: Tensor | None, grad_y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    r"""``(v, ŷ̄)`` of the module docstring: ``J`` ``[B, k, n]``, ``active`` ``[B, k]`` (``None``: every row, as for
+    equality constraints), ``grad_y`` ``[B, n]``."""
+    Jg = (grad_y[:, None, :] @ J.mT).squeeze(1)  # [B, k]: dot products along J's contiguous rows
+    if eps == 0 and active is None:  # S = J J^T, factored in place (a third less arithmetic than J @ J.mT)
+        L, _, _ = gram_cholesky_(J, J.new_empty(J.shape[0], J.shape[-2], J.shape[-2]))
+        v = cholesky_apply(L, Jg)
+        return v, grad_y - _jt(J, v)
+    a = torch.ones_like(Jg) if active is None else active.to(J.dtype)
     eye = torch.eye(J.shape[-2], dtype=J.dtype, device=J.device)
     if eps == 0:
         S, rhs = J @ J.mT, Jg
@@ -69,7 +74,12 @@ def limit_vjp(J: Tensor, active: Tensor, grad_y: Tensor, eps: float) -> tuple[Te
     # Restrict to the active rows: zero the others and put an identity there, so their v is 0.
     S = S * a[:, :, None] * a[:, None, :] + torch.diag_embed(1 - a)
     v, _ = gram_solve(S, rhs * a)  # [B, k]
-    return v, grad_y - torch.einsum("bkn,bk->bn", J, v)
+    return v, grad_y - _jt(J, v)
+
+
+def _jt(J: Tensor, v: Tensor) -> Tensor:
+    """:math:`J^\top v` per sample, ``[B, n]``."""
+    return (v[:, None, :] @ J).squeeze(1)
 
 
 class LimitBackward(torch.autograd.Function):
@@ -88,7 +98,8 @@ class LimitBackward(torch.autograd.Function):
         x, y_star, c_star, J_star = ctx.saved_tensors
         if J_star is None:
             c_star, J_star = system.jacobian(y_star)
-        active = system.near_active(c_star, ctx.tol)  # [B, k]
+        # [B, k]; None: equalities only, every row active
+        active = None if system.lower is None else system.near_active(c_star, ctx.tol)
         # A float32 J (mixed-precision forward): the solve in float32, relative error ~ kappa(J J^T) eps_32.
         v, grad_y_hat = limit_vjp(J_star, active, grad_y.to(J_star.dtype), ctx.eps)
         v, grad_y_hat = v.to(grad_y.dtype), grad_y_hat.to(grad_y.dtype)

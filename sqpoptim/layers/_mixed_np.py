@@ -126,6 +126,14 @@ def _floor(row_norm: Tensor, y: Tensor) -> Tensor:
     return eps * row_norm * torch.linalg.vector_norm(y, dim=-1)
 
 
+def _patched(J: Tensor, patches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``J`` with the rows ``idx`` of each ``(idx, rows)`` in ``patches`` replaced, in order (one copy of ``J``,
+    which belongs to the caller of the iteration, then in place)."""
+    for k, (idx, rows) in enumerate(patches):
+        J = J.index_copy(0, idx, rows) if k == 0 else J.index_copy_(0, idx, rows)
+    return J
+
+
 def _searched(ev: _Evaluator, sub: Tensor | None, y_from: Tensor, y_to: Tensor, c: Tensor, J: Tensor, c_to, J_to):
     """The line search of :mod:`sqpoptim.layers._np_line_search` on float32 NP steps ``y_from -> y_to`` (float64
     iterates, ``sub`` their rows in the batch): ``(y, c, J, stalled)`` at :math:`y + t d`."""
@@ -168,9 +176,10 @@ def mixed_np(
     regularized = torch.zeros(batch, dtype=torch.bool, device=dev)
     row_norm = torch.linalg.vector_norm(J, dim=-1).amax(dim=-1)
     switch = err <= torch.clamp(_K * _floor(row_norm, y32).double(), min=tol)
-    # Each sample's float32 factor, the chord of phase 2: B in J_step, the Cholesky factor L (a view of `work`,
+    # Each sample's float32 factor, the chord of phase 2: B in J_step with the rows of `patches` written over it
+    # (written only if phase 2 runs: training usually ends in phase 1), the Cholesky factor L (a view of `work`,
     # reused by every whole-batch factorisation); `at_point`: formed at the sample's current point.
-    J_step, L, work, step_owned = J, None, None, False
+    J_step, patches, L, work = J, [], None, None
     factored, at_point = torch.zeros_like(switch), torch.zeros_like(switch)
     pending = torch.zeros_like(switch)  # y moved, c not evaluated there (predicted below the float32 floor)
     it = 0
@@ -187,7 +196,7 @@ def mixed_np(
             work = J.new_zeros(batch, m, m) if work is None else work
             L, flagged, rn = _factor(J, work)
             J_s, c_s = J, (c32 if n_act == batch else c32 * act[:, None])
-            J_step, step_owned = J, False
+            J_step, patches = J, []
             regularized = regularized | flagged
             at_point = ~act & ~pending
         else:
@@ -198,10 +207,7 @@ def mixed_np(
                 work = J.new_zeros(batch, m, m)
                 L = work.mT
             work.index_copy_(0, idx, L_s.mT)  # L is work's column-major view
-            if step_owned:
-                J_step.index_copy_(0, idx, J_s)
-            else:
-                J_step, step_owned = J_step.index_copy(0, idx, J_s), True
+            patches.append((idx, J_s))
             regularized = regularized.index_copy(0, idx, regularized[idx] | flagged)
             at_point = at_point.index_fill(0, idx, False)
         factored = torch.ones_like(factored) if idx is None else factored.index_fill(0, idx, True)
@@ -271,10 +277,10 @@ def mixed_np(
             work = J.new_zeros(batch, m, m)
             L = work.mT
         work.index_copy_(0, first, L_new.mT)
-        J_step = J_step.index_copy(0, first, J[first])
+        patches.append((first, J[first]))
         at_point = at_point.index_fill(0, first, True)
         regularized = regularized.index_copy(0, first, regularized[first] | flagged)
-    J = J_step
+    J = _patched(J_step, patches)
     fresh = at_point  # the factor was formed at the sample's current point
     exact = torch.zeros_like(fresh)  # float64 NP steps (float32 too coarse for this sample)
     refresh = torch.zeros_like(fresh)

@@ -156,3 +156,20 @@ def test_samples_at_the_solution_stay_put_while_the_others_step(feasible):
     gap = float((mixed.y - plain.y).abs().max())
     assert gap <= 1e3 * EPS32 * float(y_in.abs().max()), gap
     assert mixed.iterations >= 3  # the others took float32 steps and refinements
+
+
+def test_phase_two_chord_is_the_step_jacobian_with_its_row_patches_in_order():
+    """The phase-2 Jacobian is assembled from the last whole-batch step's B and the sub-batch rows written over
+    it, only when phase 2 runs; the caller's tensor is left as it was."""
+    from sqpoptim.layers._mixed_np import _patched
+
+    gen = torch.Generator().manual_seed(0)
+    J = torch.randn(6, 3, 4, generator=gen)
+    before = J.clone()
+    first, second = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    out = _patched(J, [(torch.tensor([1, 4]), first), (torch.tensor([4, 5]), second)])
+    expected = before.clone()
+    expected[[1, 4]] = first
+    expected[[4, 5]] = second  # the later patch wins on row 4
+    assert torch.equal(out, expected) and torch.equal(J, before)
+    assert _patched(J, []) is J

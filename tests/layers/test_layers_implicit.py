@@ -45,3 +45,20 @@ def test_limit_vjp_annihilates_the_active_normals_and_keeps_the_tangent():
     tangent = torch.randn_like(normal)
     tangent = tangent - (Q @ (Q.mT @ tangent[..., None]))[..., 0]
     torch.testing.assert_close(limit_vjp(J, active, tangent, 0.0)[1], tangent, rtol=0, atol=1e-12)
+
+
+def test_limit_vjp_for_equalities_factors_in_place_with_the_masked_results():
+    """``active=None`` (every row active: ENFORCE's equalities) takes the in-place Gram factor of
+    :func:`gram_cholesky_`; oracle: the masked path with every row marked active, and the step-power limit."""
+    J, _, grad = _case()
+    everything = torch.ones(J.shape[:2], dtype=torch.bool)
+    v, out = limit_vjp(J, None, grad, 0.0)
+    v_ref, out_ref = limit_vjp(J, everything, grad, 0.0)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    eye = torch.eye(J.shape[-1], dtype=F64)
+    step = eye - J.mT @ torch.linalg.solve(J @ J.mT + 0.5 * torch.eye(J.shape[1], dtype=F64), J)
+    limit = torch.linalg.matrix_power(step, 4096)
+    torch.testing.assert_close(out, (limit.mT @ grad[..., None])[..., 0], rtol=1e-9, atol=1e-9)
+    # HardNet++'s damped form with every row active: the same as an all-True mask.
+    torch.testing.assert_close(limit_vjp(J, None, grad, 0.3)[1], limit_vjp(J, everything, grad, 0.3)[1])

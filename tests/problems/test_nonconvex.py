@@ -111,6 +111,26 @@ def test_constraint_functions_match_explicit_formulas_and_autograd(kind, tiny):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_quadratic_h_is_the_same_on_every_path(dtype, tiny):
+    """C3's ``h`` alone, ``h`` beside ``J`` without a graph (``J`` written in place) and with one (autograd) are the
+    same arithmetic: equal bit for bit; float32 within its rounding of the float64 explicit formula."""
+    p = tiny["quadratic"]
+    d = numpy_program(p)
+    torch.manual_seed(1)
+    x, y = p.x_test[:5].to(dtype), torch.randn(5, 12, dtype=dtype)
+    h, J = p._h_and_jacobian(x, y)
+    assert torch.equal(p._h(x, y), h)
+    h_g, J_g = p._h_and_jacobian(x, y.clone().requires_grad_())
+    assert J_g.requires_grad and torch.equal(h_g.detach(), h) and torch.equal(J_g.detach(), J)
+    expected = np.stack([h_explicit(d, x[b].double().numpy(), y[b].double().numpy()) for b in range(5)])
+    jac = np.stack([jac_explicit(d, y[b].double().numpy()) for b in range(5)])
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(h.double().numpy(), expected, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(J.double().numpy(), jac, rtol=0, atol=rtol * np.abs(jac).max())
+
+
 def random_feasible_points(d, x, count, rng):
     """Feasible points from N(0, 1) starts by least-norm Gauss-Newton steps on h = 0 (the test's own sampler)."""
     points = []
