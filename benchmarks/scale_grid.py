@@ -10,7 +10,8 @@ process, so that its peak resident memory (``ru_maxrss``) is its own. In the pro
 a ``torch.optim.Adam`` step on a copy of the model are interleaved; the ratio is median(process CPU time of a
 step) / median(Adam's), with wall times beside. ``c10`` is max|c| after 10 steps from the random network (the
 closure's value at step 11). ``--first-scale s`` multiplies the first layer's initial weights by s (a rougher
-random network, as the first-layer frequency of SIREN or of Fourier-feature networks; 1: PyTorch's default).
+random network, as the first-layer frequency of SIREN or of Fourier-feature networks; 1: PyTorch's default);
+``--blocks`` times all of Adam's steps first and then the optimizer's, instead of one of each in turn.
 
     python benchmarks/scale_grid.py --threads 1 > grid.jsonl          # the whole grid, one process per cell
     python benchmarks/scale_grid.py --cell 1000,1e5,auto --steps 12   # one cell, printed as a JSON line
@@ -50,7 +51,9 @@ def mlp(width: int) -> nn.Module:
     )  # fmt: skip
 
 
-def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: float, first_scale: float = 1.0) -> dict:
+def run_cell(
+    m: int, n: float, variant: str, steps: int, budget: float, lr: float, first_scale: float = 1.0, blocks: bool = False
+) -> dict:
     import sqpoptim
 
     dtype = torch.float64 if variant.endswith("64") else torch.float32
@@ -77,11 +80,19 @@ def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: floa
 
     cpu, wall, cpu_adam, wall_adam, c_max, diags = [], [], [], [], [], []
     started = time.perf_counter()
-    for k in range(steps):
+
+    def timed_adam_step() -> None:
         t0, w0 = time.process_time(), time.perf_counter()
         adam_step()
         cpu_adam.append(time.process_time() - t0)
         wall_adam.append(time.perf_counter() - w0)
+
+    if blocks:  # all of Adam's steps first, then the optimizer's (as a training loop runs one method)
+        for _ in range(steps):
+            timed_adam_step()
+    for k in range(steps):
+        if not blocks:
+            timed_adam_step()
         t0, w0 = time.process_time(), time.perf_counter()
         _, c = opt.step(closure)
         cpu.append(time.process_time() - t0)
@@ -110,6 +121,7 @@ def run_cell(m: int, n: float, variant: str, steps: int, budget: float, lr: floa
         krylov_iterations=statistics.median(d.get("krylov_iterations", 0) for d in diags),
         krylov_converged=sum(bool(d.get("krylov_converged", True)) for d in diags) / len(diags),
         first_scale=first_scale,
+        blocks=blocks,
         rejected=sum(bool(d.get("rejected", False)) for d in diags[:11]),
     )
 
@@ -142,6 +154,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--first-scale", type=float, default=1.0, help="scale of the first layer's initial weights")
+    parser.add_argument("--blocks", action="store_true", help="Adam's steps first, then the optimizer's (not in turn)")
     parser.add_argument("--table", help="print the Markdown table of a JSON-lines file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,7 +164,7 @@ def main() -> None:
         return
     if args.cell:
         m, n, variant = args.cell.split(",")
-        row = run_cell(int(m), float(n), variant, args.steps, args.budget, args.lr, args.first_scale)
+        row = run_cell(int(m), float(n), variant, args.steps, args.budget, args.lr, args.first_scale, args.blocks)
         print(json.dumps(row), flush=True)
         return
     print(f"# {platform.processor() or 'cpu'} · torch {torch.__version__} · {args.threads} thread(s)", file=sys.stderr)
@@ -162,7 +175,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--cell", f"{m},{n:g},{variant}", "--steps", str(args.steps)]
                 cmd += ["--budget", str(args.budget), "--lr", str(args.lr), "--threads", str(args.threads)]
-                cmd += ["--first-scale", str(args.first_scale)]
+                cmd += ["--first-scale", str(args.first_scale)] + (["--blocks"] if args.blocks else [])
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     print(json.dumps(dict(m=m, n=n, variant=variant, error=done.stderr.strip().splitlines()[-1:])))
