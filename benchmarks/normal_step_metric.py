@@ -17,6 +17,7 @@ Damping policies:
   length - pkg, but a rejection also raises nu to at least the value at which the bound
            ||v|| <= ||c|| / (2 sqrt(mu)) caps the retaken step at ||v_rejected|| / (4 (1 - rho))
            (the length at which an error quadratic in the step gives rho = 3/4); not the package's rule.
+  retry  - pkg, with the length policy's nu for the retaken step only (the doubled nu kept after it).
   oracle - greedy: every step the best of NU_GRID by the new ||c|| (staying put allowed).
 
 Usage (RESULTS.md, "The metric of the normal step"):
@@ -224,6 +225,7 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
         nu, esc = max(NU0, nu_min) if nu_floor is None else nu_floor, 2.0
         model = None  # (||c_k||, ||c_k + J v_k||) of the last step, None when not judged
         model_scales = (1.0, 1.0)  # (||v_k||, mean diag(J W J^T)) of the last step
+        nu_once = None  # the retry policy's nu for the next step only
         x_acc, c_acc = theta, None
         for call in range(steps + 1):
             F, c = factors(theta, Xc)
@@ -237,11 +239,15 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
                         rejections += 1
                         theta = x_acc
                         nu_length = 0.0
-                        if policy == "length":  # the retaken step at most L / (4 (1 - rho)) long
+                        if policy in ("length", "retry"):  # the retaken step at most L / (4 (1 - rho)) long
                             v_rejected, mean_diag = model_scales
                             cap = v_rejected / (4.0 * (1.0 - rho))
                             nu_length = before**2 / (4.0 * cap**2) / mean_diag
-                        nu = min(max(nu * esc, nu_length, nu_min), NU_MAX)
+                        if policy == "retry":  # the cap for the retaken step alone
+                            nu = min(max(nu * esc, nu_min), NU_MAX)
+                            nu_once = min(max(nu, nu_length), NU_MAX)
+                        else:
+                            nu = min(max(nu * esc, nu_length, nu_min), NU_MAX)
                         esc = min(2 * esc, 2.0**20)
                         model = None  # the retry is not judged
                         traj.append(float(c_acc.abs().max()))
@@ -258,7 +264,8 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
             if call == steps:
                 break
             G, w = metric(metric_name, theta, F, layer_grams(F))
-            v, _, Jv = step_for(G, c, F, w, nu, dtype)
+            v, _, Jv = step_for(G, c, F, w, nu if nu_once is None else nu_once, dtype)
+            nu_once = None
             vn = math.sqrt(norm2([t for layer in v for t in layer]))
             vnorms.append(vn)
             if first_v is None:
