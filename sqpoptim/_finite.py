@@ -187,7 +187,8 @@ def require_finite(*, sync_free: bool, **named: Tensor) -> Tensor | None:
     is) in one host read, and tests entry by entry only when a norm overflows."""
     live = [value for value in named.values() if value.numel()]
     if not sync_free and live and all(value.dim() == 1 and value.dtype in _DOT_DTYPES for value in live):
-        if all(math.isfinite(torch.dot(value, value).item()) for value in live):
+        squares = torch.stack([torch.dot(value, value).double() for value in live]).tolist()  # the one host read
+        if all(map(math.isfinite, squares)):
             return None
     flags = [value.abs().amax() < torch.finfo(value.dtype).max ** 0.5 for value in named.values() if value.numel()]
     if not flags:

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import vjp
 
-from ._linalg import cholesky_apply, gram_cholesky_, gram_solve
+from ._linalg import cholesky_apply, gram_cholesky_, gram_solve, transpose_apply
 from ._system import StackedSystem
 
 __all__ = ["LimitBackward", "limit_vjp"]
@@ -61,7 +61,7 @@ def limit_vjp(J: Tensor, active: Tensor | None, grad_y: Tensor, eps: float) -> t
     if eps == 0 and active is None:  # S = J J^T, factored in place (a third less arithmetic than J @ J.mT)
         L, _, _ = gram_cholesky_(J, J.new_empty(J.shape[0], J.shape[-2], J.shape[-2]))
         v = cholesky_apply(L, Jg)
-        return v, grad_y - _jt(J, v)
+        return v, grad_y - transpose_apply(J, v)
     a = torch.ones_like(Jg) if active is None else active.to(J.dtype)
     eye = torch.eye(J.shape[-2], dtype=J.dtype, device=J.device)
     if eps == 0:
@@ -74,12 +74,7 @@ def limit_vjp(J: Tensor, active: Tensor | None, grad_y: Tensor, eps: float) -> t
     # Restrict to the active rows: zero the others and put an identity there, so their v is 0.
     S = S * a[:, :, None] * a[:, None, :] + torch.diag_embed(1 - a)
     v, _ = gram_solve(S, rhs * a)  # [B, k]
-    return v, grad_y - _jt(J, v)
-
-
-def _jt(J: Tensor, v: Tensor) -> Tensor:
-    """:math:`J^\top v` per sample, ``[B, n]``."""
-    return (v[:, None, :] @ J).squeeze(1)
+    return v, grad_y - transpose_apply(J, v)
 
 
 class LimitBackward(torch.autograd.Function):
