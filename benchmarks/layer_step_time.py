@@ -3,8 +3,10 @@
 A step is what the runner does per iteration (``problems.runner``): draw the batch, build the closure (backbone,
 layer, loss), ``optimizer.step`` (backward and Adam update). Every method starts from the same untrained
 backbone (seed 0) and takes real training steps; methods are interleaved round by round in one process (one
-warm-up round, then ``--steps`` timed rounds), each step timed by process CPU time and wall time; the table
-reports medians and the ratio of CPU medians to Adam(unc)'s. After the timed rounds each method's last batch is
+warm-up round, then ``--steps`` timed rounds), each step timed by process CPU time and wall time, with the
+minor page faults it took (``getrusage``: first touches of fresh memory, whose system time counts in the CPU
+time; see the user guide's "Speed on the CPU"); the table reports medians and the ratio of CPU medians to
+Adam(unc)'s. After the timed rounds each method's last batch is
 projected again in evaluation mode to report the layer's iterations and largest violation there.
 
     python benchmarks/layer_step_time.py                                  # the default task/method pairs
@@ -21,6 +23,7 @@ import argparse
 import datetime
 import json
 import platform
+import resource
 import statistics
 import time
 
@@ -57,11 +60,14 @@ class Stepper:
         self.gen = torch.Generator().manual_seed(seed)
         self.batch_mode, self.batch = batch_mode, None
 
-    def step(self) -> tuple[float, float]:
+    def step(self) -> tuple[float, float, int]:
+        """One training step: ``(CPU s, wall s, minor page faults)``."""
         self.batch = None if self.batch_mode == "full" else self.problem.sample_batch(self.gen)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0, w0 = time.process_time(), time.perf_counter()
         self.training.optimizer.step(self.training.closure(self.batch))
-        return time.process_time() - t0, time.perf_counter() - w0
+        cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+        return cpu, wall, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
     def layer_report(self) -> dict:
         layer = getattr(self.model, "layer", None)
@@ -85,16 +91,16 @@ def measure(pair: str, steps: int, batch_mode: str | None) -> list[dict]:
     problem = get_problem(name, size=size)
     mode = batch_mode or ("full" if name in ("kkt_e1", "kkt_e2", "kkt_e3", "enforce_fitting") else "mini")
     steppers = {"adam-unc": Stepper(problem, "adam-unc", mode), spec: Stepper(problem, spec, mode)}
-    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in steppers}
+    samples: dict[str, list[tuple[float, float, int]]] = {k: [] for k in steppers}
     for round_ in range(steps + 1):
         for key, stepper in steppers.items():
             t = stepper.step()
             if round_:  # round 0 warms up
                 samples[key].append(t)
-    base = statistics.median(c for c, _ in samples["adam-unc"])
+    base = statistics.median(c for c, _, _ in samples["adam-unc"])
     rows = []
     for key, stepper in steppers.items():
-        cpu = statistics.median(c for c, _ in samples[key])
+        cpu = statistics.median(c for c, _, _ in samples[key])
         rows.append(
             {
                 "problem": name,
@@ -102,8 +108,9 @@ def measure(pair: str, steps: int, batch_mode: str | None) -> list[dict]:
                 "batch": mode,
                 "method": key,
                 "cpu_s": cpu,
-                "wall_s": statistics.median(w for _, w in samples[key]),
-                "cpu_max_s": max(c for c, _ in samples[key]),
+                "wall_s": statistics.median(w for _, w, _ in samples[key]),
+                "cpu_max_s": max(c for c, _, _ in samples[key]),
+                "page_faults": statistics.median(f for _, _, f in samples[key]),
                 "ratio": cpu / base,
                 **stepper.layer_report(),
             }
@@ -131,14 +138,17 @@ def main() -> None:
                 flush=True,
             )
     print(f"\n{datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · {args.threads} thread(s)")
-    print(f"| task | method | CPU s / step (median of {args.steps}) | wall s | × Adam(unc) | layer iters | max viol |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        f"| task | method | CPU s / step (median of {args.steps}) | wall s | × Adam(unc) | page faults / step "
+        "| layer iters | max viol |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         it = r.get("iterations", "")
         viol = f"{r['max_violation']:.1e}" if "max_violation" in r else ""
         print(
             f"| {r['problem']} ({r['size']}, {r['batch']}) | {r['method']} | {r['cpu_s']:.3f} | {r['wall_s']:.3f} | "
-            f"{r['ratio']:.1f} | {it} | {viol} |"
+            f"{r['ratio']:.1f} | {r['page_faults']:,.0f} | {it} | {viol} |"
         )
     if args.json:
         with open(args.json, "w") as f:
