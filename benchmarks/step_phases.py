@@ -4,8 +4,10 @@ The runner's iteration of one method on one problem (``problem_step_time.py``'s)
 warm-up, with each phase of ``ConstrainedOptimizer.step`` timed by ``time.process_time_ns`` (the wrappers' own
 cost, about a microsecond a phase, included) and, over ``--count`` further steps, its tensor operations counted
 by a ``TorchDispatchMode`` (the count is exact; the mode's overhead is why the two are separate runs). The
-closure's forward is timed apart from the rest of reading it; what no phase covers (the ``torch.optim`` step
-wrapper, the update, freeing the step's graph, the runner's iteration) is the remainder of the iteration.
+closure's forward is timed apart from the rest of reading it where the method's closure is the problem's
+``objective_and_constraints`` (the constrained methods); otherwise it stays in ``_parse``. What no phase
+covers (the ``torch.optim`` step wrapper, the update, freeing the step's graph, the runner's iteration) is the
+remainder of the iteration.
 
     python benchmarks/step_phases.py                                  # spring, sqp-adam, full batch
     python benchmarks/step_phases.py --problem burgers --method sqp-adam --batch mini
