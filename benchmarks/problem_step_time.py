@@ -27,6 +27,8 @@ from problems.methods import resolve_method
 
 
 def iteration_timer(problem, spec: str, lr: float, batch_mode: str, seed: int = 0):
+    """One runner iteration of method ``spec`` on ``problem`` as a callable; the method's ``Training`` (model,
+    optimizer, closure) rides along as ``iteration.training``."""
     method, options = resolve_method(spec, lr)
     torch.manual_seed(0)
     training = method.setup(problem, problem.make_model(0), lr, options)
@@ -36,6 +38,7 @@ def iteration_timer(problem, spec: str, lr: float, batch_mode: str, seed: int = 
         batch = None if batch_mode == "full" else problem.sample_batch(gen)
         training.optimizer.step(training.closure(batch))
 
+    iteration.training = training
     return iteration
 
 

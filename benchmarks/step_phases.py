@@ -7,7 +7,9 @@ by a ``TorchDispatchMode`` (the count is exact; the mode's overhead is why the t
 closure's forward is timed apart from the rest of reading it where the method's closure is the problem's
 ``objective_and_constraints`` (the constrained methods); otherwise it stays in ``_parse``. What no phase
 covers (the ``torch.optim`` step wrapper, the update, freeing the step's graph, the runner's iteration) is the
-remainder of the iteration.
+remainder of the iteration. Unlike ``scale_breakdown.py``, which re-runs the library's functions one by one on
+the scaling benchmark's model, this wraps the optimizer's own phases, so the damping's judgement, the checks and
+the record are in it.
 
     python benchmarks/step_phases.py                                  # spring, sqp-adam, full batch
     python benchmarks/step_phases.py --problem burgers --method sqp-adam --batch mini
@@ -31,6 +33,7 @@ from problems import get_problem
 
 PHASES = ("_parse", "_judge", "_form", "_check", "_direction", "_admit", "_record")
 CLOSURE = "closure (forward)"
+OUTSIDE = "(outside the phases)"
 
 
 class _Counter(TorchDispatchMode):
@@ -79,11 +82,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     problem = get_problem(args.problem, size=args.size, device="cpu", dtype=torch.float32)
     iteration = iteration_timer(problem, args.method, problem.defaults.lrs[0], args.batch)
-    optimizer_class = type(_optimizer_of(iteration))
+    optimizer_class = type(iteration.training.optimizer)
     if not issubclass(optimizer_class, sqpoptim.ConstrainedOptimizer):
         raise SystemExit(f"{args.method!r} does not step a sqpoptim.ConstrainedOptimizer")
     spent: dict[str, int] = collections.defaultdict(int)
-    current = ["(outside the phases)"]
+    current = [OUTSIDE]
     instrument(optimizer_class, problem, spent, current)
     for _ in range(max(args.steps // 10, 50)):  # warm-up
         iteration()
@@ -112,18 +115,9 @@ def main() -> None:
         top = ", ".join(f"{k} {v / args.count:g}" for k, v in counts[name].most_common(4))
         print(f"| {name} | {us:.1f} | {ops:g} | {top} |")
     rest = (total - covered) / args.steps / 1e3
-    ops = sum(counts[current[0]].values()) / args.count
+    ops = sum(counts[OUTSIDE].values()) / args.count
     print(f"| the rest of the iteration | {rest:.1f} | {ops:g} | |")
     print(f"| **the iteration** | **{total / args.steps / 1e3:.1f}** | | |")
-
-
-def _optimizer_of(iteration: Callable) -> Any:
-    """The optimizer a ``problem_step_time.iteration_timer`` iteration steps (from its closure cells)."""
-    for cell in iteration.__closure__ or ():
-        training = cell.cell_contents
-        if hasattr(training, "optimizer"):
-            return training.optimizer
-    raise SystemExit("could not find the iteration's optimizer")
 
 
 if __name__ == "__main__":
