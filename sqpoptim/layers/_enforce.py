@@ -82,7 +82,8 @@ Notes and deviations
   differentiates the paper's steps only. With Broyden or chord Jacobians only steps from an exact :math:`B` are
   searched (the quasi-Newton steps keep their refresh rule); with ``mixed_precision`` the float32 steps are.
 * :func:`adanp_activation` is the paper's Alg. 2 (use :math:`\hat y` for the batch when one NP step makes
-  the task-loss measure worse); it is a function the training loop calls, not state on the layer.
+  the task-loss measure worse); it is a function the training loop calls, not state on the layer. With implicit
+  gradients the first step is the layer's own, taken without a graph, and the activated output is the layer's.
 """
 
 from __future__ import annotations
@@ -231,14 +232,21 @@ class EnforceProjection(ProjectionLayer):
             return self.jacobian
         return "exact" if self.gradient == "unrolled" or self.constraints.has_user_jacobians else "broyden"
 
-    def _project(self, x: Tensor | None, y: Tensor) -> ProjectionResult:
+    def _project(
+        self, x: Tensor | None, y: Tensor, start: Tensor | None = None, depth: int | None = None
+    ) -> ProjectionResult:
+        """AdaNP from ``y``, or (implicit gradients only) from ``start`` with the gradient at the limit taken with
+        respect to ``y``: the implicit derivative depends on the limit alone (:mod:`._implicit`). ``depth``
+        overrides ``max_depth``."""
         measure, ls = "mean" if self.training else "max", self.method == "line_search"
-        args = (self.tol, self.max_depth, measure, self._jacobian_mode(), ls)
+        depth = self.max_depth if depth is None else depth
+        args = (self.tol, depth, measure, self._jacobian_mode(), ls)
         needs_grad = torch.is_grad_enabled() and (y.requires_grad or (x is not None and x.requires_grad))
+        y0 = y if start is None else start.detach()
         if self.mixed_precision:
             with torch.no_grad():
                 res, c, J = mixed_np(
-                    self.constraints, x, y, tol=self.tol, max_iter=self.max_depth, measure=measure, line_search=ls
+                    self.constraints, x, y0, tol=self.tol, max_iter=depth, measure=measure, line_search=ls
                 )
             if not needs_grad:
                 return res
@@ -246,11 +254,28 @@ class EnforceProjection(ProjectionLayer):
             y_out = LimitBackward.apply(system, 0.0, self.tol, x, y, res.y, c, J)
             return ProjectionResult(y_out, res.iterations, res.residual, res.converged, res.regularized)
         if self.gradient == "unrolled" or not needs_grad:
-            return _adanp(self.constraints, x, y, *args)[0]
+            assert start is None or self.gradient == "implicit", "an unrolled iteration starts from y"
+            return _adanp(self.constraints, x, y0, *args)[0]
         with torch.no_grad():
-            res, system, c, J = _adanp(self.constraints, x, y, *args)
+            res, system, c, J = _adanp(self.constraints, x, y0, *args)
         y_out = LimitBackward.apply(system, 0.0, self.tol, x, y, res.y, c, J)
         return ProjectionResult(y_out, res.iterations, res.residual, res.converged, res.regularized)
+
+    @torch.no_grad()
+    def _first_step(self, x: Tensor | None, y_hat: Tensor) -> Tensor:
+        """The iteration's first step from ``y_hat``, without a graph, in the solve dtype (no step where ``y_hat``
+        already meets the active tolerance)."""
+        xs, ys = self._prepare(x, y_hat)
+        return self._project(xs, ys, depth=1).y
+
+    def _continue(self, x: Tensor | None, y_hat: Tensor, start: Tensor) -> Tensor:
+        """AdaNP from ``start`` (a point already reached from ``y_hat``), differentiated at its limit with respect to
+        ``y_hat`` and ``x``; implicit gradients only."""
+        xs, ys = self._prepare(x, y_hat)
+        result = self._project(xs, ys, start=start.to(ys.dtype))
+        if not self.training and self.nonconvergence != "ignore":
+            self._report(result)
+        return result.y.to(y_hat.dtype)
 
 
 def adanp_activation(
@@ -260,13 +285,26 @@ def adanp_activation(
 
     Computes :math:`\tilde y = \mathcal{P}(\hat y)` (one NP step); if
     :math:`m_\ell(\tilde y) > m_\ell(\hat y)` returns ``(y_hat, False)`` (the projection is discarded for
-    this batch), otherwise ``(layer(x, ỹ), True)`` (AdaNP continued from :math:`\tilde y`). Call it in the
+    this batch), otherwise ``(AdaNP(ỹ), True)`` (AdaNP continued from :math:`\tilde y`). Call it in the
     training loop in place of ``layer(x, y_hat)``; ``loss_measure(y) -> scalar`` is the task-loss measure
     (e.g. the batch MSE against the targets). Costs one host sync for the comparison.
+
+    With ``gradient="unrolled"`` :math:`\tilde y` is :func:`np_step`'s and the gradient flows through it and every
+    later step (the paper's graph). With ``gradient="implicit"`` :math:`\tilde y` is the first step of the layer's
+    own iteration (its ``method``, and float32 with ``mixed_precision``), taken without a graph; AdaNP continues
+    from it, so an activated batch gets the output of ``layer(x, y_hat)`` itself, and the gradient is the layer's
+    at that limit (:mod:`._implicit`: the implicit derivative depends on the limit alone; the first step is not
+    differentiated apart from the rest of the iteration). A discarded projection then costs one step and two loss
+    measures.
     """
-    y1 = layer.np_step(x, y_hat)
+    if layer.gradient == "unrolled":
+        y1 = layer.np_step(x, y_hat)
+        with torch.no_grad():
+            worse = bool(loss_measure(y1) > loss_measure(y_hat))
+        return (y_hat, False) if worse else (layer(x, y1), True)
+    y1 = layer._first_step(x, y_hat)
     with torch.no_grad():
-        worse = bool(loss_measure(y1) > loss_measure(y_hat))
+        worse = bool(loss_measure(y1.to(y_hat.dtype)) > loss_measure(y_hat))
     if worse:
         return y_hat, False
-    return layer(x, y1), True
+    return layer._continue(x, y_hat, y1), True

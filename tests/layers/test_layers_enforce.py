@@ -159,6 +159,48 @@ def test_activation_rule():
     assert not active and y is y_hat
 
 
+def _dense_limit_vjp(h, x, y, w):
+    """Oracle: the implicit gradient at a feasible y from explicit per-sample Jacobians, P = I - Bᵀ(BBᵀ)⁻¹B."""
+    gy, gx = [], []
+    for xb, yb, wb in zip(x, y, w, strict=True):
+        B = torch.autograd.functional.jacobian(lambda yy, xb=xb: h(xb[None], yy[None])[0], yb)  # [m, n]
+        Bx = torch.autograd.functional.jacobian(lambda xx, yb=yb: h(xx[None], yb[None])[0], xb)  # [m, m]
+        v = torch.linalg.solve(B @ B.T, B @ wb)
+        gy.append(wb - B.T @ v)
+        gx.append(-Bx.T @ v)
+    return torch.stack(gy), torch.stack(gx)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_activation_rule_implicit_gradient_is_the_layers_at_the_limit(mixed, mode):
+    # Implicit mode: the check step is the layer's own first step, AdaNP continues from it, and the result is
+    # differentiated at its limit (the first step is not differentiated on its own): the projector there.
+    h, _, x, y_star, y_hat = quadratic_instance(B=3, n=6, m=3, noise=0.2)
+    layer = EnforceProjection(h, eval_tol=1e-12, train_tol=1e-8, mixed_precision=mixed, jacobian="exact")
+    layer.train(mode == "train")
+    xs, ys = x.clone().requires_grad_(), y_hat.clone().requires_grad_()
+    y, active = adanp_activation(layer, xs, ys, lambda y: ((y - y_star) ** 2).mean())
+    assert active
+    with torch.no_grad():  # exact Jacobians: the layer's own iteration, interrupted after its first step
+        torch.testing.assert_close(y, layer(x, y_hat), rtol=0, atol=1e-12)
+    w = torch.randn(y.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    y.backward(w)
+    grad_y, grad_x = _dense_limit_vjp(h, x, y.detach(), w)
+    torch.testing.assert_close(ys.grad, grad_y, rtol=1e-6 if mixed else 1e-9, atol=1e-8 if mixed else 1e-11)
+    torch.testing.assert_close(xs.grad, grad_x, rtol=1e-6 if mixed else 1e-9, atol=1e-8 if mixed else 1e-11)
+
+
+def test_activation_rule_unrolled_differentiates_every_step():
+    # gradient="unrolled": the paper's graph, through the first step and the AdaNP steps after it.
+    h, _, x, y_star, y_hat = quadratic_instance()
+    layer = EnforceProjection(h, eval_tol=1e-13, gradient="unrolled").eval()
+    measure = lambda y: ((y - y_star) ** 2).mean()  # noqa: E731
+    assert adanp_activation(layer, x, y_hat, measure)[1]
+    f = lambda yh: adanp_activation(layer, x, yh, measure)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (y_hat.clone().requires_grad_(),), atol=1e-6)
+
+
 def test_infeasible_constraints_are_reported():
     h = lambda x, y: y[:, :1] ** 2 + 1.0  # noqa: E731  (no real solution)
     y_hat = torch.randn(3, 2, dtype=F64)
