@@ -19,6 +19,10 @@ Damping policies:
            (the length at which an error quadratic in the step gives rho = 3/4); not the package's rule.
   retry  - pkg, with the length policy's nu for the retaken step only (the doubled nu kept after it).
   oracle - greedy: every step the best of NU_GRID by the new ||c|| (staying put allowed).
+  geodesic - the oracle, each nu also trying the step with geodesic acceleration, v + a/2 with
+           a = -W J^T (J W J^T + mu I)^{-1} r_vv and r_vv = (2/h) ((c(x + h v) - c(x)) / h - J v), h = 0.1
+           (Transtrum & Sethna, "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares
+           minimization", arXiv:1201.5885): one more evaluation of c and one more solve with the same factor.
 
 Usage (RESULTS.md, "The metric of the normal step"):
   python benchmarks/normal_step_metric.py --check --m 10 100 > metric.jsonl
@@ -193,7 +197,7 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
     rejections = 0
     first_v = None
     t0 = time.process_time()
-    if policy == "oracle":
+    if policy in ("oracle", "geodesic"):
         c = residual(theta, Xc, Yc)
         grid = NU_GRID if nu_grid is None else nu_grid
         traj.append(float(c.abs().max()))
@@ -204,12 +208,20 @@ def run(m, metric_name, policy, steps, seed_model, seed_gen, dtype, nu_grid=None
             G, w = metric(metric_name, theta, F, layer_grams(F))
             best = (float(torch.linalg.vector_norm(c.double())), None, None, 0.0)
             for nu in grid:
-                v, _, _ = step_for(G, c, F, w, nu, dtype)
-                th = add(theta, v)
-                cn = residual(th, Xc, Yc)
-                r = float(torch.linalg.vector_norm(cn.double()))
-                if math.isfinite(r) and r < best[0]:
-                    best = (r, th, nu, math.sqrt(norm2([t for layer in v for t in layer])))
+                v, _, Jv = step_for(G, c, F, w, nu, dtype)
+                candidates = [v]
+                if policy == "geodesic":  # the second directional derivative of c along v, by differences
+                    h = 0.1
+                    c_h = residual(add(theta, [[h * t for t in layer] for layer in v]), Xc, Yc)
+                    r_vv = (2.0 / h) * ((c_h - c).double() / h - Jv)
+                    a, _, _ = step_for(G, r_vv, F, w, nu, dtype)
+                    candidates.append([[t + 0.5 * u for t, u in zip(vl, al)] for vl, al in zip(v, a)])
+                for d in candidates:
+                    th = add(theta, d)
+                    cn = residual(th, Xc, Yc)
+                    r = float(torch.linalg.vector_norm(cn.double()))
+                    if math.isfinite(r) and r < best[0]:
+                        best = (r, th, nu, math.sqrt(norm2([t for layer in d for t in layer])))
             if best[1] is not None:
                 theta = best[1]
                 if first_v is None:
