@@ -291,11 +291,12 @@ def adanp_activation(
 
     With ``gradient="unrolled"`` :math:`\tilde y` is :func:`np_step`'s and the gradient flows through it and every
     later step (the paper's graph). With ``gradient="implicit"`` :math:`\tilde y` is the first step of the layer's
-    own iteration (its ``method``, and float32 with ``mixed_precision``), taken without a graph; AdaNP continues
-    from it, so an activated batch gets the output of ``layer(x, y_hat)`` itself, and the gradient is the layer's
-    at that limit (:mod:`._implicit`: the implicit derivative depends on the limit alone; the first step is not
-    differentiated apart from the rest of the iteration). A discarded projection then costs one step and two loss
-    measures.
+    own iteration (its ``method``, and float32 with ``mixed_precision``), taken without a graph, and AdaNP
+    continues from it: with exact Jacobians (always the case with ``mixed_precision``) an activated batch gets the
+    output of ``layer(x, y_hat)`` itself; with Broyden's, AdaNP forms the exact Jacobian again at
+    :math:`\tilde y`. The gradient is the layer's at that limit (:mod:`sqpoptim.layers._implicit`: the implicit
+    derivative depends on the limit alone; the first step is not differentiated apart from the rest of the
+    iteration). A discarded projection then costs one step and two loss measures.
     """
     if layer.gradient == "unrolled":
         y1 = layer.np_step(x, y_hat)

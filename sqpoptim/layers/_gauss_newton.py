@@ -2,7 +2,7 @@ r"""Least-norm Gauss–Newton and Levenberg–Marquardt iterations on :math:`r(y
 
 The iteration behind :class:`~sqpoptim.layers.EnforceProjection` (AdaNP's NP steps) and the globalised
 :class:`~sqpoptim.layers.HardNetPP` (``method="lm"``). With :math:`J_{r,k} = A_k J_{c,k}` the residual's
-Jacobian (:mod:`._system`), each sample takes
+Jacobian (``sqpoptim.layers._system``), each sample takes
 
 .. math::
 
