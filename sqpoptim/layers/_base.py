@@ -91,7 +91,10 @@ class ProjectionLayer(nn.Module):
     def project(self, x: Tensor | None, y_hat: Tensor) -> ProjectionResult:
         """Project ``y_hat`` ([B, n]) onto the constraint set at inputs ``x`` ([B, ...] or None)."""
         xs, ys = self._prepare(x, y_hat)
-        result = self._project(xs, ys)
+        return self._finish(self._project(xs, ys), y_hat)
+
+    def _finish(self, result: ProjectionResult, y_hat: Tensor) -> ProjectionResult:
+        """Report an evaluation-mode result that missed the tolerance, and return it in ``y_hat``'s dtype."""
         if not self.training and self.nonconvergence != "ignore":
             self._report(result)
         return ProjectionResult(

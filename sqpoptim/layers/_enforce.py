@@ -272,10 +272,7 @@ class EnforceProjection(ProjectionLayer):
         """AdaNP from ``start`` (a point already reached from ``y_hat``), differentiated at its limit with respect to
         ``y_hat`` and ``x``; implicit gradients only."""
         xs, ys = self._prepare(x, y_hat)
-        result = self._project(xs, ys, start=start.to(ys.dtype))
-        if not self.training and self.nonconvergence != "ignore":
-            self._report(result)
-        return result.y.to(y_hat.dtype)
+        return self._finish(self._project(xs, ys, start=start.to(ys.dtype)), y_hat).y
 
 
 def adanp_activation(
