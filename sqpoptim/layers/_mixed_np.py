@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 
 from ._base import ProjectionResult, finite_or_raise
+from ._bf16_np import bf16_np
 from ._constraints import OutputConstraints
 from ._linalg import cholesky_apply, gram_cholesky_, gram_solve, transpose_apply
 from ._np_line_search import line_search
@@ -92,6 +93,11 @@ class _Evaluator:
         self.cons = constraints
         self.x64 = x
         self.x32 = x.float() if x is not None and x.is_floating_point() else x
+
+    def jacobian_bf16(self, y_bf16: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.x64.to(torch.bfloat16) if self.x64 is not None and self.x64.is_floating_point() else self.x64
+        ev = self.cons.evaluate(x, y_bf16, jacobian=True)
+        return ev.h, ev.h_jac
 
     def jacobian32(self, y32: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor]:
         ev = self.cons.evaluate(take(self.x32, idx), y32, jacobian=True)
@@ -149,9 +155,11 @@ def mixed_np(
     max_iter: int,
     measure: str,
     line_search: bool = False,
+    bf16: bool = False,
 ) -> tuple[ProjectionResult, Tensor, Tensor | None]:
     """Run the two phases of the module docstring from ``y0`` (float64, ``[B, n]``); ``line_search``: phase 1's
-    steps are globalised by :mod:`sqpoptim.layers._np_line_search` (module docstring).
+    steps are globalised by :mod:`sqpoptim.layers._np_line_search` (module docstring); ``bf16``: bfloat16 NP
+    steps first (:mod:`sqpoptim.layers._bf16_np`), counted in the iterations.
 
     Returns ``(result, c, J)``: ``result.y`` in float64, :math:`c` at it (float64 where phase 2 evaluated
     it, the float32 values otherwise) and the float32 Jacobian at ``result.y`` when the iteration ended in
@@ -161,6 +169,9 @@ def mixed_np(
         raise ValueError(f"mixed precision iterates from a float64 y; got {y0.dtype}")
     ev = _Evaluator(constraints, x)
     batch, dev = y0.shape[0], y0.device
+    it = 0
+    if bf16:
+        y0, it = bf16_np(ev.jacobian_bf16, y0, max_iter)
     y, y32 = y0, y0.float()  # the iterate in float64 (float32 steps added to it) and its rounding
     c32, J = ev.jacobian32(y32, None)  # [B, m], [B, m, n] at y32
     finite_or_raise(c32, "the constraint function (float32)")
@@ -176,7 +187,6 @@ def mixed_np(
     J_step, patches, L, work = J, [], None, None
     factored, at_point = torch.zeros_like(switch), torch.zeros_like(switch)
     pending = torch.zeros_like(switch)  # y moved, c not evaluated there (predicted below the float32 floor)
-    it = 0
     # Phase 1: float32 NP steps on the samples above their switch level.
     while it < max_iter:
         if measure == "mean" and float(c.abs().mean()) <= tol:

@@ -222,7 +222,7 @@ LAYER_METHODS = {
     # Unrolled KKT-Hardnet produced non-finite gradients on this instance (unconverged Newton from raw outputs
     # far from the quadratic constraint set): the implicit gradient is what runs here (10 Newton steps: from
     # those outputs each step costs many backtracking trials).
-    "quadratic": ["kkt-hardnet:gradient=implicit:max_iter=10"],
+    "quadratic": ["kkt-hardnet:gradient=implicit:max_iter=10", "enforce:mixed_precision=bfloat16"],
 }
 
 

@@ -1,0 +1,151 @@
+"""EnforceProjection(mixed_precision="bfloat16"): bfloat16 NP steps far from the set, then float32 and float64."""
+
+import pytest
+import torch
+from layer_cases import F64, quadratic_instance
+
+from sqpoptim.layers import EnforceProjection, OutputConstraints
+from sqpoptim.layers._bf16_np import EPS, bf16_np
+from sqpoptim.layers._mixed_np import _Evaluator
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _far_instance(B=16, n=40, m=25, scale=0.05, seed=0):
+    """The quadratic family from raw outputs near 0, as an untrained backbone gives them (far from the set)."""
+    h, h_jac, x, _, _ = quadratic_instance(B=B, n=n, m=m, seed=seed)
+    y_hat = scale * torch.randn(B, n, dtype=F64, generator=torch.Generator().manual_seed(seed + 1))
+    return h, h_jac, OutputConstraints(h=h, h_jac=h_jac), x, y_hat
+
+
+def _float32_np_steps(h_jac, x, y, k):
+    """``k`` float32 NP steps added to a float64 iterate, with a dense solve of the Gram system."""
+    for _ in range(k):
+        c, J = h_jac(x.float(), y.float())
+        w = torch.linalg.solve(J @ J.mT, c)
+        y = y - (w[:, None, :] @ J).squeeze(1).double()
+    return y
+
+
+@pytest.mark.parametrize("dims", [(40, 25), (60, 40)])
+def test_bfloat16_steps_retrace_the_float32_path(dims):
+    n, m = dims
+    h, h_jac, cons, x, y_hat = _far_instance(n=n, m=m)
+    y, steps = bf16_np(_Evaluator(cons, x).jacobian_bf16, y_hat, max_iter=100)
+    assert steps >= 3  # far from the set, several steps are taken before bfloat16 stops resolving progress
+    y32 = _float32_np_steps(h_jac, x, y_hat, steps)
+    # Measured 3-4 % after 4-5 steps; the NP map itself moves its iterates by that much when y_hat is rounded.
+    assert float((y - y32).norm() / y32.norm()) <= 0.1
+    assert float(h(x, y).abs().mean()) <= 0.6 * float(h(x, y_hat).abs().mean())
+
+
+def test_a_sample_leaves_at_its_bfloat16_floor():
+    _, h_jac, cons, x, y_hat = _far_instance()
+    y, steps = bf16_np(_Evaluator(cons, x).jacobian_bf16, y_hat, max_iter=100)
+    # At the end at least half of the samples are at or below their floor, measured as the phase measures it.
+    c, J = h_jac(x.bfloat16(), y.bfloat16())
+    floor = EPS * torch.linalg.vector_norm(J.float(), dim=-1).amax(-1) * torch.linalg.vector_norm(y, dim=-1)
+    assert 2 * int((c.float().abs().amax(-1) <= floor).sum()) >= len(y)
+    # ... and one step earlier more than half were above it (the phase did not stop late or early).
+    y_prev, _ = bf16_np(_Evaluator(cons, x).jacobian_bf16, y_hat, max_iter=steps - 1)
+    c, J = h_jac(x.bfloat16(), y_prev.bfloat16())
+    floor = EPS * torch.linalg.vector_norm(J.float(), dim=-1).amax(-1) * torch.linalg.vector_norm(y_prev, dim=-1)
+    assert 2 * int((c.float().abs().amax(-1) > floor).sum()) >= len(y)
+
+
+def test_samples_below_their_floor_stay_put_bit_for_bit():
+    h, h_jac, x, y_star, _ = quadratic_instance(B=10, n=40, m=25, seed=3)
+    cons = OutputConstraints(h=h, h_jac=h_jac)
+    far = 0.05 * torch.randn(6, 40, dtype=F64, generator=torch.Generator().manual_seed(4))
+    y_in = torch.cat([y_star[:4], far])
+    y, steps = bf16_np(_Evaluator(cons, x).jacobian_bf16, y_in, max_iter=100)
+    assert steps >= 2
+    assert torch.equal(y[:4], y_in[:4])
+    assert bool(((y[4:] - y_in[4:]).norm(dim=-1) > 0.1).all())
+
+
+def test_a_start_near_the_set_takes_no_bfloat16_step():
+    h, h_jac, x, _, y_hat = quadratic_instance(B=12, n=40, m=25, noise=1e-3, seed=0)
+    cons = OutputConstraints(h=h, h_jac=h_jac)
+    y, steps = bf16_np(_Evaluator(cons, x).jacobian_bf16, y_hat, max_iter=100)
+    assert steps == 0 and torch.equal(y, y_hat)
+    for training in (True, False):
+        runs = [
+            EnforceProjection(cons, eval_tol=1e-10, mixed_precision=mp).train(training).project(x, y_hat)
+            for mp in (True, "bfloat16")
+        ]
+        assert torch.equal(runs[0].y, runs[1].y) and runs[0].iterations == runs[1].iterations
+
+
+def test_a_singular_factor_leaves_the_sample_to_float32():
+    # Two identical constraint rows: every Gram matrix is singular, to bfloat16's accuracy and to any other.
+    gen = torch.Generator().manual_seed(5)
+    n = 10
+    a = torch.randn(3, n, dtype=F64, generator=gen)
+    a[1] = a[0]
+
+    def h_jac(x, y):
+        aa = a.to(y)
+        return y @ aa.T + 0.05 * (y * y).sum(-1, keepdim=True) - x.to(y), aa + 0.1 * y[:, None, :]
+
+    cons = OutputConstraints(h=lambda x, y: h_jac(x, y)[0], h_jac=h_jac)
+    y_star = 3 * torch.randn(4, n, dtype=F64, generator=gen)
+    x = h_jac(torch.zeros(4, 3, dtype=F64), y_star)[0]
+    y_hat = 0.01 * torch.randn(4, n, dtype=F64, generator=gen)
+    y, _ = bf16_np(_Evaluator(cons, x).jacobian_bf16, y_hat, max_iter=100)
+    assert torch.equal(y, y_hat)
+    out = EnforceProjection(cons, eval_tol=1e-9, mixed_precision="bfloat16").eval().project(x, y_hat)
+    assert bool(out.converged.all()) and float(cons.h(x, out.y).abs().max()) <= 1e-9
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.2])
+def test_the_layer_meets_its_tolerances_in_float64_terms(scale):
+    h, h_jac, cons, x, y_hat = _far_instance(scale=scale)
+    res = EnforceProjection(cons, eval_tol=1e-10, mixed_precision="bfloat16").eval().project(x, y_hat)
+    assert res.y.dtype == F64 and bool(res.converged.all())
+    assert float(h(x, res.y).abs().max()) <= 1e-10  # evaluated independently, in float64
+    layer = EnforceProjection(cons, mixed_precision="bfloat16").train()
+    res = layer.project(x, y_hat)
+    # Training stops on float32 values of c (see the float32 layer's test): within the float32 floor.
+    _, B = h_jac(x, res.y)
+    floor = EPS32 * torch.linalg.vector_norm(B, dim=-1).amax(-1) * torch.linalg.vector_norm(res.y, dim=-1)
+    assert float(h(x, res.y).abs().mean()) <= layer.train_tol + float(floor.max())
+
+
+def _vjp(layer, x, y_in, w):
+    xx, yy = x.clone().requires_grad_(), y_in.clone().requires_grad_()
+    out = layer(xx, yy)
+    gx, gy = torch.autograd.grad((out * w).sum(), (xx, yy))
+    return out.detach(), gx, gy
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_implicit_backward_matches_the_float64_backward_at_the_output(mode):
+    _, h_jac, cons, x, y_hat = _far_instance(B=8)
+    w = torch.randn(y_hat.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    layer = EnforceProjection(cons, mixed_precision="bfloat16").train(mode == "train")
+    y_m, gx_m, gy_m = _vjp(layer, x, y_hat, w)
+    # The float64 layer started at that output takes no step, so its backward is the float64 projector there.
+    plain = EnforceProjection(cons).train(mode == "train")
+    assert plain.project(x, y_m).iterations == 0
+    _, gx_p, gy_p = _vjp(plain, x, y_m, w)
+    # Training ends in float32, so the bound of the float32 layer's test holds: m kappa(BB^T) eps_32 per sample.
+    _, B = h_jac(x, y_m)
+    eig = torch.linalg.eigvalsh(B @ B.mT)
+    bound = B.shape[1] * (eig[:, -1] / eig[:, 0]) * EPS32 if mode == "train" else torch.full_like(eig[:, 0], 1e-10)
+    assert bool(((gy_m - gy_p).abs().amax(-1) <= bound * gy_p.abs().amax(-1)).all())
+    assert bool(((gx_m - gx_p).abs().amax(-1) <= bound * gx_p.abs().amax(-1)).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mixed_precision": "float16"}, "Invalid mixed_precision"),
+        ({"mixed_precision": "bfloat16", "solve_dtype": torch.float32}, "mixed_precision='bfloat16' needs"),
+        ({"mixed_precision": "bfloat16", "jacobian": "broyden"}, "mixed_precision='bfloat16' needs"),
+    ],
+)
+def test_refuses_settings_it_cannot_honour(kwargs, match):
+    *_, cons, _, _ = _far_instance()
+    with pytest.raises(ValueError, match=match):
+        EnforceProjection(cons, **kwargs)
