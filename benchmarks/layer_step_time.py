@@ -125,8 +125,16 @@ def main() -> None:
     parser.add_argument("--batch", choices=["full", "mini"], help="override the per-problem batch mode")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--ieee-products",
+        action="store_true",
+        help="keep float32 products IEEE (torch.backends.mkldnn.matmul.fp32_precision = 'ieee'): the mixed-precision "
+        "layers then do not use oneDNN's bfloat16 split products (sqpoptim.layers._fast_float32)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ieee_products:
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     rows = []
     for pair in args.pairs:
         rows += measure(pair, args.steps, args.batch)
@@ -137,7 +145,11 @@ def main() -> None:
                 f"wall {r['wall_s']:.4f} s, {r['ratio']:.1f}x adam{extra}",
                 flush=True,
             )
-    print(f"\n{datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · {args.threads} thread(s)")
+    products = "IEEE float32 products" if args.ieee_products else "default float32 products"
+    print(
+        f"\n{datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · {args.threads} thread(s) · "
+        f"{products}"
+    )
     print(
         f"| task | method | CPU s / step (median of {args.steps}) | wall s | × Adam(unc) | page faults / step "
         "| layer iters | max viol |"

@@ -43,11 +43,14 @@ derivative of the exact-Jacobian iteration. Parameters captured inside ``h``/``g
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import vjp
 
+from ._fast_float32 import fast_float32_products
 from ._linalg import cholesky_apply, gram_cholesky_, gram_solve, transpose_apply
 from ._system import StackedSystem
 
@@ -95,8 +98,11 @@ class LimitBackward(torch.autograd.Function):
             c_star, J_star = system.jacobian(y_star)
         # [B, k]; None: equalities only, every row active
         active = None if system.lower is None else system.near_active(c_star, ctx.tol)
-        # A float32 J (mixed-precision forward): the solve in float32, relative error ~ kappa(J J^T) eps_32.
-        v, grad_y_hat = limit_vjp(J_star, active, grad_y.to(J_star.dtype), ctx.eps)
+        # A float32 J (mixed-precision forward): the solve in float32, relative error ~ kappa(J J^T) eps_32, with
+        # the forward's float32-accurate fast products where they were verified (._fast_float32).
+        fast = fast_float32_products(J_star.device) if J_star.dtype == torch.float32 else contextlib.nullcontext()
+        with fast:
+            v, grad_y_hat = limit_vjp(J_star, active, grad_y.to(J_star.dtype), ctx.eps)
         v, grad_y_hat = v.to(grad_y.dtype), grad_y_hat.to(grad_y.dtype)
         grad_x = None
         if x is not None and ctx.needs_input_grad[3]:

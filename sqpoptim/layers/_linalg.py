@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._fast_float32 import fast_products_on
+
 __all__ = ["cholesky_apply", "gram_cholesky_", "gram_factor", "gram_solve", "transpose_apply"]
 
 
@@ -66,17 +68,22 @@ def gram_cholesky_(J: Tensor, work: Tensor, *, rank_tol: float | None = None) ->
     this package's CPU benchmark machine (batch 4,096 of ``150 x 200`` float32 Jacobians) this took 0.62 s against
     0.45 s + 0.44 s for the full product and a factorisation into a reused buffer, and 1.5-2.5 s with the fresh
     matrices of ``gram_factor(J @ J.mT)`` (the C allocator serves blocks this large by ``mmap``, so each costs
-    its page faults). Other devices take ``gram_factor(J @ J.mT)`` and leave ``work`` unused.
+    its page faults). Other devices take ``gram_factor(J @ J.mT)`` and leave ``work`` unused. Under oneDNN's fast
+    float32 products (:mod:`sqpoptim.layers._fast_float32`) the whole product is formed instead: that path takes
+    contiguous outputs only, and the blocks would fall back to the slower IEEE products.
     """
     m = J.shape[-2]
     if J.device.type != "cpu":
         G = J @ J.mT
         L, flagged = gram_factor(G, rank_tol=rank_tol)
         return L, flagged, G.diagonal(dim1=-2, dim2=-1).clone()
-    step = -(-m // 3) if m >= 48 else m
-    for i in range(0, m, step):
-        e = min(i + step, m)
-        torch.matmul(J[:, i:e], J[:, i:].mT, out=work[:, i:e, i:])
+    if fast_products_on(J):  # oneDNN's path takes whole contiguous products only: 10.5 against 17 ms in blocks
+        torch.bmm(J, J.mT, out=work)
+    else:
+        step = -(-m // 3) if m >= 48 else m
+        for i in range(0, m, step):
+            e = min(i + step, m)
+            torch.matmul(J[:, i:e], J[:, i:].mT, out=work[:, i:e, i:])
     G = work.mT  # column-major; its lower triangle holds J J^T
     rows = G.diagonal(dim1=-2, dim2=-1).clone()
     L, flagged = _regularised_cholesky_(G, rows, 0.0, rank_tol, in_place=True)

@@ -72,6 +72,7 @@ from torch import Tensor
 from ._base import ProjectionResult, finite_or_raise
 from ._bf16_np import bf16_np
 from ._constraints import OutputConstraints
+from ._fast_float32 import fast_float32_products
 from ._linalg import cholesky_apply, gram_cholesky_, gram_solve, transpose_apply
 from ._np_line_search import line_search
 from ._system import put, take
@@ -167,6 +168,11 @@ def mixed_np(
     """
     if y0.dtype != torch.float64:
         raise ValueError(f"mixed precision iterates from a float64 y; got {y0.dtype}")
+    with fast_float32_products(y0.device):
+        return _mixed_np(constraints, x, y0, tol, max_iter, measure, line_search, bf16)
+
+
+def _mixed_np(constraints, x, y0, tol, max_iter, measure, line_search, bf16):
     ev = _Evaluator(constraints, x)
     batch, dev = y0.shape[0], y0.device
     it = 0
