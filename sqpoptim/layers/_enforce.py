@@ -69,7 +69,8 @@ Notes and deviations
   (:mod:`sqpoptim.layers._mixed_np`). In training the float32 iteration usually meets :math:`\varepsilon_T`
   by itself and the implicit backward then solves with the float32 :math:`B` (relative error within
   :math:`m\,\kappa(BB^\top)\,\epsilon_{32}`, tested against the float64 backward); in evaluation mode the
-  backward evaluates :math:`B` in float64.
+  backward evaluates :math:`B` in float64. The float32 products (the constraint function's included) run on
+  oneDNN's bfloat16 split where it keeps float32's accuracy (:mod:`sqpoptim.layers._fast_float32`).
 * ``mixed_precision="bfloat16"`` (not in the paper): the same, after bfloat16 NP steps while the iterate is far
   from the constraint set (:mod:`sqpoptim.layers._bf16_np`: each sample until :math:`\max_i |c_i|` reaches
   bfloat16's rounding floor). The output is a point of the constraint set reached by a slightly different

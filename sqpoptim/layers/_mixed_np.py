@@ -6,7 +6,9 @@ Cholesky factor (for C3's 150 quadratic rows in 200 outputs: one ``[b, 200] x [2
 :math:`A_i y`, a batched ``150 x 200 x 150`` product, 150 x 150 factorisations). In float32 these cost about half
 (measured on this package's CPU benchmark machine), but float32 cannot *evaluate* :math:`c` to the evaluation
 tolerance: rounding :math:`y` and the terms of :math:`c` leaves :math:`|c| \approx 10^{-5}`–:math:`10^{-4}` on C3.
-Only the residual has to be accurate, not the step, so the iteration is split:
+Only the residual has to be accurate, not the step, so the iteration is split (and an optional bfloat16 phase
+before it, :mod:`sqpoptim.layers._bf16_np`). The float32 products run on oneDNN's bfloat16 split where that keeps
+float32's accuracy (:mod:`sqpoptim.layers._fast_float32`):
 
 .. math::
 
