@@ -21,8 +21,10 @@ products of random operands under the setting must stay within :math:`16\,\epsil
 (a plain bfloat16 product of the first shape above: 1.7e-3, about 900 times the bound).
 
 :func:`fast_float32_products` turns the setting on inside a ``with`` block when the check passed and the
-user has left the setting at its default (``"none"``); an explicit ``"ieee"`` is respected. The setting is
-process-wide: float32 products that other threads run while the block is open take the same path.
+user has left the setting at its default (``"none"``). An explicit choice is respected: ``"ieee"``, set directly,
+through ``torch.backends.fp32_precision`` or by ``torch.set_float32_matmul_precision("highest")``, keeps the
+products IEEE. The setting is process-wide: float32 products that other threads run while the block is open take
+the same path.
 """
 
 from __future__ import annotations

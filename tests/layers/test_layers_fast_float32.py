@@ -118,3 +118,14 @@ def test_mixed_precision_layer_on_fast_products_matches_ieee_products():
         assert bool(res.converged.all()) and float(h(x, res.y).abs().max()) <= 1e-10
     # the float32 steps' rounding differs, nothing else (the bound of the float32-vs-float64 test)
     assert float((fast.y - ieee.y).abs().max()) <= 1e3 * EPS32 * float(y_hat.abs().max())
+
+
+def test_pytorchs_highest_matmul_precision_is_respected():
+    old, general = _setting(), torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")  # an explicit call sets oneDNN's matmul precision to "ieee"
+        with ff.fast_float32_products(torch.device("cpu")) as on:
+            assert not on and _setting() == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(general)
+        torch.backends.mkldnn.matmul.fp32_precision = old
