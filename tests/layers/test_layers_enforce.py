@@ -171,7 +171,7 @@ def _dense_limit_vjp(h, x, y, w):
     return torch.stack(gy), torch.stack(gx)
 
 
-@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("mixed", [False, True, "bfloat16"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_activation_rule_implicit_gradient_is_the_layers_at_the_limit(mixed, mode):
     # Implicit mode: the check step is the layer's own first step, AdaNP continues from it, and the result is
