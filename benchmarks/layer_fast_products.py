@@ -1,7 +1,7 @@
 """Training steps of output-layer methods with oneDNN's fast float32 products and with IEEE ones, interleaved.
 
 The mixed-precision ENFORCE layer runs its float32 products on oneDNN's bfloat16 split where that keeps float32's
-accuracy (``sqpoptim.layers._fast_float32``). This script takes the runner's training steps (as
+accuracy (``sqpoptim.fast_float32_products``). This script takes the runner's training steps (as
 ``layer_step_time.py``: the untrained backbone of seed 0, real steps) of each method twice over, once with the
 default setting and once with ``torch.backends.mkldnn.matmul.fp32_precision = "ieee"`` (set before each of that
 copy's steps and reset after), beside Adam(unc), round by round in one process: one warm-up round, then
@@ -22,7 +22,7 @@ import torch
 from layer_step_time import Stepper
 
 from problems import get_problem
-from sqpoptim.layers._fast_float32 import float32_products_verified
+from sqpoptim._fast_float32 import float32_products_verified
 
 
 def main() -> None:

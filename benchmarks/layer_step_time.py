@@ -129,7 +129,7 @@ def main() -> None:
         "--ieee-products",
         action="store_true",
         help="keep float32 products IEEE (torch.backends.mkldnn.matmul.fp32_precision = 'ieee'): the mixed-precision "
-        "layers then do not use oneDNN's bfloat16 split products (sqpoptim.layers._fast_float32)",
+        "layers then do not use oneDNN's bfloat16 split products (sqpoptim.fast_float32_products)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -15,11 +15,14 @@ and gradients averaged, constraints replicated or :class:`Sharded` over the rank
 (see :mod:`sqpoptim._exchange`).
 
 Output layers that enforce constraints on a network's predictions live in :mod:`sqpoptim.layers`.
+:func:`fast_float32_products` computes float32 matrix products at bfloat16 speed where that keeps float32's
+accuracy (CPUs with native bfloat16 arithmetic).
 """
 
 from . import layers
 from ._constraints import Constraints
 from ._distributed import Sharded
+from ._fast_float32 import fast_float32_products
 from ._jacobian import JacobianFallbackWarning, PointwiseConstraints
 from ._optimizer import ConstrainedOptimizer, InfeasibilityWarning, RankDeficiencyWarning
 from .adam import ProjectedAdamSQP, adam_sqp_direction
@@ -47,6 +50,7 @@ __all__ = [
     "StochasticSQP",
     "adam_sqp_direction",
     "adaptive_step_size",
+    "fast_float32_products",
     "heavy_ball_sqp_direction",
     "layers",
     "sqp_direction",

@@ -36,7 +36,7 @@ iteration's output by 0.18 on average (and float32's precision by 8e-5).
 
 Speed (CPU with AVX512-BF16, one thread, torch 2.13): the ``[200, 200] x [200, 30000]`` product of C3's
 :math:`A_i y` takes 6.5 ms in bfloat16 against 28 ms in IEEE float32 (12.8 ms with the float32-accurate split
-products of :mod:`sqpoptim.layers._fast_float32`), the ``150 x 200`` Gram matrices of the batch 4.9 against 23
+products of :func:`sqpoptim.fast_float32_products`), the ``150 x 200`` Gram matrices of the batch 4.9 against 23
 (10.5) ms; the float32 Cholesky factorisation, 13-14 ms, is the same in both. On a CPU without native bfloat16
 arithmetic these products are emulated and slower than float32: the option is for hardware that has it (recent
 x86 servers, GPUs).

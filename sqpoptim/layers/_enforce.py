@@ -70,7 +70,7 @@ Notes and deviations
   by itself and the implicit backward then solves with the float32 :math:`B` (relative error within
   :math:`m\,\kappa(BB^\top)\,\epsilon_{32}`, tested against the float64 backward); in evaluation mode the
   backward evaluates :math:`B` in float64. The float32 products (the constraint function's included) run on
-  oneDNN's bfloat16 split where it keeps float32's accuracy (:mod:`sqpoptim.layers._fast_float32`).
+  oneDNN's bfloat16 split where it keeps float32's accuracy (:func:`sqpoptim.fast_float32_products`).
 * ``mixed_precision="bfloat16"`` (not in the paper): the same, after bfloat16 NP steps while the iterate is far
   from the constraint set (:mod:`sqpoptim.layers._bf16_np`: each sample until :math:`\max_i |c_i|` reaches
   bfloat16's rounding floor). The output is a point of the constraint set reached by a slightly different

@@ -50,7 +50,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import vjp
 
-from ._fast_float32 import fast_float32_products
+from .._fast_float32 import fast_float32_products
 from ._linalg import cholesky_apply, gram_cholesky_, gram_solve, transpose_apply
 from ._system import StackedSystem
 
@@ -99,7 +99,7 @@ class LimitBackward(torch.autograd.Function):
         # [B, k]; None: equalities only, every row active
         active = None if system.lower is None else system.near_active(c_star, ctx.tol)
         # A float32 J (mixed-precision forward): the solve in float32, relative error ~ kappa(J J^T) eps_32, with
-        # the forward's float32-accurate fast products where they were verified (._fast_float32).
+        # the forward's float32-accurate fast products where they were verified (sqpoptim.fast_float32_products).
         fast = fast_float32_products(J_star.device) if J_star.dtype == torch.float32 else contextlib.nullcontext()
         with fast:
             v, grad_y_hat = limit_vjp(J_star, active, grad_y.to(J_star.dtype), ctx.eps)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._fast_float32 import fast_products_on
+from .._fast_float32 import fast_products_on
 
 __all__ = ["cholesky_apply", "gram_cholesky_", "gram_factor", "gram_solve", "transpose_apply"]
 
@@ -69,7 +69,7 @@ def gram_cholesky_(J: Tensor, work: Tensor, *, rank_tol: float | None = None) ->
     0.45 s + 0.44 s for the full product and a factorisation into a reused buffer, and 1.5-2.5 s with the fresh
     matrices of ``gram_factor(J @ J.mT)`` (the C allocator serves blocks this large by ``mmap``, so each costs
     its page faults). Other devices take ``gram_factor(J @ J.mT)`` and leave ``work`` unused. Under oneDNN's fast
-    float32 products (:mod:`sqpoptim.layers._fast_float32`) the whole product is formed instead: that path takes
+    float32 products (:func:`sqpoptim.fast_float32_products`) the whole product is formed instead: that path takes
     contiguous outputs only, and the blocks would fall back to the slower IEEE products.
     """
     m = J.shape[-2]

@@ -8,7 +8,7 @@ Cholesky factor (for C3's 150 quadratic rows in 200 outputs: one ``[b, 200] x [2
 tolerance: rounding :math:`y` and the terms of :math:`c` leaves :math:`|c| \approx 10^{-5}`–:math:`10^{-4}` on C3.
 Only the residual has to be accurate, not the step, so the iteration is split (and an optional bfloat16 phase
 before it, :mod:`sqpoptim.layers._bf16_np`). The float32 products run on oneDNN's bfloat16 split where that keeps
-float32's accuracy (:mod:`sqpoptim.layers._fast_float32`):
+float32's accuracy (:func:`sqpoptim.fast_float32_products`):
 
 .. math::
 
@@ -71,10 +71,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._fast_float32 import fast_float32_products
 from ._base import ProjectionResult, finite_or_raise
 from ._bf16_np import bf16_np
 from ._constraints import OutputConstraints
-from ._fast_float32 import fast_float32_products
 from ._linalg import cholesky_apply, gram_cholesky_, gram_solve, transpose_apply
 from ._np_line_search import line_search
 from ._system import put, take

@@ -1,96 +1,27 @@
-"""oneDNN's bfloat16 float32 products: verified accuracy, a scoped setting, and the mixed-precision layer on them."""
+"""The mixed-precision layers on sqpoptim.fast_float32_products: the Gram factor and the output, against IEEE."""
 
 import pytest
 import torch
-from layer_cases import F64, quadratic_instance
+from layer_cases import quadratic_instance
 
+from sqpoptim import _fast_float32 as ff
 from sqpoptim.layers import EnforceProjection, OutputConstraints
-from sqpoptim.layers import _fast_float32 as ff
 from sqpoptim.layers._linalg import gram_cholesky_
 
 EPS32 = torch.finfo(torch.float32).eps
-# PyTorch before 2.9 has no oneDNN float32-precision setting: the products are then IEEE and nothing here applies.
-pytestmark = pytest.mark.skipif(ff._backend() is None, reason="needs torch.backends.mkldnn.matmul.fp32_precision")
-needs_fast = pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     not ff.float32_products_verified(), reason="oneDNN's bfloat16 products are absent or not float32-accurate here"
 )
 
 
-def _setting():
-    return torch.backends.mkldnn.matmul.fp32_precision
-
-
 @pytest.fixture
 def default_setting():
-    old = _setting()
+    old = torch.backends.mkldnn.matmul.fp32_precision
     torch.backends.mkldnn.matmul.fp32_precision = "none"
     yield
     torch.backends.mkldnn.matmul.fp32_precision = old
 
 
-def _componentwise_error(a, b):
-    exact = a.double() @ b.double()
-    return float(((a @ b).double() - exact).abs().div(a.double().abs() @ b.double().abs()).max())
-
-
-@needs_fast
-@pytest.mark.usefixtures("default_setting")
-def test_products_inside_the_block_keep_float32_accuracy():
-    gen = torch.Generator().manual_seed(1)
-    cases = [
-        (torch.randn(200, 200, generator=gen), torch.randn(200, 3000, generator=gen)),  # C3's A_i y, narrower
-        (torch.randn(50, 150, 200, generator=gen), None),  # a Gram matrix J J^T
-        (torch.randn(7, 1000, generator=gen), torch.randn(1000, 3, generator=gen)),
-    ]
-    with ff.fast_float32_products(torch.device("cpu")) as on:
-        assert on and _setting() == "bf16"
-        for a, b in cases:
-            b = a.mT if b is None else b
-            assert _componentwise_error(a, b) <= 16 * EPS32
-            assert ff.fast_products_on(a)
-    assert _setting() == "none"
-
-
-@pytest.mark.usefixtures("default_setting")
-def test_the_setting_is_restored_after_an_error():
-    with pytest.raises(KeyError), ff.fast_float32_products(torch.device("cpu")):
-        raise KeyError("inside")
-    assert _setting() == "none"
-
-
-def test_an_explicit_user_setting_is_respected():
-    old = _setting()
-    try:
-        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-        with ff.fast_float32_products(torch.device("cpu")) as on:
-            assert not on and _setting() == "ieee"
-        assert _setting() == "ieee"
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = old
-
-
-@pytest.mark.usefixtures("default_setting")
-def test_other_devices_and_dtypes_are_left_alone():
-    with ff.fast_float32_products(torch.device("cuda")) as on:  # only the device type is read
-        assert not on and _setting() == "none"
-    with ff.fast_float32_products(torch.device("cpu")):
-        assert not ff.fast_products_on(torch.zeros(2, dtype=F64))
-
-
-@pytest.mark.usefixtures("default_setting")
-def test_a_failed_check_leaves_the_products_ieee(monkeypatch):
-    ff.float32_products_verified.cache_clear()
-    monkeypatch.setattr(ff, "_worst_error", lambda: 1e-3)  # what a plain bfloat16 product measures
-    try:
-        assert not ff.float32_products_verified()
-        assert _setting() == "none"  # the check restores the setting it tried
-        with ff.fast_float32_products(torch.device("cpu")) as on:
-            assert not on and _setting() == "none"
-    finally:
-        ff.float32_products_verified.cache_clear()
-
-
-@needs_fast
 @pytest.mark.usefixtures("default_setting")
 def test_gram_factor_on_fast_products_matches_the_ieee_factor():
     J = torch.randn(20, 150, 200, generator=torch.Generator().manual_seed(2))
@@ -108,7 +39,6 @@ def test_gram_factor_on_fast_products_matches_the_ieee_factor():
     torch.testing.assert_close(rows_fast, rows, rtol=16 * EPS32, atol=0)
 
 
-@needs_fast
 @pytest.mark.usefixtures("default_setting")
 def test_mixed_precision_layer_on_fast_products_matches_ieee_products():
     h, h_jac, x, _, y_hat = quadratic_instance(B=8, n=60, m=40, noise=0.5, seed=4)
@@ -120,14 +50,3 @@ def test_mixed_precision_layer_on_fast_products_matches_ieee_products():
         assert bool(res.converged.all()) and float(h(x, res.y).abs().max()) <= 1e-10
     # the float32 steps' rounding differs, nothing else (the bound of the float32-vs-float64 test)
     assert float((fast.y - ieee.y).abs().max()) <= 1e3 * EPS32 * float(y_hat.abs().max())
-
-
-def test_pytorchs_highest_matmul_precision_is_respected():
-    old, general = _setting(), torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")  # an explicit call sets oneDNN's matmul precision to "ieee"
-        with ff.fast_float32_products(torch.device("cpu")) as on:
-            assert not on and _setting() == "ieee"
-    finally:
-        torch.set_float32_matmul_precision(general)
-        torch.backends.mkldnn.matmul.fp32_precision = old

@@ -80,9 +80,19 @@ def float32_products_verified() -> bool:
 
 
 @contextlib.contextmanager
-def fast_float32_products(device: torch.device) -> Iterator[bool]:
-    """Inside the block, float32 products on the CPU take oneDNN's bfloat16 path where it was verified and the
-    user left the setting at its default; yields whether it is on."""
+def fast_float32_products(device: torch.device | str = "cpu") -> Iterator[bool]:
+    """Float32 matrix products at bfloat16 speed with float32's accuracy, inside a ``with`` block.
+
+    On the CPU, where oneDNN's ``"bf16"`` float32 products were verified float32-accurate in this process and the
+    user left ``torch.backends.mkldnn.matmul.fp32_precision`` at its default, the block computes every float32
+    ``matmul``/``bmm``/``linear`` that way (see the module docstring of :mod:`sqpoptim._fast_float32`); elsewhere,
+    or on other devices, it changes nothing. Yields whether the fast products are on. The mixed-precision ENFORCE
+    layer uses it for its own products; wrap a constraint function's large float32 products in it the same way::
+
+        with sqpoptim.fast_float32_products(y.device):
+            P = y @ weights.T
+    """
+    device = torch.device(device)
     backend = _backend() if device.type == "cpu" else None
     if backend is None or backend.fp32_precision != "none" or not float32_products_verified():
         yield backend is not None and backend.fp32_precision == "bf16"
