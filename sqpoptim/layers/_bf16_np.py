@@ -23,8 +23,11 @@ steps and converges quadratically only after that; bfloat16 steps retrace that p
   evaluation error measured 1.5 against :math:`\varphi \approx 17`, and the samples cross :math:`\varphi` after
   five steps, at max :math:`|c| \approx 7` (float32: 6.9). A sample also leaves at once when its factor is
   singular to bfloat16's accuracy (squared pivot ratio below :math:`\epsilon_{\mathrm{bf16}}`: the rounding of
-  the Gram matrix may then exceed its smallest eigenvalue), or when :math:`c` or the step is not finite there
-  (the step is not taken).
+  the Gram matrix may then exceed its smallest eigenvalue), when :math:`c` or the step is not finite there
+  (the step is not taken), or when its :math:`\max_i |c_i|` has grown in two steps running: a safeguard for
+  constraints whose bfloat16 evaluation errors exceed :math:`\varphi` (large terms that cancel), where the
+  residual would otherwise wander at bfloat16's noise until ``max_iter``. The paper's iteration may grow
+  :math:`|c|` once from far away (on C3 the first step does, 136 → 672), not twice in a row.
 * The whole batch steps while at least half of it is still above its floor (the others take the step with
   :math:`c` replaced by 0, so they stay where they are, bit for bit); then the phase ends for every sample. A
   bfloat16 value never ends the projection: the float32 phase decides convergence.
@@ -64,6 +67,8 @@ def bf16_np(evaluate: Callable[[Tensor], tuple[Tensor, Tensor]], y: Tensor, max_
     """
     batch = y.shape[0]
     active = torch.ones(batch, dtype=torch.bool, device=y.device)
+    err_prev = torch.full((batch,), float("inf"), device=y.device)
+    grew = torch.zeros_like(active)  # max |c| grew in the last step
     work = None
     steps = 0
     while steps < max_iter:
@@ -72,7 +77,9 @@ def bf16_np(evaluate: Callable[[Tensor], tuple[Tensor, Tensor]], y: Tensor, max_
         err = c32.abs().amax(dim=-1)
         rows = torch.linalg.vector_norm(J, dim=-1).amax(dim=-1).float()  # in J's dtype: an estimate suffices
         floor = EPS * rows * torch.linalg.vector_norm(y, dim=-1)
-        active = active & (err > floor) & torch.isfinite(err)
+        grows = err > err_prev
+        active = active & (err > floor) & torch.isfinite(err) & ~(grew & grows)
+        err_prev, grew = err, grows
         if 2 * int(active.sum()) < batch:  # one host read per step
             break
         m = c.shape[-1]

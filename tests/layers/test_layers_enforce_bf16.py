@@ -149,3 +149,20 @@ def test_refuses_settings_it_cannot_honour(kwargs, match):
     *_, cons, _, _ = _far_instance()
     with pytest.raises(ValueError, match=match):
         EnforceProjection(cons, **kwargs)
+
+
+def test_a_residual_growing_twice_running_ends_the_phase():
+    # Affine constraints whose evaluation carries noise far above the bfloat16 floor (large terms that cancel do
+    # this): each step lands where the last noise put it, so |c| wanders at the noise level and the floor never
+    # ends the phase; the safeguard must, long before max_iter.
+    gen = torch.Generator().manual_seed(7)
+    A = torch.randn(6, 12, dtype=F64, generator=gen)
+    b = torch.randn(16, 6, dtype=F64, generator=gen)
+
+    def noisy(y_bf16):
+        y = y_bf16.double()
+        c = y @ A.T - b + torch.rand(b.shape, dtype=F64, generator=gen) - 0.5  # noise 0.5 against a floor ~0.01
+        return c.to(torch.bfloat16), A.to(torch.bfloat16).expand(len(y), -1, -1)
+
+    _, steps = bf16_np(noisy, torch.zeros(16, 12, dtype=F64), max_iter=100)
+    assert steps <= 10
