@@ -2,9 +2,10 @@ r"""Float32 matrix products at bfloat16 speed where they keep float32's accuracy
 
 PyTorch (2.9 and later) lets oneDNN compute float32 matrix products with bfloat16 arithmetic inside
 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On a CPU with native bfloat16 instructions
-(AVX512-BF16, AMX) oneDNN splits each float32 operand into bfloat16 parts and sums their products in float32
-(the "bf16x3" scheme: :math:`a = a_1 + a_2 + O(2^{-16} a)`, :math:`ab \approx a_1 b_1 + a_1 b_2 + a_2 b_1`), so
-the result keeps float32's accuracy at about twice float32's speed. Measured on this package's CPU benchmark
+(AVX512-BF16, AMX) the result can keep float32's accuracy at about twice float32's speed: the accuracy measured
+below is that of a split of each operand into bfloat16 parts whose cross products are summed in float32 (the
+"bf16x3" scheme, :math:`a = a_1 + a_2 + O(2^{-16} a)`, :math:`ab \approx a_1 b_1 + a_1 b_2 + a_2 b_1`), not of
+a plain bfloat16 product; oneDNN does not document which it uses. Measured on this package's CPU benchmark
 machine (AMD EPYC with AVX512-BF16, one thread, torch 2.13), against float64 products, as the largest
 componentwise error over :math:`|A||B|`:
 
