@@ -90,16 +90,17 @@ def _max_abs(c: Tensor) -> Tensor:
 
 
 class _Evaluator:
-    """``c`` (and ``B``) on sub-batches, in float32 or float64."""
+    """``c`` (and ``B``) on sub-batches, in bfloat16, float32 or float64."""
 
     def __init__(self, constraints: OutputConstraints, x: Tensor | None) -> None:
         self.cons = constraints
+        floating = x is not None and x.is_floating_point()
         self.x64 = x
-        self.x32 = x.float() if x is not None and x.is_floating_point() else x
+        self.x32 = x.float() if floating else x
+        self.x16 = x.bfloat16() if floating else x
 
     def jacobian_bf16(self, y_bf16: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.x64.to(torch.bfloat16) if self.x64 is not None and self.x64.is_floating_point() else self.x64
-        ev = self.cons.evaluate(x, y_bf16, jacobian=True)
+        ev = self.cons.evaluate(self.x16, y_bf16, jacobian=True)
         return ev.h, ev.h_jac
 
     def jacobian32(self, y32: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -56,11 +56,14 @@ def _vjp(layer, x, y_in, w):
     return out.detach(), gx, gy
 
 
+@pytest.mark.parametrize("precision", [True, "bfloat16"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_implicit_backward_matches_the_float64_backward_at_the_output(mode):
+def test_implicit_backward_matches_the_float64_backward_at_the_output(mode, precision):
     _, cons, x, _, y_hat = _instance(noise=0.3)
+    if precision == "bfloat16":  # from raw outputs near 0, where the bfloat16 phase takes steps
+        y_hat = 0.05 * torch.randn(y_hat.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     w = torch.randn(y_hat.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
-    mixed = EnforceProjection(cons, mixed_precision=True).train(mode == "train")
+    mixed = EnforceProjection(cons, mixed_precision=precision).train(mode == "train")
     y_m, gx_m, gy_m = _vjp(mixed, x, y_hat, w)
     # The float64 layer started at the mixed output takes no step there (it meets the same tolerance), so its
     # backward is the float64 projector at that very point: the oracle for the mixed backward.
