@@ -1,11 +1,14 @@
 """EnforceProjection(mixed_precision="bfloat16"): bfloat16 NP steps far from the set, then float32 and float64."""
 
+import platform
+import warnings
+
 import pytest
 import torch
 from layer_cases import F64, quadratic_instance
 
 from sqpoptim.layers import EnforceProjection, OutputConstraints
-from sqpoptim.layers._bf16_np import EPS, bf16_np
+from sqpoptim.layers._bf16_np import EPS, bf16_np, native_bfloat16
 from sqpoptim.layers._mixed_np import _Evaluator
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -141,3 +144,43 @@ def test_a_residual_growing_twice_running_ends_the_phase():
 
     _, steps = bf16_np(noisy, torch.zeros(16, 12, dtype=F64), max_iter=100)
     assert steps <= 10
+
+
+@pytest.mark.parametrize("native", [False, True, None])
+def test_warns_where_the_cpu_emulates_bfloat16(monkeypatch, native):
+    import sqpoptim.layers._enforce as enforce
+
+    monkeypatch.setattr(enforce, "native_bfloat16", lambda device: native)
+    *_, cons, x, y_hat = _far_instance()
+    layer = EnforceProjection(cons, eval_tol=1e-9, mixed_precision="bfloat16").eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x, y_hat)
+    slow = [w for w in caught if "without native bfloat16" in str(w.message)]
+    assert len(slow) == (1 if native is False else 0)
+    if slow:  # attributed to the caller's line, not to the package
+        assert slow[0].filename == __file__ and issubclass(slow[0].category, UserWarning)
+    # the warning changes nothing: the same output as where bfloat16 is native
+    monkeypatch.setattr(enforce, "native_bfloat16", lambda device: True)
+    assert torch.equal(layer(x, y_hat), y)
+    with warnings.catch_warnings():  # mixed_precision=True never warns
+        warnings.simplefilter("error")
+        monkeypatch.setattr(enforce, "native_bfloat16", lambda device: False)
+        EnforceProjection(cons, eval_tol=1e-9, mixed_precision=True).eval()(x, y_hat)
+
+
+def test_the_native_bfloat16_probe(monkeypatch):
+    assert native_bfloat16(torch.device("meta")) is True  # other devices: decided by their own kernels
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    if on_x86:
+        expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        assert native_bfloat16(torch.device("cpu")) is expected
+    else:
+        assert native_bfloat16(torch.device("cpu")) is None
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bfloat16(torch.device("cpu")) is (bf16 or amx)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert native_bfloat16(torch.device("cpu")) is None  # no probe: unknown, no warning
